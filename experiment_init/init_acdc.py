@@ -1,0 +1,38 @@
+"""Experiment settings for ACDC (cardiac cine MRI, ED frame): geometry, classes, paths, training.
+
+Edit freely; the names keep the meaning they had in the original code. Paths are relative to
+the repository unless you set ``LCL_DATA_ROOT`` / ``LCL_RUNS_ROOT`` or pass ``--data_root`` /
+``--out_dir`` (see README, "Where data and outputs live").
+"""
+
+dataset_name = "acdc"
+
+# Geometry after preprocessing (METHOD §2): crop size in pixels, in-plane target spacing in mm.
+img_size_x = 192
+img_size_y = 192
+num_channels = 1
+target_resolution = (1.36719, 1.36719)
+interp_val = 1  # bilinear for images (labels always nearest)
+
+# Classes (0 = background).
+num_classes = 4
+struct_name = ["rv", "myo", "lv"]
+
+# Optimisation.
+lr = 0.001
+batch_size = 20  # slices per supervised batch (METHOD §6)
+mtask_bs = 20  # labeled slices for the Dice term of a joint batch (METHOD §7)
+batch_size_ft = 20
+val_step_update = 50  # validate every this many iterations
+n_iter = 5001  # baseline iterations (tr_baseline.py --n_iter default)
+n_iter_per_round = 5000  # joint training iterations per self-training round
+n_rounds = 3
+
+# Joint-training batch construction: labeled Dice slices need at least this many labels.
+min_labels_dice_slice = 3
+
+# Data locations (relative to the dataset folder, see experiment_init.load).
+data_layout = "acdc"  # which raw-layout reader of utils/io.py to use
+data_path_tr = "raw"  # raw ACDC layout: patientNNN/patientNNN_frameXX[_gt].nii.gz + Info.cfg
+data_path_tr_cropped = "cropped"  # written by scripts/create_cropped_imgs.py
+srt_dir = "runs"  # output root (relative to the repository)

@@ -1,0 +1,76 @@
+"""N4 bias-field correction with SimpleITK (METHOD §2.1), once, offline.
+
+    python scripts/N4_bias_correction.py IN.nii.gz OUT.nii.gz
+    python scripts/N4_bias_correction.py RAW_FOLDER CORRECTED_FOLDER
+
+With folders, the tree is mirrored: every image is corrected, label files (``*_gt*``,
+``*label*``, anything under ``labelsTr/``) and other files are copied unchanged, so the output
+folder has the same raw layout and can be used as ``data_path_tr``. 4D images (Decathlon) are
+corrected channel by channel. Existing outputs are skipped unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from utils.io import DataError, atomic_path, load_nifti, save_nifti  # noqa: E402
+from utils.preprocess import n4_bias_correction  # noqa: E402
+from utils.training import run_main  # noqa: E402
+
+
+def is_label(path: Path) -> bool:
+    name = path.name.lower()
+    return "_gt" in name or "label" in name or "labelstr" in {p.lower() for p in path.parts}
+
+
+def correct_file(src: Path, dst: Path) -> None:
+    img = load_nifti(src)
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    if data.ndim == 3:
+        out = n4_bias_correction(data, spacing)
+    elif data.ndim == 4:
+        channels = [n4_bias_correction(data[..., c], spacing) for c in range(data.shape[3])]
+        out = np.stack(channels, -1)
+    else:
+        raise DataError(f"{src}: expected a 3D or 4D image, got shape {data.shape}")
+    save_nifti(dst, out.astype(np.float32), img.affine, img.header)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input", type=Path, help="a NIfTI file or a raw dataset folder")
+    parser.add_argument("output", type=Path, help="output file or folder")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    if args.input.is_file():
+        correct_file(args.input, args.output)
+        print(f"wrote {args.output}")
+        return
+    if not args.input.is_dir():
+        raise DataError(f"{args.input}: no such file or folder")
+    if args.output.resolve() == args.input.resolve():
+        raise ValueError("output folder must differ from the input folder (originals are kept)")
+    files = sorted(p for p in args.input.rglob("*") if p.is_file())
+    for src in tqdm(files, desc="N4"):
+        dst = args.output / src.relative_to(args.input)
+        if dst.exists() and not args.overwrite:
+            continue
+        if src.name.endswith((".nii", ".nii.gz")) and not is_label(src):
+            correct_file(src, dst)
+        else:
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
+    print(f"corrected folder written to {args.output}")
+
+
+if __name__ == "__main__":
+    run_main(main)

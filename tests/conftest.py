@@ -1,0 +1,52 @@
+"""Shared fixtures: small synthetic volumes written as real NIfTI files in each raw layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+
+def blob_volume(shape=(40, 36, 5), seed=0, num_classes=4) -> tuple[np.ndarray, np.ndarray]:
+    """An image with concentric structures and the matching label map, (X, Y, Z)."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    cx, cy = shape[0] / 2 + rng.uniform(-3, 3), shape[1] / 2 + rng.uniform(-3, 3)
+    r = np.hypot(x - cx, y - cy)
+    label = np.zeros(shape, np.int16)
+    image = np.zeros(shape, np.float32)
+    for z in range(shape[2]):
+        scale = 1.0 - 0.1 * z
+        lab = np.zeros(shape[:2], np.int16)
+        radii = [12 * scale, 8 * scale, 5 * scale][: num_classes - 1]
+        for cls, rad in enumerate(radii, start=1):
+            lab[r < rad] = cls
+        label[..., z] = lab
+        image[..., z] = 100 + 80 * lab + rng.normal(0, 5, shape[:2])
+    return image, label
+
+
+def write_nifti(path: Path, data: np.ndarray, spacing=(1.5, 1.5, 8.0)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-10.0, 5.0, 2.0]
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+@pytest.fixture
+def acdc_root(tmp_path: Path) -> Path:
+    """Two ACDC patients: 001 with ED frame 1, 002 with ED frame 3 (Info.cfg decides)."""
+    root = tmp_path / "acdc_raw"
+    for pid, ed in (("001", 1), ("002", 3)):
+        image, label = blob_volume(seed=int(pid))
+        pdir = root / f"patient{pid}"
+        write_nifti(pdir / f"patient{pid}_frame{ed:02d}.nii.gz", image)
+        write_nifti(pdir / f"patient{pid}_frame{ed:02d}_gt.nii.gz", label.astype(np.uint8))
+        # an ES frame with a different label, which must not be picked up
+        write_nifti(pdir / f"patient{pid}_frame12.nii.gz", image * 0)
+        write_nifti(pdir / f"patient{pid}_frame12_gt.nii.gz", np.zeros_like(label, np.uint8))
+        (pdir / "Info.cfg").write_text(f"ED: {ed}\nES: 12\nGroup: NOR\nNbFrame: 30\n")
+    return root

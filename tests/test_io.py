@@ -1,0 +1,113 @@
+"""Raw-layout readers, cropped volumes and atomic writes on real NIfTI files."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import blob_volume, write_nifti
+
+from utils.io import (
+    DataError,
+    read_cropped,
+    read_raw_volume,
+    save_nifti,
+    write_cropped,
+)
+
+
+def test_acdc_reader_uses_ed_frame_from_info_cfg(acdc_root):
+    vol = read_raw_volume("acdc", acdc_root, "002")
+    assert vol.image_path.name == "patient002_frame03.nii.gz"
+    _, label = blob_volume(seed=2)
+    np.testing.assert_array_equal(vol.label, label)
+    assert vol.spacing == (1.5, 1.5, 8.0)
+    assert vol.affine[0, 3] == -10.0
+
+
+def test_acdc_reader_falls_back_to_frame01(acdc_root):
+    (acdc_root / "patient001" / "Info.cfg").unlink()
+    vol = read_raw_volume("acdc", acdc_root, "001")
+    assert vol.image_path.name == "patient001_frame01.nii.gz"
+    assert vol.label.max() == 3
+
+
+def test_decathlon_reader_takes_t2_channel(tmp_path):
+    image, label = blob_volume()
+    four_d = np.stack([image, -image], axis=-1)  # channel 1 (ADC) must be ignored
+    write_nifti(tmp_path / "imagesTr" / "prostate_07.nii.gz", four_d)
+    write_nifti(tmp_path / "labelsTr" / "prostate_07.nii.gz", np.minimum(label, 2).astype(np.uint8))
+    vol = read_raw_volume("decathlon", tmp_path, "007")
+    np.testing.assert_allclose(vol.image, image)
+    assert set(np.unique(vol.label)) == {0, 1, 2}
+
+
+def test_mmwhs_reader_maps_label_values(tmp_path):
+    image, _ = blob_volume()
+    raw = np.zeros(image.shape, np.int16)
+    values = [205, 420, 500, 550, 600, 820, 850, 421]  # 421 is not a structure -> 0
+    for i, v in enumerate(values):
+        raw[i * 4 : i * 4 + 4] = v
+    write_nifti(tmp_path / "mr_train" / "mr_train_1003_image.nii.gz", image)
+    write_nifti(tmp_path / "mr_train" / "mr_train_1003_label.nii.gz", raw)
+    vol = read_raw_volume("mmwhs", tmp_path, "1003")
+    for i in range(7):
+        assert np.all(vol.label[i * 4 : i * 4 + 4] == i + 1)
+    assert np.all(vol.label[28:32] == 0)
+
+
+def test_missing_folder_and_file_errors_name_the_path(tmp_path, acdc_root):
+    with pytest.raises(DataError, match="data folder not found"):
+        read_raw_volume("acdc", tmp_path / "nope", "001")
+    with pytest.raises(DataError, match="patient005"):
+        read_raw_volume("acdc", acdc_root, "005")
+    (acdc_root / "patient001" / "patient001_frame01_gt.nii.gz").unlink()
+    with pytest.raises(DataError, match="patient001_frame01_gt.nii.gz: file not found"):
+        read_raw_volume("acdc", acdc_root, "001")
+
+
+def test_corrupt_gzip_and_bad_dimensions(tmp_path, acdc_root):
+    path = acdc_root / "patient001" / "patient001_frame01.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated gzip stream
+    with pytest.raises(DataError, match="patient001_frame01.nii.gz: cannot read"):
+        read_raw_volume("acdc", acdc_root, "001")
+    path.write_bytes(gzip.compress(b"not a nifti file at all" * 20))
+    with pytest.raises(DataError, match="cannot read"):
+        read_raw_volume("acdc", acdc_root, "001")
+    write_nifti(path, np.zeros((10, 10), np.float32))
+    with pytest.raises(DataError, match="expected a 3D volume"):
+        read_raw_volume("acdc", acdc_root, "001")
+
+
+def test_label_grid_mismatch(acdc_root):
+    write_nifti(acdc_root / "patient001" / "patient001_frame01_gt.nii.gz",
+                np.zeros((40, 36, 4), np.uint8))
+    with pytest.raises(DataError, match="label grid"):
+        read_raw_volume("acdc", acdc_root, "001")
+
+
+def test_cropped_round_trip_and_atomic_save(tmp_path):
+    image, label = blob_volume()
+    write_cropped(tmp_path, "001", image, label, (1.25, 1.25))
+    img, lbl = read_cropped(tmp_path, "001")
+    np.testing.assert_allclose(img, image)
+    np.testing.assert_array_equal(lbl, label)
+    assert nib.load(str(tmp_path / "001" / "img_cropped.nii.gz")).header.get_zooms()[:2] == (
+        1.25, 1.25)
+    # no temporary files left behind
+    assert sorted(p.name for p in (tmp_path / "001").iterdir()) == [
+        "img_cropped.nii.gz", "mask_cropped.nii.gz"]
+    with pytest.raises(DataError, match="create_cropped_imgs"):
+        read_cropped(tmp_path, "002")
+
+
+def test_save_nifti_failure_keeps_old_file(tmp_path):
+    path = tmp_path / "x.nii.gz"
+    save_nifti(path, np.ones((3, 3, 3), np.float32), np.eye(4))
+    with pytest.raises(Exception):
+        save_nifti(path, np.ones((3, 3, 3), dtype=object), np.eye(4))
+    np.testing.assert_array_equal(nib.load(str(path)).get_fdata(), 1.0)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]

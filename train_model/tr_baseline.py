@@ -1,0 +1,111 @@
+"""Step 1 of the method: the supervised 2D U-Net baseline (METHOD §6).
+
+    python train_model/tr_baseline.py --dataset=acdc --no_of_tr_imgs=tr2 --comb_tr_imgs=c1
+
+Each iteration draws 20 slices uniformly with replacement from the labeled volumes, augments
+them (affine, random deformation, intensity), and takes one Adam step on the Dice loss. Every
+``val_step_update`` iterations the validation volumes are scored in native resolution and the
+best checkpoint is kept; at the end the best checkpoint is evaluated on the test set. The last
+line printed is ``run directory: <path>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import experiment_init  # noqa: E402
+from models.unet import UNet  # noqa: E402
+from utils.augment import augment_batch, to_onehot  # noqa: E402
+from utils.dataset import ensure_demo_data, load_eval_volumes, load_slices  # noqa: E402
+from utils.run import RunLog, resolve_device, save_config, seed_everything  # noqa: E402
+from utils.training import (  # noqa: E402
+    BestKeeper,
+    NonFiniteGuard,
+    add_common_flags,
+    baseline_dir,
+    prepare_run_dir,
+    print_summary,
+    run_main,
+    segmentation_loss,
+    test_best,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_flags(parser)
+    parser.add_argument("--max_bad_steps", type=int, default=20,
+                        help="stop after this many consecutive non-finite losses")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    start = time.time()
+    args = parse_args(argv)
+    cfg = experiment_init.load(args.dataset, args.data_root, args.out_dir)
+    labeled_ids = cfg.labeled_ids(args.no_of_tr_imgs, args.comb_tr_imgs)
+    val_ids = cfg.val_ids(args.no_of_tr_imgs, args.comb_tr_imgs)
+    n_iter = args.n_iter if args.n_iter is not None else cfg.n_iter
+    seed = args.seed if args.seed is not None else args.ver
+    device = resolve_device(args.device)
+    generator = seed_everything(seed)
+    run_dir = prepare_run_dir(baseline_dir(cfg, args), args.overwrite)
+    save_config(run_dir, {"trainer": "tr_baseline", "flags": {**vars(args), "n_iter": n_iter,
+                          "seed": seed, "device": str(device)}, "config": cfg.to_dict(),
+                          "labeled_ids": labeled_ids, "val_ids": val_ids, "test_ids": cfg.test})
+    print(f"baseline {cfg.dataset} {args.no_of_tr_imgs}/{args.comb_tr_imgs}: "
+          f"labeled {labeled_ids}, "
+          f"validation {val_ids}, {n_iter} iterations on {device}", flush=True)
+
+    ensure_demo_data(cfg)
+    images, labels = load_slices(cfg, labeled_ids)
+    images, labels = images.to(device), labels.to(device)
+    keeper = BestKeeper(run_dir, load_eval_volumes(cfg, val_ids), cfg.num_classes, device)
+
+    model = UNet(cfg.num_classes).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
+    loss_fn = segmentation_loss(args.dsc_loss, cfg.num_classes)
+    guard = NonFiniteGuard(args.max_bad_steps)
+    log = RunLog(run_dir)
+
+    bar = tqdm(range(n_iter), desc="baseline", disable=args.no_progress, dynamic_ncols=True)
+    for it in bar:
+        idx = torch.randint(images.shape[0], (cfg.batch_size,), generator=generator).to(device)
+        x, y = augment_batch(images[idx], to_onehot(labels[idx], cfg.num_classes), generator,
+                             rd_en=bool(args.rd_en), sigma=args.sigma, ri_en=bool(args.ri_en))
+        if not args.en_1hot:
+            y = F.one_hot(y.argmax(1), cfg.num_classes).permute(0, 3, 1, 2).float()
+        model.train()
+        loss = loss_fn(model(x.contiguous(memory_format=torch.channels_last)), y)
+        if guard.ok(loss, it):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if it % cfg.val_step_update == 0 or it == n_iter - 1:
+            val = keeper.update(model, optimizer, it)
+            log.log(it, loss_seg=loss.item(), val_dice=val, bad_steps=guard.total)
+            log.flush()
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}",
+                            best=f"{keeper.best_score:.3f}")
+    log.close()
+    print(f"best validation Dice {keeper.best_score:.4f} at iteration {keeper.best_iteration}; "
+          f"{guard.total} non-finite steps skipped", flush=True)
+
+    summary = test_best(model, keeper.path, load_eval_volumes(cfg, cfg.test), cfg, run_dir,
+                        device, not args.no_progress)
+    print_summary(summary, "test")
+    print(f"elapsed: {time.time() - start:.1f} s", flush=True)
+    print(f"run directory: {run_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)

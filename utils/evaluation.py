@@ -1,0 +1,189 @@
+"""Evaluation in native resolution (METHOD §8): predict, map back, score, write test_results/.
+
+Edge cases are explicit: a structure that is empty in both prediction and ground truth has
+Dice 1; empty in exactly one has Dice 0. HD95 and ASSD are undefined (``None`` in JSON, empty in
+CSV) whenever either side is empty, and the means over subjects count only defined values; the
+number of undefined values is reported beside each mean so it is never silently flattered.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from medpy.metric import binary
+
+from utils.io import Volume, atomic_path, read_raw_volume, save_nifti, write_text_atomic
+from utils.preprocess import Geometry, to_native, to_target
+
+
+@dataclass
+class EvalVolume:
+    """A raw subject prepared once for repeated prediction: image_c is (CX, CY, Z) float32."""
+
+    volume: Volume
+    image_c: np.ndarray
+    geometry: Geometry
+
+
+def prepare_eval_volume(
+    layout: str,
+    raw_root: Path,
+    subject_id: str,
+    target_resolution: tuple[float, float],
+    crop: tuple[int, int],
+) -> EvalVolume:
+    vol = read_raw_volume(layout, raw_root, subject_id)
+    image_c, _, geometry = to_target(vol.image, None, vol.spacing[:2], target_resolution, crop)
+    return EvalVolume(vol, image_c, geometry)
+
+
+@torch.no_grad()
+def predict_probs(
+    model: torch.nn.Module, image_c: np.ndarray, device: torch.device, batch_size: int = 32
+) -> torch.Tensor:
+    """Softmax of every slice of a cropped (CX, CY, Z) volume -> (Z, C, CX, CY) on ``device``."""
+    was_training = model.training
+    model.eval()
+    slices = torch.from_numpy(np.ascontiguousarray(image_c.transpose(2, 0, 1)))[:, None]
+    out = []
+    for start in range(0, slices.shape[0], batch_size):
+        batch = slices[start : start + batch_size].to(device, non_blocking=True)
+        out.append(torch.softmax(model(batch).float(), dim=1))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def predict_native(
+    model: torch.nn.Module, ev: EvalVolume, device: torch.device
+) -> np.ndarray:
+    """Predicted label map of one subject in its native (X, Y, Z) grid (uint8)."""
+    probs = to_native(predict_probs(model, ev.image_c, device), ev.geometry)
+    return probs.argmax(1).permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+
+
+def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two boolean arrays; 1 when both are empty."""
+    denom = int(pred.sum()) + int(gt.sum())
+    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(pred, gt).sum()) / denom
+
+
+def structure_metrics(
+    pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...], num_classes: int
+) -> list[dict[str, float | None]]:
+    """Dice, HD95 and ASSD (mm) of classes 1..C-1 of two (X, Y, Z) label maps."""
+    results = []
+    for c in range(1, num_classes):
+        p, g = pred == c, gt == c
+        entry: dict[str, float | None] = {"dice": dice_score(p, g), "hd95": None, "assd": None}
+        if p.any() and g.any():
+            entry["hd95"] = float(binary.hd95(p, g, voxelspacing=spacing))
+            entry["assd"] = float(binary.assd(p, g, voxelspacing=spacing))
+        results.append(entry)
+    return results
+
+
+def mean_foreground_dice(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:
+    return float(np.mean([dice_score(pred == c, gt == c) for c in range(1, num_classes)]))
+
+
+def validation_score(
+    model: torch.nn.Module, volumes: list[EvalVolume], num_classes: int, device: torch.device
+) -> float:
+    """Mean over volumes of the mean foreground Dice in native resolution (METHOD §6)."""
+    scores = []
+    for ev in volumes:
+        pred = predict_native(model, ev, device)
+        scores.append(mean_foreground_dice(pred, ev.volume.label, num_classes))
+    return float(np.mean(scores))
+
+
+def _mean_defined(values: list[float | None]) -> tuple[float | None, int]:
+    defined = [v for v in values if v is not None]
+    return (float(np.mean(defined)) if defined else None), len(values) - len(defined)
+
+
+def summarize(
+    per_subject: dict[str, list[dict[str, float | None]]], struct_names: tuple[str, ...]
+) -> dict:
+    """The summary.json structure from per-subject, per-structure metrics."""
+    per_structure = {}
+    for k, name in enumerate(struct_names):
+        entry: dict[str, float | int | None] = {}
+        for metric in ("dice", "hd95", "assd"):
+            mean, undefined = _mean_defined([m[k][metric] for m in per_subject.values()])
+            entry[metric] = mean
+            if metric != "dice":
+                entry[f"{metric}_undefined"] = undefined
+        per_structure[name] = entry
+    subject_means = {
+        sid: float(np.mean([m["dice"] for m in metrics])) for sid, metrics in per_subject.items()
+    }
+    return {
+        "mean_dice": float(np.mean(list(subject_means.values()))),
+        "per_structure": per_structure,
+        "per_subject": {
+            sid: {name: metrics[k] for k, name in enumerate(struct_names)}
+            for sid, metrics in per_subject.items()
+        },
+        "per_subject_mean_dice": subject_means,
+        "n_subjects": len(per_subject),
+    }
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6f}"
+
+
+def write_test_results(out_dir: Path, summary: dict, struct_names: tuple[str, ...]) -> None:
+    """summary.json, metrics_per_subject.csv and the original's text files, each atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    columns = [f"{n}_{m}" for n in struct_names for m in ("dice", "hd95", "assd")]
+    writer.writerow(["subject", *columns, "mean_dice"])
+    for sid, metrics in summary["per_subject"].items():
+        row = [sid]
+        for name in struct_names:
+            row += [_fmt(metrics[name][m]) for m in ("dice", "hd95", "assd")]
+        writer.writerow([*row, _fmt(summary["per_subject_mean_dice"][sid])])
+    write_text_atomic(out_dir / "metrics_per_subject.csv", buf.getvalue())
+    # The original's text outputs: Dice per subject and structure, per structure, net mean.
+    dsc = np.array([[summary["per_subject"][s][n]["dice"] for n in struct_names]
+                    for s in summary["per_subject"]])
+    for name, arr in (("dsc_per_subject.txt", dsc),
+                      ("dsc_per_struct.txt", dsc.mean(0, keepdims=True)),
+                      ("net_dsc_mean.txt", np.array([[summary["mean_dice"]]]))):
+        with atomic_path(out_dir / name) as tmp:
+            np.savetxt(tmp, arr, fmt="%.6f")
+
+
+def evaluate_test_set(
+    model: torch.nn.Module,
+    volumes: list[EvalVolume],
+    num_classes: int,
+    struct_names: tuple[str, ...],
+    out_dir: Path,
+    device: torch.device,
+    progress: bool = True,
+) -> dict:
+    """Predict every test subject, save predictions as NIfTI with the raw affine, write metrics."""
+    from tqdm import tqdm
+
+    per_subject = {}
+    for ev in tqdm(volumes, desc="test", disable=not progress, leave=False):
+        vol = ev.volume
+        pred = predict_native(model, ev, device)
+        save_nifti(out_dir / vol.subject_id / f"pred_seg_id_{vol.subject_id}.nii.gz",
+                   pred, vol.affine, vol.header)
+        per_subject[vol.subject_id] = structure_metrics(pred, vol.label, vol.spacing, num_classes)
+    summary = summarize(per_subject, struct_names)
+    write_test_results(out_dir, summary, struct_names)
+    return summary

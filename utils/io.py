@@ -1,0 +1,257 @@
+"""Reading and writing volumes: the raw layouts of METHOD §2, cropped volumes, atomic writes.
+
+Arrays keep NIfTI axis order (x, y, slices). Every failure to find or read a file raises
+`DataError` with a one-line message naming the file and what to do about it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+# MMWHS raw label values in class order 1..7 (myo, LA, LV, RA, RV, AA, PA); others -> 0.
+MMWHS_LABEL_VALUES = (205, 420, 500, 550, 600, 820, 850)
+
+
+class DataError(RuntimeError):
+    """A data file or folder that is missing, unreadable or inconsistent."""
+
+
+@dataclass
+class Volume:
+    """One subject's volume in native resolution.
+
+    image: (X, Y, Z) float32; label: (X, Y, Z) int16 class indices or None;
+    spacing: (sx, sy, sz) in mm; affine: 4x4 voxel-to-world matrix of the image file.
+    """
+
+    subject_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    image_path: Path
+    label_path: Path | None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    A crash at any moment leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name ends with the real suffixes so that writers which choose the format
+    # from the name (nibabel's .nii.gz, torch's zip) behave as for the final name.
+    suffix = ".tmp" + "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
+    """Load a NIfTI file fully into memory, turning every failure into a one-line DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; check the data folder (--data_root) and the ids")
+    try:
+        img = nib.load(str(path))
+        img.get_fdata(dtype=np.float32)  # force decompression now, so corrupt gzip fails here
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"{path}: cannot read NIfTI file ({reason}); re-copy or re-convert it"
+        ) from err
+    return img
+
+
+def _spacing(img: nib.Nifti1Image, path: Path) -> tuple[float, float, float]:
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    if len(zooms) < 3 or not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise DataError(f"{path}: voxel spacing {zooms} is not positive; fix the NIfTI header")
+    return zooms  # type: ignore[return-value]
+
+
+def _as_3d(data: np.ndarray, path: Path, channel: int | None = None) -> np.ndarray:
+    if channel is not None and data.ndim == 4:
+        if data.shape[3] <= channel:
+            raise DataError(
+                f"{path}: 4D image has {data.shape[3]} channels, channel {channel} is needed"
+            )
+        data = data[..., channel]
+    if data.ndim != 3:
+        raise DataError(
+            f"{path}: expected a 3D volume (x, y, slices), got shape {data.shape}"
+        )
+    return data
+
+
+def _volume(
+    subject_id: str,
+    image_path: Path,
+    label_path: Path | None,
+    channel: int | None = None,
+    label_values: tuple[int, ...] | None = None,
+) -> Volume:
+    img = load_nifti(image_path)
+    image = _as_3d(np.asarray(img.get_fdata(dtype=np.float32)), image_path, channel)
+    spacing = _spacing(img, image_path)
+    label = None
+    if label_path is not None:
+        lab_img = load_nifti(label_path)
+        raw = _as_3d(np.asarray(lab_img.dataobj), label_path)
+        if raw.shape != image.shape:
+            raise DataError(
+                f"{label_path}: label grid {raw.shape} differs from image grid {image.shape} "
+                f"of {image_path.name}"
+            )
+        raw = np.rint(raw).astype(np.int32)
+        if label_values is not None:
+            label = np.zeros(raw.shape, np.int16)
+            for cls, value in enumerate(label_values, start=1):
+                label[raw == value] = cls
+        else:
+            label = raw.astype(np.int16)
+    return Volume(subject_id, image, label, spacing, img.affine, img.header, image_path, label_path)
+
+
+def acdc_ed_frame(patient_dir: Path) -> int:
+    """ED frame number from Info.cfg (``ED: <n>``); 1 if Info.cfg is missing or has none."""
+    cfg = patient_dir / "Info.cfg"
+    if cfg.is_file():
+        match = re.search(r"^\s*ED\s*:\s*(\d+)", cfg.read_text(), flags=re.MULTILINE)
+        if match:
+            return int(match.group(1))
+    return 1
+
+
+def acdc_paths(root: Path, subject_id: str) -> tuple[Path, Path]:
+    """Image and label paths of the ED frame of ACDC patient ``subject_id`` ("001")."""
+    pdir = root / f"patient{subject_id}"
+    if not pdir.is_dir():
+        raise DataError(
+            f"{pdir}: patient folder not found; put the ACDC training folders under {root}"
+        )
+    ed = acdc_ed_frame(pdir)
+    image = pdir / f"patient{subject_id}_frame{ed:02d}.nii.gz"
+    if not image.is_file():  # the original always took frame 01
+        image = pdir / f"patient{subject_id}_frame01.nii.gz"
+        if not image.is_file():
+            raise DataError(
+                f"{pdir}: no ED frame file patient{subject_id}_frame{ed:02d}.nii.gz "
+                "(nor frame01); check Info.cfg and the file names"
+            )
+    return image, image.with_name(image.name.replace(".nii.gz", "_gt.nii.gz"))
+
+
+def decathlon_paths(root: Path, subject_id: str) -> tuple[Path, Path]:
+    """Decathlon prostate: id "000" is ``prostate_00.nii.gz`` in imagesTr/ and labelsTr/."""
+    name = f"prostate_{int(subject_id):02d}.nii.gz"
+    return root / "imagesTr" / name, root / "labelsTr" / name
+
+
+def mmwhs_paths(root: Path, subject_id: str) -> tuple[Path, Path]:
+    """MMWHS MR: ``mr_train_<id>_image.nii.gz`` in root or one folder below it."""
+    name = f"mr_train_{subject_id}_image.nii.gz"
+    candidates = [root / name, *sorted(root.glob(f"*/{name}"))]
+    image = next((p for p in candidates if p.is_file()), root / name)
+    return image, image.with_name(f"mr_train_{subject_id}_label.nii.gz")
+
+
+def raw_paths(layout: str, root: str | os.PathLike, subject_id: str) -> tuple[Path, Path]:
+    """(image, label) paths of one subject in a raw layout ("acdc", "decathlon", "mmwhs")."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(
+            f"{root}: data folder not found; pass --data_root or set LCL_DATA_ROOT "
+            "(see README, 'Where data and outputs live')"
+        )
+    if layout == "acdc":
+        return acdc_paths(root, subject_id)
+    if layout == "decathlon":
+        return decathlon_paths(root, subject_id)
+    if layout == "mmwhs":
+        return mmwhs_paths(root, subject_id)
+    raise ValueError(f"unknown data layout {layout!r}")
+
+
+def read_raw_volume(
+    layout: str, root: str | os.PathLike, subject_id: str, with_label: bool = True
+) -> Volume:
+    """Read one subject in its raw layout, with the label mapped to class indices."""
+    image_path, label_path = raw_paths(layout, root, subject_id)
+    return _volume(
+        subject_id,
+        image_path,
+        label_path if with_label else None,
+        channel=0 if layout == "decathlon" else None,  # T2 channel of the 4D Decathlon image
+        label_values=MMWHS_LABEL_VALUES if layout == "mmwhs" else None,
+    )
+
+
+def save_nifti(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    affine: np.ndarray,
+    header: nib.Nifti1Header | None = None,
+) -> None:
+    """Write ``array`` as NIfTI atomically (temporary file, then rename)."""
+    img = nib.Nifti1Image(array, affine, header=header)
+    if header is not None:
+        img.set_data_dtype(array.dtype)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def cropped_paths(cropped_root: str | os.PathLike, subject_id: str) -> tuple[Path, Path]:
+    d = Path(cropped_root) / subject_id
+    return d / "img_cropped.nii.gz", d / "mask_cropped.nii.gz"
+
+
+def write_cropped(
+    cropped_root: str | os.PathLike,
+    subject_id: str,
+    image: np.ndarray,
+    label: np.ndarray,
+    target_resolution: tuple[float, float],
+) -> None:
+    """Store a preprocessed subject; the affine carries the target in-plane spacing (mm)."""
+    affine = np.diag([target_resolution[0], target_resolution[1], 1.0, 1.0])
+    img_path, mask_path = cropped_paths(cropped_root, subject_id)
+    save_nifti(img_path, image.astype(np.float32), affine)
+    save_nifti(mask_path, label.astype(np.uint8), affine)
+
+
+def read_cropped(cropped_root: str | os.PathLike, subject_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32, label int64), both (X, Y, Z) in the target grid."""
+    img_path, mask_path = cropped_paths(cropped_root, subject_id)
+    if not img_path.is_file():
+        raise DataError(
+            f"{img_path}: cropped volume not found; run scripts/create_cropped_imgs.py "
+            "--dataset <name> first"
+        )
+    image = np.asarray(load_nifti(img_path).get_fdata(dtype=np.float32))
+    label = np.rint(np.asarray(load_nifti(mask_path).dataobj)).astype(np.int64)
+    return image, label

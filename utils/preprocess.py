@@ -1,0 +1,149 @@
+"""Preprocessing of METHOD §2 and its exact inverse for evaluation in native resolution (§8).
+
+Forward: percentile min-max normalisation, in-plane rescale of every slice by
+``native_spacing / target_resolution`` (bilinear image, nearest label), centre crop or zero pad to
+the crop size. `Geometry` records what was done so that `to_native` can put per-slice class
+probabilities back into the native grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.transform import resize
+
+
+def normalize_minmax(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Min-max normalise a whole volume with its 1st/99th percentiles; no clipping (METHOD §2)."""
+    lo, hi = np.percentile(image, [low, high])
+    scale = hi - lo if hi > lo else 1.0
+    return ((image - lo) / scale).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How one volume maps between its native grid and the cropped target grid.
+
+    native_shape: (X, Y) in voxels; rescaled_shape: (RX, RY) after rescaling to the target
+    spacing; crop: (CX, CY). Offsets are where the crop window starts in the rescaled frame
+    (positive: cropped) and where the rescaled frame starts in the crop (positive: padded).
+    """
+
+    native_shape: tuple[int, int]
+    rescaled_shape: tuple[int, int]
+    crop: tuple[int, int]
+
+    def _offsets(self, axis: int) -> tuple[int, int]:
+        """(start in rescaled frame, start in crop) along ``axis``; TF-original centring."""
+        r, c = self.rescaled_shape[axis], self.crop[axis]
+        if r >= c:
+            return (r - c) // 2, 0
+        return 0, (c - r) // 2
+
+
+def rescaled_shape(
+    native_shape: tuple[int, int],
+    spacing_xy: tuple[float, float],
+    target_resolution: tuple[float, float],
+) -> tuple[int, int]:
+    """In-plane size after rescaling by spacing / target_resolution (rounded like skimage)."""
+    return tuple(
+        max(1, int(round(n * s / t)))
+        for n, s, t in zip(native_shape, spacing_xy, target_resolution)
+    )  # type: ignore[return-value]
+
+
+def crop_or_pad(vol: np.ndarray, geometry: Geometry, fill: float = 0.0) -> np.ndarray:
+    """Centre-crop or pad the first two axes of (RX, RY, ...) to the crop size."""
+    out = np.full((*geometry.crop, *vol.shape[2:]), fill, dtype=vol.dtype)
+    src, dst = [], []
+    for axis in (0, 1):
+        start_r, start_c = geometry._offsets(axis)
+        n = min(geometry.rescaled_shape[axis], geometry.crop[axis])
+        src.append(slice(start_r, start_r + n))
+        dst.append(slice(start_c, start_c + n))
+    out[dst[0], dst[1]] = vol[src[0], src[1]]
+    return out
+
+
+def to_target(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    spacing_xy: tuple[float, float],
+    target_resolution: tuple[float, float],
+    crop: tuple[int, int],
+    normalize: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+    """Preprocess a native (X, Y, Z) volume into the (CX, CY, Z) training grid.
+
+    Returns the normalised, rescaled and cropped image (float32), the label treated the same
+    way with nearest-neighbour interpolation (int64, or None), and the Geometry to undo it.
+    """
+    if image.ndim != 3:
+        raise ValueError(f"expected an (X, Y, Z) volume, got shape {image.shape}")
+    img = normalize_minmax(image) if normalize else image.astype(np.float32)
+    native = (int(image.shape[0]), int(image.shape[1]))
+    rshape = rescaled_shape(native, spacing_xy, target_resolution)
+    geometry = Geometry(native, rshape, (int(crop[0]), int(crop[1])))
+    # Slices are the trailing "channel" axis, so one resize call handles the whole volume.
+    img_r = resize(img, (*rshape, img.shape[2]), order=1, preserve_range=True, mode="constant",
+                   anti_aliasing=False).astype(np.float32)
+    img_c = crop_or_pad(img_r, geometry)
+    lbl_c = None
+    if label is not None:
+        lbl_r = resize(label.astype(np.float32), (*rshape, label.shape[2]), order=0,
+                       preserve_range=True, mode="constant", anti_aliasing=False)
+        lbl_c = crop_or_pad(np.rint(lbl_r).astype(np.int64), geometry)
+    return img_c, lbl_c, geometry
+
+
+def to_native(probs: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Map per-slice class probabilities from the crop back to the native in-plane grid.
+
+    Args:
+        probs: (Z, C, CX, CY) softmax probabilities in the cropped target grid.
+    Returns:
+        (Z, C, X, Y) probabilities in the native grid: the crop is put back into the rescaled
+        frame (areas outside the crop count as background) and resized bilinearly.
+    """
+    z, c = probs.shape[:2]
+    frame = probs.new_zeros((z, c, *geometry.rescaled_shape))
+    frame[:, 0] = 1.0  # outside the crop window the network saw nothing: background
+    src, dst = [], []
+    for axis in (0, 1):
+        start_r, start_c = geometry._offsets(axis)
+        n = min(geometry.rescaled_shape[axis], geometry.crop[axis])
+        dst.append(slice(start_r, start_r + n))
+        src.append(slice(start_c, start_c + n))
+    frame[:, :, dst[0], dst[1]] = probs[:, :, src[0], src[1]]
+    return F.interpolate(frame, size=geometry.native_shape, mode="bilinear", align_corners=False)
+
+
+def n4_bias_correction(
+    image: np.ndarray,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    convergence_threshold: float = 0.001,
+    levels: int = 4,
+    iterations: int = 50,
+) -> np.ndarray:
+    """N4 bias-field correction of an (X, Y, Z) volume with SimpleITK (METHOD §2.1).
+
+    The mask is Otsu's foreground, as in SimpleITK's examples; intensities must be positive,
+    so the volume is shifted to a minimum of 1 first and the shift is removed afterwards.
+    """
+    import SimpleITK as sitk
+
+    shift = 1.0 - float(image.min())
+    # SimpleITK orders axes (z, y, x); transposing keeps the physical spacing consistent.
+    itk = sitk.GetImageFromArray(np.ascontiguousarray((image + shift).transpose(2, 1, 0)))
+    itk = sitk.Cast(itk, sitk.sitkFloat32)
+    itk.SetSpacing(tuple(float(s) for s in spacing))
+    mask = sitk.OtsuThreshold(itk, 0, 1, 200)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetConvergenceThreshold(convergence_threshold)
+    corrector.SetMaximumNumberOfIterations([iterations] * levels)
+    out = corrector.Execute(itk, mask)
+    return (sitk.GetArrayFromImage(out).transpose(2, 1, 0) - shift).astype(np.float32)

@@ -1,0 +1,136 @@
+"""A run's directory: resolved config, logs (CSV, TensorBoard, PNG curves) and checkpoints.
+
+Layout of a run directory::
+
+    config.yaml            resolved configuration and flags
+    log.csv                one row per logged iteration (losses, validation Dice, ...)
+    curves.png             loss and validation-Dice curves
+    tensorboard/           TensorBoard scalars
+    checkpoints/best.pt    best-validation weights (+ optimizer), written atomically
+    checkpoints/last.pt    periodic checkpoint for --resume
+    test_results/          summary.json, per-subject predictions and metrics
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from utils.io import atomic_path, write_text_atomic
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA GPU is visible; "
+                         "use --device auto")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device={name!r}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a CPU generator for the augmentation draws."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def save_config(run_dir: Path, config: dict[str, Any]) -> None:
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary name, then rename: a kill never leaves a torn checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+class RunLog:
+    """CSV + TensorBoard log of scalars, with the PNG curves redrawn on demand.
+
+    The CSV is rewritten atomically from memory, so a kill never leaves a torn file and a
+    resumed run can restore the rows it had.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.run_dir = run_dir
+        self.rows: list[dict[str, float]] = []
+        self.writer = None
+        if tensorboard:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, **scalars: float) -> None:
+        row = {"iteration": step, **{k: float(v) for k, v in scalars.items()}}
+        self.rows.append(row)
+        if self.writer is not None:
+            for k, v in scalars.items():
+                if v is not None and math.isfinite(float(v)):
+                    self.writer.add_scalar(k, float(v), step)
+
+    def flush(self) -> None:
+        keys: list[str] = []
+        for row in self.rows:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.run_dir / "log.csv", buf.getvalue())
+        if self.writer is not None:
+            self.writer.flush()
+        self.plot()
+
+    def plot(self) -> None:
+        """curves.png: training losses (left) and validation Dice (right) against iteration."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        loss_keys = sorted({k for r in self.rows for k in r if k.startswith("loss")})
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for k in loss_keys:
+            pts = [(r["iteration"], r[k]) for r in self.rows if k in r and math.isfinite(r[k])]
+            if pts:
+                axes[0].plot(*zip(*pts), label=k, lw=1)
+        axes[0].set(xlabel="iteration", ylabel="loss", title="training losses")
+        if loss_keys:
+            axes[0].legend()
+        val = [(r["iteration"], r["val_dice"]) for r in self.rows if "val_dice" in r]
+        if val:
+            axes[1].plot(*zip(*val), marker=".", lw=1)
+            best = max(val, key=lambda p: p[1])
+            axes[1].axhline(best[1], ls="--", c="gray", lw=0.8)
+            axes[1].set_title(f"validation mean foreground Dice (best {best[1]:.3f} @ {best[0]})")
+        axes[1].set(xlabel="iteration", ylabel="Dice")
+        fig.tight_layout()
+        with atomic_path(self.run_dir / "curves.png") as tmp:
+            fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()

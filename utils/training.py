@@ -1,0 +1,172 @@
+"""Pieces both trainers share: common flags, run directory, the segmentation loss choice,
+validate-and-keep-best, final test evaluation and clean one-line errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experiment_init import ConfigError, ExperimentConfig
+from losses.cross_entropy import weighted_cross_entropy_loss
+from losses.dice import soft_dice_loss
+from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
+from utils.io import DataError
+from utils.run import load_checkpoint, save_checkpoint
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the original baseline (METHOD §9) plus device, seed and paths."""
+    p = parser
+    p.add_argument("--dataset", default="acdc", help="acdc | prostate_md | mmwhs | demo")
+    p.add_argument("--no_of_tr_imgs", default="tr1", help="labeled set size: tr1, tr2, tr8, ...")
+    p.add_argument("--comb_tr_imgs", default="c1", help="combination of the labeled set: c1..c5")
+    p.add_argument("--lr_seg", type=float, default=0.001, help="Adam learning rate")
+    p.add_argument("--ver", type=int, default=0, help="version (repeat) number of the run")
+    p.add_argument("--dsc_loss", type=int, default=2, choices=(0, 1, 2),
+                   help="0 weighted cross-entropy, 1 Dice w/o background, 2 Dice with background")
+    p.add_argument("--rd_en", type=int, default=1, choices=(0, 1),
+                   help="random deformation augmentation")
+    p.add_argument("--sigma", type=float, default=5.0,
+                   help="std (pixels) of the 3x3 random-deformation grid")
+    p.add_argument("--ri_en", type=int, default=1, choices=(0, 1),
+                   help="random intensity augmentation")
+    p.add_argument("--en_1hot", type=int, default=1, choices=(0, 1),
+                   help="1: train on soft one-hot labels after deformation; 0: re-harden them")
+    p.add_argument("--rd_ni", type=int, default=1,
+                   help="kept for command-line compatibility; the share of deformed slices is "
+                   "drawn per batch (METHOD §6)")
+    p.add_argument("--n_iter", type=int, default=None,
+                   help="iterations (default: n_iter of experiment_init/init_<dataset>.py)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: --ver)")
+    p.add_argument("--data_root", default=None,
+                   help="dataset folder holding raw/ and cropped/ (default data/<dataset>)")
+    p.add_argument("--out_dir", default=None, help="output root (default runs/)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run directory of the same settings")
+    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+
+
+def run_name(args: argparse.Namespace) -> str:
+    name = f"{args.no_of_tr_imgs}_{args.comb_tr_imgs}_v{args.ver}"
+    return name if args.seed is None or args.seed == args.ver else f"{name}_seed{args.seed}"
+
+
+def baseline_dir(cfg: ExperimentConfig, args: argparse.Namespace) -> Path:
+    return cfg.srt_dir / cfg.dataset / "baseline" / run_name(args)
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
+    """Create a fresh run directory; never silently replace a previous run's results."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"{run_dir}: a run with these settings exists; pass --overwrite to replace it "
+                "or change --ver"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def segmentation_loss(
+    dsc_loss: int, num_classes: int
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The ``--dsc_loss`` choice as a function (logits, labels_onehot) -> scalar."""
+    if dsc_loss == 2:
+        return lambda logits, y: soft_dice_loss(logits, y, include_background=True)
+    if dsc_loss == 1:
+        return lambda logits, y: soft_dice_loss(logits, y, include_background=False)
+    from losses.cross_entropy import class_weights
+
+    weights = class_weights(num_classes)
+    return lambda logits, y: weighted_cross_entropy_loss(logits, y, weights.to(logits.device))
+
+
+class BestKeeper:
+    """Validate in native resolution and keep the checkpoint with the best mean Dice (strict)."""
+
+    def __init__(self, run_dir: Path, volumes: list[EvalVolume], num_classes: int,
+                 device: torch.device) -> None:
+        self.path = run_dir / "checkpoints" / "best.pt"
+        self.volumes = volumes
+        self.num_classes = num_classes
+        self.device = device
+        self.best_score = -1.0
+        self.best_iteration = -1
+
+    def update(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
+               extra: dict[str, Any] | None = None) -> float:
+        score = validation_score(model, self.volumes, self.num_classes, self.device)
+        if score > self.best_score:
+            self.best_score, self.best_iteration = score, iteration
+            save_checkpoint(self.path, {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "iteration": iteration,
+                "val_dice": score,
+                **(extra or {}),
+            })
+        return score
+
+
+def test_best(
+    model: torch.nn.Module,
+    best_path: Path,
+    test_volumes: list[EvalVolume],
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    device: torch.device,
+    progress: bool,
+) -> dict:
+    """Load the best checkpoint into ``model`` and evaluate it on the test set."""
+    model.load_state_dict(load_checkpoint(best_path, device)["model"])
+    return evaluate_test_set(model, test_volumes, cfg.num_classes, cfg.struct_name,
+                             run_dir / "test_results", device, progress)
+
+
+def print_summary(summary: dict, title: str) -> None:
+    parts = [f"{k} {v['dice']:.3f}" for k, v in summary["per_structure"].items()]
+    print(f"{title}: mean Dice {summary['mean_dice']:.4f} ({', '.join(parts)})", flush=True)
+
+
+class NonFiniteGuard:
+    """Counts skipped non-finite steps; too many in a row stop the run."""
+
+    def __init__(self, max_consecutive: int) -> None:
+        self.max_consecutive = max_consecutive
+        self.total = 0
+        self.consecutive = 0
+
+    def ok(self, loss: torch.Tensor, iteration: int) -> bool:
+        if torch.isfinite(loss).item():
+            self.consecutive = 0
+            return True
+        self.total += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise FloatingPointError(
+                f"{self.consecutive} consecutive non-finite losses up to iteration {iteration}; "
+                "stopping (the best checkpoint so far is kept). Lower --lr_seg or check the data."
+            )
+        return False
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a trainer's main; expected failures end with one line on stderr and exit status 2."""
+    try:
+        main()
+    except (ConfigError, DataError, FileNotFoundError, FloatingPointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
