@@ -1,0 +1,108 @@
+"""Metrics against medpy and an independent distance computation; test-result files."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from medpy.metric import binary
+from scipy import ndimage
+
+from utils.evaluation import (
+    EvalVolume,
+    dice_score,
+    evaluate_test_set,
+    structure_metrics,
+    summarize,
+)
+from utils.io import read_raw_volume
+from utils.preprocess import to_target
+
+
+def _surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
+    """Distances (mm) from the surface voxels of a to the surface of b, by brute force."""
+    def surface(m):
+        # surface = voxels removed by a face-connected erosion (medpy's definition)
+        return np.argwhere(m & ~ndimage.binary_erosion(m, ndimage.generate_binary_structure(3, 1)))
+    sa, sb = surface(a) * spacing, surface(b) * spacing
+    d = np.sqrt(((sa[:, None, :] - sb[None, :, :]) ** 2).sum(-1))
+    return d.min(1)
+
+
+def test_metrics_match_medpy_and_brute_force():
+    rng = np.random.default_rng(0)
+    gt = np.zeros((20, 18, 6), np.int16)
+    gt[4:14, 5:12, 1:5] = 1
+    gt[7:10, 7:10, 2:4] = 2
+    pred = gt.copy()
+    pred[ndimage.binary_dilation(gt == 1) & (rng.random(gt.shape) < 0.3)] = 1
+    pred[13:15, 4:6, 1] = 2
+    spacing = (1.2, 0.9, 5.0)
+    metrics = structure_metrics(pred, gt, spacing, 3)
+    for c, m in enumerate(metrics, start=1):
+        p, g = pred == c, gt == c
+        assert m["dice"] == pytest.approx(binary.dc(p, g))
+        assert m["hd95"] == pytest.approx(binary.hd95(p, g, voxelspacing=spacing))
+        assert m["assd"] == pytest.approx(binary.assd(p, g, voxelspacing=spacing))
+        # independent: symmetric surface distances by brute force
+        d_pg, d_gp = _surface_distances(p, g, spacing), _surface_distances(g, p, spacing)
+        assert m["hd95"] == pytest.approx(np.percentile(np.concatenate([d_pg, d_gp]), 95))
+        assert m["assd"] == pytest.approx(np.concatenate([d_pg, d_gp]).mean())
+
+
+def test_empty_structures_are_defined_and_counted():
+    gt = np.zeros((8, 8, 2), np.int16)
+    gt[2:5, 2:5] = 1
+    pred = np.zeros_like(gt)
+    m_missing = structure_metrics(pred, gt, (1, 1, 1), 3)
+    assert m_missing[0] == {"dice": 0.0, "hd95": None, "assd": None}  # missed structure
+    assert m_missing[1] == {"dice": 1.0, "hd95": None, "assd": None}  # absent in both
+    m_hit = structure_metrics(gt, gt, (1, 1, 1), 3)
+    summary = summarize({"a": m_missing, "b": m_hit}, ("s1", "s2"))
+    assert summary["per_structure"]["s1"]["dice"] == pytest.approx(0.5)
+    assert summary["per_structure"]["s1"]["hd95"] == 0.0  # only the defined value is averaged
+    assert summary["per_structure"]["s1"]["hd95_undefined"] == 1
+    assert summary["per_structure"]["s2"]["hd95_undefined"] == 2
+    assert summary["mean_dice"] == pytest.approx(np.mean([0.5, 1.0]))
+    assert dice_score(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+
+
+class _Oracle(torch.nn.Module):
+    """Returns large logits for a fixed cropped label map: a perfect model of one subject."""
+
+    def __init__(self, label_c: np.ndarray, num_classes: int) -> None:
+        super().__init__()
+        onehot = torch.nn.functional.one_hot(
+            torch.from_numpy(label_c).permute(2, 0, 1), num_classes)
+        self.register_buffer("logits", onehot.permute(0, 3, 1, 2).float() * 20)
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.logits[self.calls : self.calls + x.shape[0]]
+        self.calls += x.shape[0]
+        return out
+
+
+def test_evaluate_test_set_writes_native_predictions(acdc_root, tmp_path):
+    vol = read_raw_volume("acdc", acdc_root, "001")
+    # target spacing equal to native: the oracle's prediction maps back exactly
+    image_c, label_c, geom = to_target(vol.image, vol.label, vol.spacing[:2], (1.5, 1.5), (64, 64))
+    ev = EvalVolume(vol, image_c, geom)
+    out = tmp_path / "test_results"
+    summary = evaluate_test_set(_Oracle(label_c, 4), [ev], 4, ("rv", "myo", "lv"), out,
+                                torch.device("cpu"), progress=False)
+    assert summary["mean_dice"] == pytest.approx(1.0)
+    pred_img = nib.load(str(out / "001" / "pred_seg_id_001.nii.gz"))
+    assert pred_img.shape == vol.image.shape
+    np.testing.assert_allclose(pred_img.affine, vol.affine)
+    np.testing.assert_array_equal(np.asarray(pred_img.dataobj), vol.label)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert set(on_disk["per_subject"]["001"]) == {"rv", "myo", "lv"}
+    assert set(on_disk["per_structure"]["lv"]) >= {"dice", "hd95", "assd"}
+    for name in ("dsc_per_subject.txt", "dsc_per_struct.txt", "net_dsc_mean.txt",
+                 "metrics_per_subject.csv"):
+        assert (out / name).is_file()
+    assert float((out / "net_dsc_mean.txt").read_text()) == pytest.approx(1.0)

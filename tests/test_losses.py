@@ -1,0 +1,189 @@
+"""Tests for losses/dice.py and losses/cross_entropy.py."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses.cross_entropy import class_weights, weighted_cross_entropy_loss
+from losses.dice import dice_per_class, soft_dice_loss
+
+# ---------------------------------------------------------------- soft Dice
+
+
+def _soft_dice_loop(logits: torch.Tensor, y: torch.Tensor, include_bg: bool) -> float:
+    p = torch.softmax(logits.double(), dim=1)
+    n, c = logits.shape[:2]
+    vals = []
+    for i in range(n):
+        for k in range(0 if include_bg else 1, c):
+            inter = float((p[i, k] * y[i, k]).sum())
+            den = float(p[i, k].sum()) + float(y[i, k].sum()) + 1e-10
+            vals.append(2 * inter / den)
+    return 1.0 - sum(vals) / len(vals)
+
+
+def test_soft_dice_hand_worked() -> None:
+    # 1 image, 2 classes, 2 pixels; p(class 1) = sigmoid(l1 - l0), so log(3) gives 0.75.
+    logits = torch.tensor([[[[0.0, 0.0]], [[0.0, math.log(3.0)]]]])  # (1,2,1,2)
+    y = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    # pixel 0: p = (0.5, 0.5); pixel 1: p = (0.25, 0.75)
+    d0 = 2 * 0.5 / (0.75 + 1)
+    d1 = 2 * 0.75 / (1.25 + 1)
+    expected = 1 - (d0 + d1) / 2
+    assert soft_dice_loss(logits, y).item() == pytest.approx(expected, rel=1e-6)
+    assert soft_dice_loss(logits, y, include_background=False).item() == pytest.approx(
+        1 - d1, rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("include_bg", [True, False])
+def test_soft_dice_matches_loop(include_bg: bool) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 16, 16) * 2
+    y = torch.softmax(torch.randn(3, 4, 16, 16) * 3, dim=1)  # soft labels
+    y[1, 2] = 0.0  # a class absent in one image
+    got = soft_dice_loss(logits, y, include_background=include_bg).item()
+    assert got == pytest.approx(_soft_dice_loop(logits, y, include_bg), rel=1e-5)
+
+
+def test_soft_dice_perfect_and_gradient() -> None:
+    label = torch.randint(0, 3, (2, 8, 8))
+    y = F.one_hot(label, 3).permute(0, 3, 1, 2).float()
+    # Only classes present in every image can reach Dice 1; ensure all present.
+    y[:, :, 0, 0] = 0
+    y[:, 0, 0, 0] = 1
+    y[:, :, 0, 1] = 0
+    y[:, 1, 0, 1] = 1
+    y[:, :, 0, 2] = 0
+    y[:, 2, 0, 2] = 1
+    logits = (y * 40.0).requires_grad_(True)
+    loss = soft_dice_loss(logits, y)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    bad = soft_dice_loss(-y * 40.0, y)
+    assert bad.item() == pytest.approx(1.0, abs=1e-6)
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_soft_dice_float32_under_autocast() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    y = F.one_hot(torch.randint(0, 3, (2, 8, 8)), 3).permute(0, 3, 1, 2).float()
+    ref = soft_dice_loss(logits, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = soft_dice_loss(logits.bfloat16(), y.bfloat16())
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(ref.item(), abs=2e-2)
+
+
+def test_soft_dice_shape_mismatch() -> None:
+    with pytest.raises(ValueError):
+        soft_dice_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4))
+
+
+# ---------------------------------------------------------------- hard Dice
+
+
+def _dice_numpy_loop(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
+    out = []
+    for c in range(1, num_classes):
+        p = pred == c
+        t = true == c
+        if p.sum() == 0 and t.sum() == 0:
+            out.append(1.0)
+        elif p.sum() == 0 or t.sum() == 0:
+            out.append(0.0)
+        else:
+            out.append(2.0 * np.logical_and(p, t).sum() / (p.sum() + t.sum()))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16), (8, 9, 5)])
+def test_dice_per_class_matches_numpy(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(0)
+    num_classes = 5
+    pred = rng.integers(0, 4, size=shape)  # class 4 never predicted
+    true = rng.integers(0, 4, size=shape)
+    true[true == 3] = 4  # class 3 only in pred, class 4 only in true
+    num_classes = 6  # class 5 absent from both
+    got = dice_per_class(torch.from_numpy(pred), torch.from_numpy(true), num_classes)
+    expected = _dice_numpy_loop(pred, true, num_classes)
+    assert got.shape == (num_classes - 1,)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    np.testing.assert_array_equal(got.numpy()[2:], [0.0, 0.0, 1.0])
+    assert 0.0 < got[0] < 1.0
+
+
+def test_dice_per_class_hand_worked() -> None:
+    pred = torch.tensor([[1, 1, 0, 2]])
+    true = torch.tensor([[1, 0, 0, 0]])
+    got = dice_per_class(pred, true, 3)
+    torch.testing.assert_close(got, torch.tensor([2 * 1 / 3, 0.0], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- weighted cross-entropy
+
+
+def test_class_weights_values() -> None:
+    torch.testing.assert_close(class_weights(2), torch.tensor([0.1, 0.9]))
+    torch.testing.assert_close(class_weights(3), torch.tensor([0.1, 0.45, 0.45]))
+    torch.testing.assert_close(class_weights(4), torch.tensor([0.1, 0.3, 0.3, 0.3]))
+    torch.testing.assert_close(class_weights(8), torch.tensor([0.09] + [0.13] * 7))
+    torch.testing.assert_close(class_weights(6), torch.tensor([0.1] + [0.18] * 5))
+    with pytest.raises(ValueError):
+        class_weights(1)
+
+
+def test_weighted_ce_hand_worked() -> None:
+    # (N, C, H, W) = (1, 2, 1, 2); weights 0.1, 0.9.
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])
+    y = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    # pixel 0: true class 0, log softmax_0 = 2 - log(e^2 + 1)
+    # pixel 1: true class 1, log softmax_1 = 1 - log(1 + e)
+    l0 = -0.1 * (2.0 - math.log(math.exp(2.0) + 1.0))
+    l1 = -0.9 * (1.0 - math.log(1.0 + math.e))
+    expected = (l0 + l1) / 2
+    assert weighted_cross_entropy_loss(logits, y).item() == pytest.approx(expected, rel=1e-6)
+    # Soft label on pixel 1: 0.25 background, 0.75 foreground.
+    y_soft = torch.tensor([[[[1.0, 0.25]], [[0.0, 0.75]]]])
+    l1_soft = -0.1 * 0.25 * (0.0 - math.log(1.0 + math.e)) - 0.9 * 0.75 * (
+        1.0 - math.log(1.0 + math.e)
+    )
+    assert weighted_cross_entropy_loss(logits, y_soft).item() == pytest.approx(
+        (l0 + l1_soft) / 2, rel=1e-6
+    )
+
+
+def test_weighted_ce_matches_loop_and_not_torch_normalised() -> None:
+    torch.manual_seed(0)
+    n, c, h, w = 2, 4, 5, 6
+    logits = torch.randn(n, c, h, w) * 3
+    label = torch.randint(0, c, (n, h, w))
+    y = F.one_hot(label, c).permute(0, 3, 1, 2).float()
+    wts = torch.tensor([0.2, 0.5, 1.0, 2.0])
+    total = 0.0
+    for i in range(n):
+        for a in range(h):
+            for b in range(w):
+                z = logits[i, :, a, b].double()
+                lse = math.log(sum(math.exp(v) for v in z.tolist()))
+                k = int(label[i, a, b])
+                total += -float(wts[k]) * (float(z[k]) - lse)
+    expected = total / (n * h * w)
+    got = weighted_cross_entropy_loss(logits, y, wts).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    # PyTorch's weighted mean divides by sum of weights instead; make sure we did not use it.
+    torch_norm = F.cross_entropy(logits, label, weight=wts).item()
+    assert abs(got - torch_norm) > 1e-3
+    # Default weights are class_weights(C).
+    assert weighted_cross_entropy_loss(logits, y).item() == pytest.approx(
+        weighted_cross_entropy_loss(logits, y, class_weights(c)).item(), rel=1e-7
+    )
+
+
+def test_weighted_ce_bad_weights() -> None:
+    with pytest.raises(ValueError):
+        weighted_cross_entropy_loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2), torch.ones(2))

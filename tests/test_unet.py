@@ -1,0 +1,234 @@
+"""Tests for models/unet.py."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from losses.dice import soft_dice_loss
+from models.unet import (
+    ConvBNReLU,
+    Decoder,
+    Encoder,
+    JointUNet,
+    ProjectionHead,
+    SegHead,
+    UNet,
+    UpConvBNReLU,
+    count_parameters,
+)
+
+
+def _conv_bn_params(cin: int, cout: int, k: int) -> int:
+    return cin * cout * k * k + cout + 2 * cout  # weight + bias + BN gamma/beta
+
+
+def _expected_unet_params(num_classes: int) -> int:
+    """Independent count from the architecture description of METHOD §4."""
+    chans = [16, 32, 64, 128, 128, 128]
+    total = 0
+    prev = 1
+    for c in chans:
+        total += _conv_bn_params(prev, c, 3) + _conv_bn_params(c, c, 3)
+        prev = c
+    for level in [4, 3, 2, 1, 0]:
+        skip = chans[level]
+        total += _conv_bn_params(prev, skip, 2)
+        if level == 0:
+            total += _conv_bn_params(2 * skip, 16, 3)
+            prev = 16
+        else:
+            total += _conv_bn_params(2 * skip, skip, 3) + _conv_bn_params(skip, skip, 3)
+            prev = skip
+    total += 2 * _conv_bn_params(16, 16, 3) + 16 * num_classes * 9
+    return total
+
+
+def test_parameter_counts() -> None:
+    unet = UNet(num_classes=4)
+    n_unet = count_parameters(unet)
+    n_proj = count_parameters(ProjectionHead())
+    print(f"UNet(4): {n_unet}  ProjectionHead: {n_proj}")
+    assert n_unet == 2_095_760
+    assert n_unet == _expected_unet_params(4)
+    assert n_proj == 544
+    joint = JointUNet(num_classes=4)
+    assert count_parameters(joint) == n_unet + n_proj
+
+
+def test_count_parameters_ignores_frozen() -> None:
+    head = ProjectionHead()
+    head.net[0].weight.requires_grad_(False)
+    assert count_parameters(head) == 544 - 256
+
+
+def test_bias_presence() -> None:
+    unet = UNet(3)
+    assert unet.seg_head.out.bias is None
+    assert all(m.bias is not None for m in unet.encoder.modules() if isinstance(m, nn.Conv2d))
+    assert all(m.bias is not None for m in unet.decoder.modules() if isinstance(m, nn.Conv2d))
+    proj = ProjectionHead()
+    assert all(m.bias is None for m in proj.modules() if isinstance(m, nn.Conv2d))
+    bn = unet.encoder.levels[0][0][1]
+    assert isinstance(bn, nn.BatchNorm2d)
+    assert bn.eps == pytest.approx(1e-3) and bn.momentum == pytest.approx(0.01)
+
+
+def test_shapes() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 64, 96)
+    skips = Encoder()(x)
+    assert [tuple(s.shape) for s in skips] == [
+        (2, 16, 64, 96),
+        (2, 32, 32, 48),
+        (2, 64, 16, 24),
+        (2, 128, 8, 12),
+        (2, 128, 4, 6),
+        (2, 128, 2, 3),
+    ]
+    f = Decoder()(skips)
+    assert f.shape == (2, 16, 64, 96)
+    assert SegHead(5)(f).shape == (2, 5, 64, 96)
+    assert ProjectionHead()(f).shape == (2, 16, 64, 96)
+    assert UNet(4)(x).shape == (2, 4, 64, 96)
+    logits, emb = JointUNet(4)(torch.randn(5, 1, 32, 32), n_seg=2)
+    assert logits.shape == (2, 4, 32, 32)
+    assert emb.shape == (3, 16, 32, 32)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 48, 64), (1, 1, 64, 40), (1, 1, 31, 32)])
+def test_bad_size_raises(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"\(1, 1, "):
+        UNet(2)(torch.zeros(shape))
+
+
+def test_he_init_statistics() -> None:
+    torch.manual_seed(0)
+    enc = Encoder()
+    conv = enc.levels[3][1][0]  # 128 -> 128 3x3, fan_in 1152, ~147k weights
+    fan_in = 128 * 9
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.02)
+    assert torch.all(conv.bias == 0)
+    bn = enc.levels[3][1][1]
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+
+
+def test_upconv_tf_same_padding() -> None:
+    """2x2 'same' conv must pad right/bottom, as TF does; check against a manual loop."""
+    torch.manual_seed(0)
+    up = UpConvBNReLU(1, 1).eval()
+    with torch.no_grad():
+        up.conv.weight.copy_(torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]]))
+        up.conv.bias.zero_()
+    x = torch.arange(4.0).view(1, 1, 2, 2)
+    xu = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)[0, 0]  # (4, 4)
+    k = up.conv.weight[0, 0]
+    expected = torch.zeros(4, 4)
+    for i in range(4):
+        for j in range(4):
+            s = 0.0
+            for a in range(2):
+                for b in range(2):
+                    if i + a < 4 and j + b < 4:
+                        s += k[a, b].item() * xu[i + a, j + b].item()
+            expected[i, j] = s
+    # eval-mode BN with fresh stats is (x - 0) / sqrt(1 + eps)
+    expected = F.relu(expected / math.sqrt(1 + 1e-3))
+    with torch.no_grad():
+        out = up(x)[0, 0]
+    torch.testing.assert_close(out, expected)
+
+
+def test_convbnrelu_nonnegative_and_same_size() -> None:
+    out = ConvBNReLU(3, 8)(torch.randn(2, 3, 10, 12))
+    assert out.shape == (2, 8, 10, 12)
+    assert (out >= 0).all()
+
+
+def test_joint_loads_unet_weights_and_matches_features() -> None:
+    torch.manual_seed(0)
+    unet = UNet(4)
+    # Perturb BN running stats so that a failed copy of buffers would be visible in eval mode.
+    for m in unet.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    torch.manual_seed(1)
+    joint = JointUNet(4)
+    joint.load_encoder_decoder(unet.state_dict())
+    for k, v in unet.state_dict().items():
+        if k.startswith(("encoder.", "decoder.")):
+            assert torch.equal(joint.state_dict()[k], v), k
+    # The seg head is not copied.
+    assert not torch.equal(joint.seg_head.out.weight, unet.seg_head.out.weight)
+    unet.eval()
+    joint.eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(joint.features(x), unet.features(x), rtol=0, atol=0)
+        # Copying the seg head too makes the full logits identical.
+        joint.seg_head.load_state_dict(unet.seg_head.state_dict())
+        logits, emb = joint(x, n_seg=2)
+        torch.testing.assert_close(logits, unet(x[:2]), rtol=0, atol=0)
+        torch.testing.assert_close(emb, joint.proj_head(unet.features(x)[2:]))
+
+
+def test_load_encoder_decoder_missing_key() -> None:
+    sd = UNet(4).state_dict()
+    del sd["decoder.steps.0.up.conv.bias"]
+    with pytest.raises(KeyError, match="decoder.steps.0.up.conv.bias"):
+        JointUNet(4).load_encoder_decoder(sd)
+
+
+def test_joint_shares_batch_norm_statistics() -> None:
+    """In training mode the trunk must normalise all images together, not per head."""
+    torch.manual_seed(0)
+    joint = JointUNet(3).train()
+    x = torch.randn(4, 1, 32, 32)
+    x[2:] += 3.0  # different statistics in the contrastive half
+    with torch.no_grad():
+        f_all = joint.features(x)
+        logits, _ = joint(x, n_seg=2)
+        f_alone = joint.features(x[:2])
+    torch.testing.assert_close(logits, joint.seg_head(f_all[:2]))
+    assert not torch.allclose(f_all[:2], f_alone, atol=1e-3)
+
+
+def test_channels_last_and_autocast() -> None:
+    torch.manual_seed(0)
+    model = UNet(3).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        model_cl = model.to(memory_format=torch.channels_last)
+        out = model_cl(x.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_bf = model(x)
+    assert out_bf.dtype == torch.bfloat16
+    assert (out_bf.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_unet_overfits_single_image() -> None:
+    # 64x64 rather than 32x32: a single 32x32 image leaves one value per channel at the
+    # bottleneck, which training-mode batch norm rejects.
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 64, 64) * 0.1
+    label = torch.zeros(1, 64, 64, dtype=torch.long)
+    label[:, 16:40, 20:48] = 1
+    x[:, :, 16:40, 20:48] += 1.0
+    y = F.one_hot(label, 2).permute(0, 3, 1, 2).float()
+    model = UNet(2).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = soft_dice_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"Dice loss step 1: {losses[0]:.4f}, step 20: {losses[-1]:.4f}")
+    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.15
