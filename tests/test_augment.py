@@ -19,6 +19,7 @@ from utils.augment import (
     dense_warp,
     intensity_augment,
     random_deformation,
+    sample_affine_params,
     set_intensity_augment,
     to_onehot,
     upsample_displacements,
@@ -336,3 +337,18 @@ def test_augment_batch_full_size():
     assert torch.isfinite(img).all()
     assert lab.min() >= 0 and lab.max() <= 1 + 1e-6
     torch.testing.assert_close(lab.sum(dim=1), torch.ones(40, 192, 192), atol=1e-5, rtol=0)
+
+
+def test_sample_affine_params_ranges():
+    p = sample_affine_params(5000, _gen(41))
+    counts = torch.bincount(p.choice, minlength=5)
+    assert counts.numel() == 5 and counts.min() > 850  # ~1000 each
+    assert p.rot_deg.min() >= -15 and p.rot_deg.max() <= 15 and p.rot_deg.std() > 7
+    assert p.scale.min() >= 0.95 and p.scale.max() <= 1.05
+    # rounded to 2 decimals: exactly the 11 values 0.95, 0.96, ..., 1.05
+    assert torch.allclose(p.scale * 100, torch.round(p.scale * 100), atol=1e-9)
+    assert p.scale.unique().numel() == 11
+    assert 0.45 < p.flip.float().mean() < 0.55
+    assert set(p.k45.tolist()) == set(range(8))
+    again = sample_affine_params(5000, _gen(41))
+    assert all(torch.equal(a, b) for a, b in zip(p, again, strict=True))

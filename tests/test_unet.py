@@ -78,21 +78,21 @@ def test_bias_presence() -> None:
 
 def test_shapes() -> None:
     torch.manual_seed(0)
-    x = torch.randn(2, 1, 64, 96)
+    x = torch.randn(2, 1, 32, 96)
     skips = Encoder()(x)
     assert [tuple(s.shape) for s in skips] == [
-        (2, 16, 64, 96),
-        (2, 32, 32, 48),
-        (2, 64, 16, 24),
-        (2, 128, 8, 12),
-        (2, 128, 4, 6),
-        (2, 128, 2, 3),
+        (2, 16, 32, 96),
+        (2, 32, 16, 48),
+        (2, 64, 8, 24),
+        (2, 128, 4, 12),
+        (2, 128, 2, 6),
+        (2, 128, 1, 3),
     ]
     f = Decoder()(skips)
-    assert f.shape == (2, 16, 64, 96)
-    assert SegHead(5)(f).shape == (2, 5, 64, 96)
-    assert ProjectionHead()(f).shape == (2, 16, 64, 96)
-    assert UNet(4)(x).shape == (2, 4, 64, 96)
+    assert f.shape == (2, 16, 32, 96)
+    assert SegHead(5)(f).shape == (2, 5, 32, 96)
+    assert ProjectionHead()(f).shape == (2, 16, 32, 96)
+    assert UNet(4)(x).shape == (2, 4, 32, 96)
     logits, emb = JointUNet(4)(torch.randn(5, 1, 32, 32), n_seg=2)
     assert logits.shape == (2, 4, 32, 32)
     assert emb.shape == (3, 16, 32, 32)
@@ -212,23 +212,24 @@ def test_channels_last_and_autocast() -> None:
 
 
 def test_unet_overfits_single_image() -> None:
-    # 64x64 rather than 32x32: a single 32x32 image leaves one value per channel at the
+    # 32x64 rather than 32x32: a single 32x32 image leaves one value per channel at the
     # bottleneck, which training-mode batch norm rejects.
     torch.manual_seed(0)
-    x = torch.randn(1, 1, 64, 64) * 0.1
-    label = torch.zeros(1, 64, 64, dtype=torch.long)
-    label[:, 16:40, 20:48] = 1
-    x[:, :, 16:40, 20:48] += 1.0
+    x = torch.randn(1, 1, 32, 64) * 0.1
+    label = torch.zeros(1, 32, 64, dtype=torch.long)
+    label[:, 8:20, 20:44] = 1
+    x[:, :, 8:20, 20:44] += 1.0
     y = F.one_hot(label, 2).permute(0, 3, 1, 2).float()
     model = UNet(2).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # A large learning rate keeps the step count (and CPU time) small.
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(20):
+    for _ in range(10):
         opt.zero_grad()
         loss = soft_dice_loss(model(x), y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    print(f"Dice loss step 1: {losses[0]:.4f}, step 20: {losses[-1]:.4f}")
-    assert losses[-1] < 0.5 * losses[0]
-    assert losses[-1] < 0.15
+    print(f"Dice loss step 1: {losses[0]:.4f}, step 10: {losses[-1]:.4f}")
+    assert losses[-1] < 0.25 * losses[0]
+    assert losses[-1] < 0.1

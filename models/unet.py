@@ -1,0 +1,284 @@
+"""2D U-Net of METHOD §4, split into reusable modules.
+
+The encoder, decoder and heads are separate ``nn.Module`` objects so that the joint
+(segmentation + local contrastive) model can share the encoder/decoder with the supervised
+baseline and load its weights by key prefix (``encoder.``, ``decoder.``).
+
+Shapes follow PyTorch convention: images are (N, C, H, W); H and W must be divisible by 32
+because the encoder max-pools five times by 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENCODER_CHANNELS: tuple[int, ...] = (16, 32, 64, 128, 128, 128)
+FEATURE_CHANNELS = 16
+# Batch-norm settings of the original TF graph: decay 0.99 (PyTorch momentum = 1 - decay).
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01
+_DOWNSAMPLE_FACTOR = 2 ** (len(ENCODER_CHANNELS) - 1)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+def init_weights(module: nn.Module) -> None:
+    """He-normal (std = sqrt(2 / fan_in)) conv weights, zero biases, identity batch norm.
+
+    Applied recursively with ``module.apply(init_weights)``.
+    """
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def check_input_size(x: torch.Tensor) -> None:
+    """Raise ValueError unless ``x`` is (N, C, H, W) with H and W divisible by 32."""
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h % _DOWNSAMPLE_FACTOR or w % _DOWNSAMPLE_FACTOR:
+        raise ValueError(
+            f"input spatial size must be divisible by {_DOWNSAMPLE_FACTOR}, "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+class ConvBNReLU(nn.Sequential):
+    """kxk conv (with bias, 'same' padding, stride 1) + BatchNorm2d + ReLU.
+
+    (N, in_channels, H, W) -> (N, out_channels, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding="same", bias=True),
+            _bn(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UpConvBNReLU(nn.Module):
+    """Nearest x2 upsampling, then 2x2 conv (bias) + BN + ReLU with TF-style 'same' padding.
+
+    TF pads an even kernel asymmetrically (the extra row/column goes right/bottom); PyTorch's
+    ``padding='same'`` would put it on the other side, so the pad is done explicitly.
+    (N, in_channels, H, W) -> (N, out_channels, 2H, 2W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=2, padding=0, bias=True)
+        self.bn = _bn(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = F.pad(x, (0, 1, 0, 1))
+        return self.relu(self.bn(self.conv(x)))
+
+
+class Encoder(nn.Module):
+    """Six levels of two 3x3 ConvBNReLU (16, 32, 64, 128, 128, 128 ch), 2x2 max-pool between.
+
+    forward: x (N, in_channels, H, W) -> list of 6 tensors; level i has shape
+    (N, ENCODER_CHANNELS[i], H / 2**i, W / 2**i). The last one is the bottleneck.
+    """
+
+    def __init__(self, in_channels: int = 1) -> None:
+        super().__init__()
+        levels = []
+        prev = in_channels
+        for ch in ENCODER_CHANNELS:
+            levels.append(nn.Sequential(ConvBNReLU(prev, ch), ConvBNReLU(ch, ch)))
+            prev = ch
+        self.levels = nn.ModuleList(levels)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        check_input_size(x)
+        skips: list[torch.Tensor] = []
+        for i, level in enumerate(self.levels):
+            if i > 0:
+                x = self.pool(x)
+            x = level(x)
+            skips.append(x)
+        return skips
+
+
+class DecoderStep(nn.Module):
+    """One upward step: up-conv to the skip's width, concat [up, skip], then 3x3 convs.
+
+    (N, in_channels, h, w), skip (N, skip_channels, 2h, 2w) -> (N, out_channels, 2h, 2w).
+    """
+
+    def __init__(
+        self, in_channels: int, skip_channels: int, out_channels: int, n_convs: int
+    ) -> None:
+        super().__init__()
+        self.up = UpConvBNReLU(in_channels, skip_channels)
+        convs = [ConvBNReLU(2 * skip_channels, out_channels)]
+        convs += [ConvBNReLU(out_channels, out_channels) for _ in range(n_convs - 1)]
+        self.convs = nn.Sequential(*convs)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.convs(torch.cat([self.up(x), skip], dim=1))
+
+
+class Decoder(nn.Module):
+    """Five upward steps from the bottleneck back to full resolution.
+
+    forward: skips (list of 6 encoder outputs, see ``Encoder``) -> f (N, 16, H, W), the shared
+    feature map used by both the segmentation head and the projection head.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        steps = []
+        prev = ENCODER_CHANNELS[-1]
+        # Walk the skips from the second-deepest level up to full resolution.
+        for level in range(len(ENCODER_CHANNELS) - 2, -1, -1):
+            skip_ch = ENCODER_CHANNELS[level]
+            last = level == 0
+            out_ch = FEATURE_CHANNELS if last else skip_ch
+            steps.append(DecoderStep(prev, skip_ch, out_ch, n_convs=1 if last else 2))
+            prev = out_ch
+        self.steps = nn.ModuleList(steps)
+        self.apply(init_weights)
+
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        if len(skips) != len(ENCODER_CHANNELS):
+            raise ValueError(f"expected {len(ENCODER_CHANNELS)} skips, got {len(skips)}")
+        x = skips[-1]
+        for step, skip in zip(self.steps, reversed(skips[:-1]), strict=True):
+            x = step(x, skip)
+        return x
+
+
+class SegHead(nn.Module):
+    """Segmentation head g: two 3x3 ConvBNReLU (16 ch), then a bias-free 3x3 conv to logits.
+
+    forward: f (N, 16, H, W) -> logits (N, num_classes, H, W) (unnormalised, pre-softmax).
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            ConvBNReLU(FEATURE_CHANNELS, FEATURE_CHANNELS),
+            ConvBNReLU(FEATURE_CHANNELS, FEATURE_CHANNELS),
+        )
+        self.out = nn.Conv2d(FEATURE_CHANNELS, num_classes, 3, padding="same", bias=False)
+        self.apply(init_weights)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.out(self.convs(f))
+
+
+class ProjectionHead(nn.Module):
+    """Projection head h: 1x1 conv (no bias) + BN + ReLU, then 1x1 conv (no bias), 16 ch.
+
+    forward: f (N, 16, H, W) -> pixel embeddings z (N, 16, H, W), not normalised (the
+    contrastive loss uses cosine similarity).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        c = FEATURE_CHANNELS
+        self.net = nn.Sequential(
+            nn.Conv2d(c, c, 1, bias=False),
+            _bn(c),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 1, bias=False),
+        )
+        self.apply(init_weights)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.net(f)
+
+
+class UNet(nn.Module):
+    """Supervised baseline: encoder + decoder + segmentation head.
+
+    forward: x (N, in_channels, H, W), H and W divisible by 32 -> logits (N, num_classes, H, W).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 1) -> None:
+        super().__init__()
+        self.encoder = Encoder(in_channels)
+        self.decoder = Decoder()
+        self.seg_head = SegHead(num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in_channels, H, W) -> decoder feature map f (N, 16, H, W)."""
+        return self.decoder(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seg_head(self.features(x))
+
+
+class JointUNet(nn.Module):
+    """U-Net with both heads for joint segmentation + local contrastive training.
+
+    Attribute names match ``UNet`` so a baseline state_dict's ``encoder.``/``decoder.`` keys
+    load directly.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 1) -> None:
+        super().__init__()
+        self.encoder = Encoder(in_channels)
+        self.decoder = Decoder()
+        self.seg_head = SegHead(num_classes)
+        self.proj_head = ProjectionHead()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in_channels, H, W) -> decoder feature map f (N, 16, H, W)."""
+        return self.decoder(self.encoder(x))
+
+    def forward(self, x: torch.Tensor, n_seg: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run all images through encoder+decoder as one batch, then split between heads.
+
+        Args:
+            x: (N, in_channels, H, W) images; the first ``n_seg`` are for segmentation, the
+                rest for the contrastive loss.
+            n_seg: number of leading images fed to the segmentation head, 0 <= n_seg <= N.
+
+        Returns:
+            logits (n_seg, num_classes, H, W) and embeddings (N - n_seg, 16, H, W).
+        """
+        if not 0 <= n_seg <= x.shape[0]:
+            raise ValueError(f"n_seg={n_seg} out of range for batch of {x.shape[0]}")
+        # One batch through the trunk so batch-norm statistics are shared, as in the original.
+        f = self.features(x)
+        return self.seg_head(f[:n_seg]), self.proj_head(f[n_seg:])
+
+    def load_encoder_decoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Copy only the ``encoder.`` and ``decoder.`` entries of a (UNet) state_dict.
+
+        Raises:
+            KeyError: if any encoder/decoder key of this model is missing from ``state_dict``.
+        """
+        prefixes = ("encoder.", "decoder.")
+        own = {k for k in self.state_dict() if k.startswith(prefixes)}
+        missing = sorted(own - set(state_dict))
+        if missing:
+            raise KeyError(
+                f"state_dict lacks {len(missing)} encoder/decoder keys, e.g. {missing[:5]}"
+            )
+        subset = {k: state_dict[k] for k in own}
+        self.load_state_dict(subset, strict=False)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable (requires_grad) parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
