@@ -245,8 +245,13 @@ class JointUNet(nn.Module):
         """x (N, in_channels, H, W) -> decoder feature map f (N, 16, H, W)."""
         return self.decoder(self.encoder(x))
 
-    def forward(self, x: torch.Tensor, n_seg: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, n_seg: int | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run all images through encoder+decoder as one batch, then split between heads.
+
+        With ``n_seg`` None the model acts as a plain segmentation network and returns only the
+        logits of all images (what evaluation and pseudo-labelling call).
 
         Args:
             x: (N, in_channels, H, W) images; the first ``n_seg`` are for segmentation, the
@@ -256,6 +261,8 @@ class JointUNet(nn.Module):
         Returns:
             logits (n_seg, num_classes, H, W) and embeddings (N - n_seg, 16, H, W).
         """
+        if n_seg is None:
+            return self.seg_head(self.features(x))
         if not 0 <= n_seg <= x.shape[0]:
             raise ValueError(f"n_seg={n_seg} out of range for batch of {x.shape[0]}")
         # One batch through the trunk so batch-norm statistics are shared, as in the original.

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from medpy.metric import binary
 
+from losses.dice import dice_per_class
 from utils.io import Volume, atomic_path, read_raw_volume, save_nifti, write_text_atomic
 from utils.preprocess import Geometry, to_native, to_target
 
@@ -68,29 +69,20 @@ def predict_native(
     return probs.argmax(1).permute(1, 2, 0).to(torch.uint8).cpu().numpy()
 
 
-def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of two boolean arrays; 1 when both are empty."""
-    denom = int(pred.sum()) + int(gt.sum())
-    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(pred, gt).sum()) / denom
-
-
 def structure_metrics(
     pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...], num_classes: int
 ) -> list[dict[str, float | None]]:
     """Dice, HD95 and ASSD (mm) of classes 1..C-1 of two (X, Y, Z) label maps."""
+    dice = dice_per_class(torch.from_numpy(pred), torch.from_numpy(gt), num_classes).tolist()
     results = []
     for c in range(1, num_classes):
         p, g = pred == c, gt == c
-        entry: dict[str, float | None] = {"dice": dice_score(p, g), "hd95": None, "assd": None}
+        entry: dict[str, float | None] = {"dice": dice[c - 1], "hd95": None, "assd": None}
         if p.any() and g.any():
             entry["hd95"] = float(binary.hd95(p, g, voxelspacing=spacing))
             entry["assd"] = float(binary.assd(p, g, voxelspacing=spacing))
         results.append(entry)
     return results
-
-
-def mean_foreground_dice(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:
-    return float(np.mean([dice_score(pred == c, gt == c) for c in range(1, num_classes)]))
 
 
 def validation_score(
@@ -99,9 +91,10 @@ def validation_score(
     """Mean over volumes of the mean foreground Dice in native resolution (METHOD §6)."""
     scores = []
     for ev in volumes:
-        pred = predict_native(model, ev, device)
-        scores.append(mean_foreground_dice(pred, ev.volume.label, num_classes))
-    return float(np.mean(scores))
+        probs = to_native(predict_probs(model, ev.image_c, device), ev.geometry)
+        pred = probs.argmax(1).permute(1, 2, 0)  # stays on the device
+        scores.append(dice_per_class(pred, torch.from_numpy(ev.volume.label), num_classes).mean())
+    return float(torch.stack(scores).mean())
 
 
 def _mean_defined(values: list[float | None]) -> tuple[float | None, int]:

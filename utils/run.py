@@ -124,6 +124,12 @@ class RunLog:
             best = max(val, key=lambda p: p[1])
             axes[1].axhline(best[1], ls="--", c="gray", lw=0.8)
             axes[1].set_title(f"validation mean foreground Dice (best {best[1]:.3f} @ {best[0]})")
+        for key, style in (("pseudo_dice_before_crf", "v"), ("pseudo_dice_after_crf", "^")):
+            pts = [(r["iteration"], r[key]) for r in self.rows if key in r]
+            if pts:
+                axes[1].plot(*zip(*pts), style, label=key.replace("_", " "))
+        if any("pseudo_dice_after_crf" in r for r in self.rows):
+            axes[1].legend(loc="lower right")
         axes[1].set(xlabel="iteration", ylabel="Dice")
         fig.tight_layout()
         with atomic_path(self.run_dir / "curves.png") as tmp:

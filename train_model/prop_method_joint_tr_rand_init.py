@@ -1,0 +1,231 @@
+"""Step 2 of the method: pseudo-labels + joint Dice and local contrastive training (METHOD §7).
+
+    python train_model/prop_method_joint_tr_rand_init.py --dataset=acdc --no_of_tr_imgs=tr2 \
+        --comb_tr_imgs=c1
+
+The encoder and decoder start from the best baseline checkpoint of the same tr/comb/ver (the
+heads start from scratch). Each of ``--n_rounds`` self-training rounds pseudo-labels the
+unlabeled pool with the current best model (dense CRF refinement), then trains
+``--n_iter_per_round`` iterations on batches of 20 labeled slices (Dice loss) and 2B contrastive
+slices (local contrastive loss, weight ``--lamda_local``). Rounds after the first restore the
+best checkpoint, optimizer included. The best checkpoint is evaluated on the test set; the last
+line printed is ``run directory: <path>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import experiment_init  # noqa: E402
+from experiment_init import ConfigError  # noqa: E402
+from losses.local_contrastive import local_contrastive_loss, sample_positive_indices  # noqa: E402
+from models.unet import JointUNet  # noqa: E402
+from utils.augment import augment_batch, to_onehot  # noqa: E402
+from utils.crf import crf_params_for  # noqa: E402
+from utils.dataset import ensure_demo_data, load_eval_volumes, load_slices  # noqa: E402
+from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
+from utils.run import (  # noqa: E402
+    RunLog,
+    load_checkpoint,
+    resolve_device,
+    save_config,
+    seed_everything,
+)
+from utils.sampling import (  # noqa: E402
+    contrastive_batch,
+    draw,
+    pair_layout,
+    slices_with_all_classes,
+    slices_with_min_labels,
+)
+from utils.training import (  # noqa: E402
+    BestKeeper,
+    NonFiniteGuard,
+    add_common_flags,
+    baseline_dir,
+    prepare_run_dir,
+    print_summary,
+    run_main,
+    run_name,
+    segmentation_loss,
+    test_best,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_flags(p)
+    p.add_argument("--data_aug", type=int, default=1, choices=(0, 1),
+                   help="augment the labeled Dice batch (METHOD §6)")
+    p.add_argument("--temp_fac", type=float, default=0.1, help="temperature of the loss")
+    p.add_argument("--bbox_dim", type=int, default=100,
+                   help="kept for command-line compatibility; the local loss uses whole slices")
+    p.add_argument("--pretr_n_iter", type=int, default=None,
+                   help="iterations of the baseline run to start from (checked against its "
+                   "config; default: the dataset's baseline n_iter)")
+    p.add_argument("--pretr_dir", default=None,
+                   help="baseline run directory to start from (default: the baseline of the "
+                   "same dataset/tr/comb/ver/seed under the output root)")
+    p.add_argument("--local_loss_exp_no", type=int, default=1, choices=(0, 1),
+                   help="1 inter-image (default), 0 intra-image local contrastive loss")
+    p.add_argument("--lamda_local", type=float, default=0.1, help="weight λ of the local loss")
+    p.add_argument("--no_of_neg_eles", type=int, default=3,
+                   help="kept for command-line compatibility; the original never used it")
+    p.add_argument("--no_of_pos_eles", type=int, default=3,
+                   help="sampled positive pixels per class and image (P)")
+    p.add_argument("--bt_size", type=int, default=10, help="contrastive pairs per batch (B)")
+    p.add_argument("--test_aug_overlap", type=int, default=0, choices=(0, 1),
+                   help="keep only pool volumes whose two augmented predictions agree")
+    p.add_argument("--test_f1_threshold", type=float, default=0.9,
+                   help="mean foreground Dice needed by --test_aug_overlap")
+    p.add_argument("--n_rounds", type=int, default=None,
+                   help="self-training rounds (default: n_rounds of the init file, 3)")
+    p.add_argument("--n_iter_per_round", type=int, default=None,
+                   help="iterations per round (default: init file; 5000 as in the paper); "
+                   "--n_iter sets the same value")
+    p.add_argument("--loss_reduction", default="original", choices=("original", "mean"),
+                   help="'original': the released code's arithmetic (published numbers); "
+                   "'mean': the paper's mean over pairs (see README)")
+    p.add_argument("--max_bad_steps", type=int, default=20,
+                   help="stop after this many consecutive non-finite losses")
+    return p.parse_args(argv)
+
+
+def find_baseline(cfg: experiment_init.ExperimentConfig, args: argparse.Namespace) -> Path:
+    base = Path(args.pretr_dir) if args.pretr_dir else baseline_dir(cfg, args)
+    path = base / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: baseline checkpoint not found; run train_model/tr_baseline.py with the same "
+            f"--dataset {cfg.dataset} --no_of_tr_imgs {args.no_of_tr_imgs} --comb_tr_imgs "
+            f"{args.comb_tr_imgs} --ver {args.ver} first, or pass --pretr_dir"
+        )
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    start = time.time()
+    args = parse_args(argv)
+    cfg = experiment_init.load(args.dataset, args.data_root, args.out_dir)
+    labeled_ids = cfg.labeled_ids(args.no_of_tr_imgs, args.comb_tr_imgs)
+    val_ids = cfg.val_ids(args.no_of_tr_imgs, args.comb_tr_imgs)
+    pool_ids = cfg.unlabeled_ids()
+    n_rounds = args.n_rounds if args.n_rounds is not None else cfg.n_rounds
+    n_iter = args.n_iter_per_round or args.n_iter or cfg.n_iter_per_round
+    pair_layout(args.bt_size)  # validates --bt_size before any work
+    seed = args.seed if args.seed is not None else args.ver
+    device = resolve_device(args.device)
+    generator = seed_everything(seed)
+    baseline_ckpt = find_baseline(cfg, args)
+    run_dir = prepare_run_dir(
+        cfg.srt_dir / cfg.dataset / "joint" / run_name(args) / args.loss_reduction, args.overwrite
+    )
+    flags = {**vars(args), "n_rounds": n_rounds, "n_iter_per_round": n_iter, "seed": seed,
+             "device": str(device), "baseline_checkpoint": str(baseline_ckpt)}
+    save_config(run_dir, {"trainer": "prop_method_joint_tr_rand_init", "flags": flags,
+                          "config": cfg.to_dict(), "labeled_ids": labeled_ids, "val_ids": val_ids,
+                          "pool_ids": pool_ids, "test_ids": cfg.test})
+    print(f"joint {cfg.dataset} {args.no_of_tr_imgs}/{args.comb_tr_imgs}: labeled {labeled_ids}, "
+          f"pool {len(pool_ids)} volumes, {n_rounds} rounds x {n_iter} iterations, "
+          f"reduction '{args.loss_reduction}' on {device}", flush=True)
+
+    ensure_demo_data(cfg)
+    lab_img, lab_lbl = load_slices(cfg, labeled_ids)
+    lab_img, lab_lbl = lab_img.to(device), lab_lbl.to(device)
+    dice_index = slices_with_min_labels(lab_lbl, cfg.num_classes, cfg.min_labels_dice_slice)
+    lab_all_index = slices_with_all_classes(lab_lbl, cfg.num_classes)
+    pool = {sid: load_slices(cfg, [sid]) for sid in pool_ids}
+    keeper = BestKeeper(run_dir, load_eval_volumes(cfg, val_ids), cfg.num_classes, device)
+
+    baseline = load_checkpoint(baseline_ckpt, device)
+    if args.pretr_n_iter is not None:
+        print(f"starting from {baseline_ckpt} (best of its run; --pretr_n_iter "
+              f"{args.pretr_n_iter})", flush=True)
+    model = JointUNet(cfg.num_classes).to(device)
+    model.load_encoder_decoder(baseline["model"])
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
+    dice_loss = segmentation_loss(args.dsc_loss, cfg.num_classes)
+    guard = NonFiniteGuard(args.max_bad_steps)
+    crf = crf_params_for(cfg.dataset)
+    log = RunLog(run_dir)
+    n_seg = cfg.mtask_bs
+
+    for rnd in range(n_rounds):
+        if rnd > 0:
+            best = load_checkpoint(keeper.path, device)
+            model.load_state_dict(best["model"])
+            optimizer.load_state_dict(best["optimizer"])
+        pseudo = make_pseudo_labels(
+            model, {sid: (img, lbl) for sid, (img, lbl) in pool.items()}, cfg.num_classes, crf,
+            device, generator, bool(args.test_aug_overlap), args.test_f1_threshold,
+            progress=not args.no_progress)
+        unl_img, unl_lbl = pseudo.images.to(device), pseudo.labels.to(device)
+        unl_index = slices_with_all_classes(unl_lbl, cfg.num_classes)
+        msg = (f"round {rnd + 1}/{n_rounds}: pseudo-labels for {len(pseudo.kept)} volumes "
+               f"({len(pseudo.dropped)} dropped), {unl_index.numel()} slices with every class")
+        if pseudo.dice_before_crf is not None:
+            msg += (f"; pseudo-label Dice vs ground truth {pseudo.dice_before_crf:.4f} before CRF, "
+                    f"{pseudo.dice_after_crf:.4f} after")
+        print(msg, flush=True)
+        first_it = rnd * n_iter
+        quality = {} if pseudo.dice_before_crf is None else {
+            "pseudo_dice_before_crf": pseudo.dice_before_crf,
+            "pseudo_dice_after_crf": pseudo.dice_after_crf}
+        log.log(first_it, round=rnd + 1, pseudo_kept=len(pseudo.kept), **quality)
+
+        bar = tqdm(range(first_it, first_it + n_iter), desc=f"joint round {rnd + 1}",
+                   disable=args.no_progress, dynamic_ncols=True)
+        for it in bar:
+            idx = draw(dice_index, n_seg, generator, "labeled slice with enough labels")
+            x, y = lab_img[idx], to_onehot(lab_lbl[idx], cfg.num_classes)
+            if args.data_aug:
+                x, y = augment_batch(x, y, generator, rd_en=bool(args.rd_en), sigma=args.sigma,
+                                     ri_en=bool(args.ri_en))
+            if not args.en_1hot:
+                y = F.one_hot(y.argmax(1), cfg.num_classes).permute(0, 3, 1, 2).float()
+            xc, yc = contrastive_batch(lab_img, lab_lbl, lab_all_index, unl_img, unl_lbl,
+                                       unl_index, args.bt_size, cfg.num_classes, generator)
+            pos_idx = sample_positive_indices(yc, args.no_of_pos_eles, generator)
+            model.train()
+            batch = torch.cat([x, xc]).contiguous(memory_format=torch.channels_last)
+            logits, emb = model(batch, n_seg)
+            loss_seg = dice_loss(logits, y)
+            loss_lcl = local_contrastive_loss(
+                emb, yc, pos_idx.to(device), temperature=args.temp_fac,
+                inter_image=args.local_loss_exp_no == 1, reduction=args.loss_reduction)
+            loss = loss_seg + args.lamda_local * loss_lcl
+            if guard.ok(loss, it):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            last = it == first_it + n_iter - 1
+            if (it - first_it) % cfg.val_step_update == 0 or last:
+                val = keeper.update(model, optimizer, it, {"round": rnd + 1})
+                log.log(it, loss=loss.item(), loss_seg=loss_seg.item(),
+                        loss_local=loss_lcl.item(), val_dice=val, bad_steps=guard.total)
+                log.flush()
+                bar.set_postfix(dice=f"{loss_seg.item():.3f}", lcl=f"{loss_lcl.item():.3f}",
+                                val=f"{val:.3f}", best=f"{keeper.best_score:.3f}")
+    log.close()
+    print(f"best validation Dice {keeper.best_score:.4f} at iteration {keeper.best_iteration}; "
+          f"{guard.total} non-finite steps skipped", flush=True)
+
+    summary = test_best(model, keeper.path, load_eval_volumes(cfg, cfg.test), cfg, run_dir,
+                        device, not args.no_progress)
+    print_summary(summary, "test")
+    print(f"elapsed: {time.time() - start:.1f} s", flush=True)
+    print(f"run directory: {run_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
