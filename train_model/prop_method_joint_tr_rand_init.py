@@ -31,7 +31,12 @@ from losses.local_contrastive import local_contrastive_loss, sample_positive_ind
 from models.unet import JointUNet  # noqa: E402
 from utils.augment import augment_batch, to_onehot  # noqa: E402
 from utils.crf import crf_params_for  # noqa: E402
-from utils.dataset import ensure_demo_data, load_eval_volumes, load_slices  # noqa: E402
+from utils.dataset import (  # noqa: E402
+    ensure_demo_data,
+    load_eval_volumes,
+    load_slices,
+    verify_inputs,
+)
 from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
 from utils.run import (  # noqa: E402
     RunLog,
@@ -139,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
           f"reduction '{args.loss_reduction}' on {device}", flush=True)
 
     ensure_demo_data(cfg)
+    verify_inputs(cfg, labeled_ids + pool_ids, val_ids + cfg.test)
     lab_img, lab_lbl = load_slices(cfg, labeled_ids)
     lab_img, lab_lbl = lab_img.to(device), lab_lbl.to(device)
     dice_index = slices_with_min_labels(lab_lbl, cfg.num_classes, cfg.min_labels_dice_slice)

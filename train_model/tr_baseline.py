@@ -25,7 +25,12 @@ from tqdm import tqdm  # noqa: E402
 import experiment_init  # noqa: E402
 from models.unet import UNet  # noqa: E402
 from utils.augment import augment_batch, to_onehot  # noqa: E402
-from utils.dataset import ensure_demo_data, load_eval_volumes, load_slices  # noqa: E402
+from utils.dataset import (  # noqa: E402
+    ensure_demo_data,
+    load_eval_volumes,
+    load_slices,
+    verify_inputs,
+)
 from utils.run import RunLog, resolve_device, save_config, seed_everything  # noqa: E402
 from utils.training import (  # noqa: E402
     BestKeeper,
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
           f"validation {val_ids}, {n_iter} iterations on {device}", flush=True)
 
     ensure_demo_data(cfg)
+    verify_inputs(cfg, labeled_ids, val_ids + cfg.test)
     images, labels = load_slices(cfg, labeled_ids)
     images, labels = images.to(device), labels.to(device)
     keeper = BestKeeper(run_dir, load_eval_volumes(cfg, val_ids), cfg.num_classes, device)

@@ -13,6 +13,7 @@ import torch
 
 from experiment_init import ExperimentConfig
 from utils.evaluation import EvalVolume, prepare_eval_volume
+from utils.integrity import require_valid
 from utils.io import cropped_paths, read_cropped, read_raw_volume, write_cropped
 from utils.preprocess import to_target
 
@@ -32,6 +33,14 @@ def ensure_demo_data(cfg: ExperimentConfig) -> None:
     print(f"demo data not found in {cfg.data_path_tr}: generating {n} patients", flush=True)
     make_demo_dataset(cfg.data_path_tr, ids, seed=int(cfg.extra.get("demo_seed", 0)),
                       overwrite=True)
+
+
+def verify_inputs(cfg: ExperimentConfig, train_ids: list[str], eval_ids: list[str]) -> None:
+    """Check, before any training, every raw volume the run will read: the evaluation volumes
+    and the training volumes that have no cropped copy yet. Stops at the first problem."""
+    uncropped = [sid for sid in train_ids
+                 if not all(p.is_file() for p in cropped_paths(cfg.data_path_tr_cropped, sid))]
+    require_valid(cfg, list(dict.fromkeys(uncropped + eval_ids)))
 
 
 def create_cropped(cfg: ExperimentConfig, subject_ids: list[str], overwrite: bool = False) -> int:

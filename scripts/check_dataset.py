@@ -1,0 +1,48 @@
+"""Check every volume named in a dataset's splits; print a table of problems, exit 1 if any.
+
+    python scripts/check_dataset.py --dataset acdc [--data_root DIR]
+
+Checks per id: image and label exist and load (gzip and NIfTI intact), 3D (or 4D with the
+expected channel), image and label grids match, voxel spacing positive and plausible, finite
+intensities, label values within the dataset's classes (after the MMWHS mapping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm  # noqa: E402
+
+import experiment_init  # noqa: E402
+from utils.integrity import check_subject, configured_ids  # noqa: E402
+from utils.training import run_main  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, help="acdc | prostate_md | mmwhs | demo")
+    parser.add_argument("--data_root", default=None, help="dataset folder holding raw/")
+    args = parser.parse_args()
+    cfg = experiment_init.load(args.dataset, args.data_root)
+    ids = configured_ids(cfg)
+    problems = []
+    for sid in tqdm(ids, desc="checking", leave=False):
+        problems += check_subject(cfg, sid)
+    if not problems:
+        print(f"{len(ids)} subjects in {cfg.data_path_tr}: no problems found")
+        return
+    width = max(len(p.subject_id) for p in problems)
+    print(f"{'id'.ljust(width)}  file  problem")
+    for p in problems:
+        print(f"{p.subject_id.ljust(width)}  {p.path}  {p.what}")
+    print(f"{len(problems)} problem(s) in {len({p.subject_id for p in problems})} of "
+          f"{len(ids)} subjects")
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,69 @@
+"""Dataset integrity: every configured volume exists, loads, and is consistent.
+
+`check_subject` lists what is wrong with one subject (empty when nothing is); the trainers call
+`require_valid` on the subjects they need before training, which stops at the first problem
+with one line naming the file, the id, what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from experiment_init import ExperimentConfig
+from utils.io import DataError, read_raw_volume
+
+# In-plane and slice spacing outside this range (mm) is almost surely a broken header.
+PLAUSIBLE_SPACING_MM = (0.05, 30.0)
+
+
+@dataclass
+class Problem:
+    subject_id: str
+    path: str
+    what: str
+
+    def line(self) -> str:
+        return f"{self.path}: id {self.subject_id}: {self.what}"
+
+
+def check_subject(cfg: ExperimentConfig, subject_id: str) -> list[Problem]:
+    """Problems of one subject's raw image and label (layout, loading, grid, spacing, labels)."""
+    try:
+        vol = read_raw_volume(cfg.data_layout, cfg.data_path_tr, subject_id)
+    except DataError as err:
+        msg = str(err)
+        path, _, what = msg.partition(": ")
+        return [Problem(subject_id, path, what)]
+    problems = []
+    lo, hi = PLAUSIBLE_SPACING_MM
+    if not all(lo <= s <= hi for s in vol.spacing):
+        problems.append(Problem(subject_id, str(vol.image_path),
+                                f"implausible voxel spacing {vol.spacing} mm; fix the header"))
+    if not np.isfinite(vol.image).all():
+        problems.append(Problem(subject_id, str(vol.image_path),
+                                "image holds NaN or infinite values; re-convert it"))
+    labels = np.unique(vol.label)
+    bad = labels[(labels < 0) | (labels >= cfg.num_classes)]
+    if bad.size:
+        problems.append(Problem(
+            subject_id, str(vol.label_path),
+            f"label values {bad.tolist()} outside 0..{cfg.num_classes - 1} "
+            f"(num_classes of experiment_init/init_{cfg.dataset}.py); fix the label file"))
+    return problems
+
+
+def configured_ids(cfg: ExperimentConfig) -> list[str]:
+    """Every id named in the splits (labeled sets, unlabeled pool, validation, test)."""
+    ids = {i for table in (cfg.labeled, cfg.validation) for lst in table.values() for i in lst}
+    return sorted(ids | set(cfg.test))
+
+
+def require_valid(cfg: ExperimentConfig, subject_ids: list[str]) -> None:
+    """Raise DataError with a one-line message at the first problem among ``subject_ids``."""
+    for sid in subject_ids:
+        problems = check_subject(cfg, sid)
+        if problems:
+            raise DataError(problems[0].line() + " (run scripts/check_dataset.py --dataset "
+                            f"{cfg.dataset} for a full report)")
