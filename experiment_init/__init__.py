@@ -39,6 +39,7 @@ _REQUIRED = {
     "n_iter_per_round": int,
     "n_rounds": int,
     "min_labels_dice_slice": int,
+    "crf_params": dict,
     "data_layout": str,
     "data_path_tr": str,
     "data_path_tr_cropped": str,
@@ -68,6 +69,7 @@ class ExperimentConfig:
     n_iter_per_round: int
     n_rounds: int
     min_labels_dice_slice: int
+    crf_params: dict[str, float]
     data_layout: str
     data_path_tr: Path
     data_path_tr_cropped: Path

@@ -31,6 +31,9 @@ n_rounds = 3
 # Joint-training batch construction: labeled Dice slices need at least this many labels.
 min_labels_dice_slice = 3
 
+# Dense CRF of the pseudo-labels (METHOD §7.2); spatial stds in pixels of the cropped grid.
+crf_params = dict(a_sxy=0.01, a_srgb=0.5, a_w1=10.0, g_sxy=10.0, g_w2=30.0, n_iter=30)
+
 # Data locations (relative to the dataset folder, see experiment_init.load).
 data_layout = "acdc"  # which raw-layout reader of utils/io.py to use
 data_path_tr = "raw"  # raw ACDC layout: patientNNN/patientNNN_frameXX[_gt].nii.gz + Info.cfg

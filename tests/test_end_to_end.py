@@ -35,7 +35,7 @@ def env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def baseline_dir(env) -> Path:
     proc = run(["train_model/tr_baseline.py", "--dataset", "demo", "--no_of_tr_imgs", "tr2",
-                "--comb_tr_imgs", "c1", "--n_iter", "101", "--no_progress"], env)
+                "--comb_tr_imgs", "c1", "--n_iter", "201", "--no_progress"], env)
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("run directory: ")
     return Path(last.removeprefix("run directory: "))
@@ -45,7 +45,7 @@ def test_baseline_run_writes_the_output_contract(baseline_dir, env):
     summary = json.loads((baseline_dir / "test_results" / "summary.json").read_text())
     assert set(summary["per_structure"]) == {"rv", "myo", "lv"}
     assert len(summary["per_subject"]) == 10
-    # an all-background predictor scores 0 on every structure; 100 iterations do far better
+    # an all-background predictor scores 0 on every structure; 200 iterations do far better
     assert summary["mean_dice"] > 0.3, summary["mean_dice"]
     for name in ("config.yaml", "log.csv", "curves.png", "checkpoints/best.pt"):
         assert (baseline_dir / name).is_file(), name
@@ -63,7 +63,7 @@ def test_joint_run_after_baseline(baseline_dir, env):
                 "--no_of_tr_imgs", "tr2", "--comb_tr_imgs", "c1", "--n_rounds", "2",
                 "--n_iter_per_round", "6", "--loss_reduction", "mean", "--no_progress"], env)
     run_dir = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run directory: "))
-    assert run_dir.parent.parent == baseline_dir.parent.parent / "joint" / baseline_dir.name
+    assert run_dir == baseline_dir.parent.parent / "joint" / baseline_dir.name / "mean"
     summary = json.loads((run_dir / "test_results" / "summary.json").read_text())
     assert 0.0 <= summary["mean_dice"] <= 1.0
     assert "pseudo-label Dice vs ground truth" in proc.stdout

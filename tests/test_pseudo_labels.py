@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.crf import crf_params_for
+import experiment_init
+from utils.crf import CRFParams
 from utils.pseudo_labels import augmentation_overlap, make_pseudo_labels
 
 
@@ -71,3 +72,7 @@ def test_augmentation_overlap_selects_consistent_volumes():
     with pytest.raises(ValueError, match="test_f1_threshold"):
         make_pseudo_labels(Noise(), {"001": (images, gt)}, 3, crf_params_for("acdc"),
                            torch.device("cpu"), gen, test_aug_overlap=True, progress=False)
+
+
+def crf_params_for(dataset: str) -> CRFParams:
+    return CRFParams(**experiment_init.load(dataset).crf_params)

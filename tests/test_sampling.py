@@ -7,6 +7,7 @@ import torch
 
 from utils.sampling import (
     contrastive_batch,
+    contrastive_index,
     labels_present,
     pair_layout,
     slices_with_all_classes,
@@ -65,3 +66,16 @@ def test_contrastive_batch_shapes_and_ranges():
     torch.testing.assert_close(y.sum(1), torch.ones(20, 32, 32))
     with pytest.raises(ValueError, match="pseudo-labeled slice"):
         contrastive_batch(img, lab, idx, img, lab, idx[:0], 10, 3, gen)
+
+
+def test_contrastive_index_falls_back_to_the_most_complete_slices():
+    labels = torch.zeros(5, 4, 4, dtype=torch.long)
+    labels[1, 0, 0], labels[1, 0, 1] = 1, 2  # three labels
+    labels[3, 0, 0] = 1  # two labels
+    idx, complete = contrastive_index(labels, 4)
+    assert not complete and idx.tolist() == [1]
+    labels[4, 0, :3] = torch.tensor([1, 2, 3])
+    idx, complete = contrastive_index(labels, 4)
+    assert complete and idx.tolist() == [4]
+    idx, complete = contrastive_index(torch.zeros(3, 4, 4, dtype=torch.long), 4)
+    assert idx.numel() == 0 and not complete

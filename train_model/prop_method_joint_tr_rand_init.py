@@ -28,9 +28,9 @@ from tqdm import tqdm  # noqa: E402
 import experiment_init  # noqa: E402
 from experiment_init import ConfigError  # noqa: E402
 from losses.local_contrastive import local_contrastive_loss, sample_positive_indices  # noqa: E402
-from models.unet import JointUNet  # noqa: E402
+from models.unet import JointUNet, UNet  # noqa: E402
 from utils.augment import augment_batch, to_onehot  # noqa: E402
-from utils.crf import crf_params_for  # noqa: E402
+from utils.crf import CRFParams  # noqa: E402
 from utils.dataset import (  # noqa: E402
     ensure_demo_data,
     load_eval_volumes,
@@ -47,9 +47,9 @@ from utils.run import (  # noqa: E402
 )
 from utils.sampling import (  # noqa: E402
     contrastive_batch,
+    contrastive_index,
     draw,
     pair_layout,
-    slices_with_all_classes,
     slices_with_min_labels,
 )
 from utils.training import (  # noqa: E402
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     lab_img, lab_lbl = load_slices(cfg, labeled_ids)
     lab_img, lab_lbl = lab_img.to(device), lab_lbl.to(device)
     dice_index = slices_with_min_labels(lab_lbl, cfg.num_classes, cfg.min_labels_dice_slice)
-    lab_all_index = slices_with_all_classes(lab_lbl, cfg.num_classes)
+    lab_all_index, _ = contrastive_index(lab_lbl, cfg.num_classes)
     pool = {sid: load_slices(cfg, [sid]) for sid in pool_ids}
     keeper = BestKeeper(run_dir, load_eval_volumes(cfg, val_ids), cfg.num_classes, device)
 
@@ -162,23 +162,28 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
     dice_loss = segmentation_loss(args.dsc_loss, cfg.num_classes)
     guard = NonFiniteGuard(args.max_bad_steps)
-    crf = crf_params_for(cfg.dataset)
+    crf = CRFParams(**cfg.crf_params)
     log = RunLog(run_dir)
     n_seg = cfg.mtask_bs
 
     for rnd in range(n_rounds):
-        if rnd > 0:
+        if rnd == 0:  # the first pseudo-labels come from the baseline network itself
+            labeler = UNet(cfg.num_classes).to(device)
+            labeler.load_state_dict(baseline["model"])
+        else:
             best = load_checkpoint(keeper.path, device)
             model.load_state_dict(best["model"])
             optimizer.load_state_dict(best["optimizer"])
+            labeler = model
         pseudo = make_pseudo_labels(
-            model, {sid: (img, lbl) for sid, (img, lbl) in pool.items()}, cfg.num_classes, crf,
+            labeler, pool, cfg.num_classes, crf,
             device, generator, bool(args.test_aug_overlap), args.test_f1_threshold,
             progress=not args.no_progress)
         unl_img, unl_lbl = pseudo.images.to(device), pseudo.labels.to(device)
-        unl_index = slices_with_all_classes(unl_lbl, cfg.num_classes)
+        unl_index, complete = contrastive_index(unl_lbl, cfg.num_classes)
         msg = (f"round {rnd + 1}/{n_rounds}: pseudo-labels for {len(pseudo.kept)} volumes "
-               f"({len(pseudo.dropped)} dropped), {unl_index.numel()} slices with every class")
+               f"({len(pseudo.dropped)} dropped), {unl_index.numel()} slices with "
+               + ("every class" if complete else "the most classes (none has every class)"))
         if pseudo.dice_before_crf is not None:
             msg += (f"; pseudo-label Dice vs ground truth {pseudo.dice_before_crf:.4f} before CRF, "
                     f"{pseudo.dice_after_crf:.4f} after")

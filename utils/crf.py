@@ -10,7 +10,8 @@ The CRF energy of a labelling ``x`` of one slice is
 
 with
 
-* unary ``U_i(l) = -log p_i(l)`` (softmax clipped to >= 1e-8 so the log stays finite),
+* unary ``U_i(l) = -log p_i(l)`` (softmax clipped to >= 1e-5, as pydensecrf's
+  ``unary_from_softmax`` in the original, so the log stays finite),
 * Gaussian (smoothness) kernel ``k_g = exp(-|s_i - s_j|^2 / (2 g_sxy^2))``,
 * bilateral (appearance) kernel
   ``k_a = exp(-|s_i - s_j|^2 / (2 a_sxy^2) - |I_i - I_j|^2 / (2 a_srgb^2))``,
@@ -26,6 +27,8 @@ after the symmetric normalisation). The term is therefore not inactive: it adds
 pixel towards its own current label and makes confident (even isolated) predictions harder
 to overturn. The original implementation used the same library and parameters, so this
 behaviour is kept; ``crf_refine_slice`` just computes it without building the lattice.
+
+The parameters of each dataset live in ``experiment_init/init_<dataset>.py`` (``crf_params``).
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-# Clip floor for probabilities before -log: 1e-8 gives a maximal unary of ~18.4 nats, large
-# enough to keep a confident prediction but finite so mean field cannot produce NaNs.
-PROB_FLOOR: float = 1e-8
+# Clip floor for probabilities before -log (a maximal unary of ~11.5 nats): the default of
+# pydensecrf's unary_from_softmax, which the original code used.
+PROB_FLOOR: float = 1e-5
 
 # Largest bilateral spatial std (pixels) for which the bilateral kernel is treated as the
 # identity (see ``_bilateral_is_self_term``).
@@ -75,48 +78,6 @@ class CRFParams:
                 raise ValueError(f"CRFParams.{name} must be >= 0, got {getattr(self, name)}")
         if int(self.n_iter) != self.n_iter or self.n_iter < 0:
             raise ValueError(f"CRFParams.n_iter must be a non-negative int, got {self.n_iter}")
-
-    @classmethod
-    def for_dataset(cls, dataset: str) -> CRFParams:
-        """Return the CRF parameters used for ``dataset`` (see :func:`crf_params_for`)."""
-        return crf_params_for(dataset)
-
-
-# Values from METHOD.md §7 item 2: (a_sxy, a_srgb, a_w1, g_sxy, g_w2, n_iter). With
-# a_sxy = 0.01 px the bilateral kernel vanishes between distinct pixels but keeps its self
-# contribution (see the module docstring); the values are kept as in the original code.
-ACDC_CRF_PARAMS = CRFParams(a_sxy=0.01, a_srgb=0.5, a_w1=10.0, g_sxy=10.0, g_w2=30.0, n_iter=30)
-MMWHS_CRF_PARAMS = CRFParams(a_sxy=0.01, a_srgb=0.5, a_w1=10.0, g_sxy=10.0, g_w2=30.0, n_iter=30)
-PROSTATE_MD_CRF_PARAMS = CRFParams(
-    a_sxy=0.01, a_srgb=0.5, a_w1=10.0, g_sxy=5.0, g_w2=30.0, n_iter=30
-)
-
-DATASET_CRF_PARAMS: dict[str, CRFParams] = {
-    "acdc": ACDC_CRF_PARAMS,
-    "mmwhs": MMWHS_CRF_PARAMS,
-    "prostate_md": PROSTATE_MD_CRF_PARAMS,
-    # The synthetic demo dataset mimics ACDC (4 classes, cardiac-like shapes).
-    "demo": ACDC_CRF_PARAMS,
-}
-
-
-def crf_params_for(dataset: str) -> CRFParams:
-    """Return the CRF parameters of a dataset.
-
-    Args:
-        dataset: one of ``"acdc"``, ``"mmwhs"``, ``"prostate_md"``, ``"demo"`` (case-insensitive).
-
-    Returns:
-        The dataset's :class:`CRFParams` (``"demo"`` uses ACDC's).
-
-    Raises:
-        ValueError: for an unknown dataset name; the message lists the known ones.
-    """
-    key = dataset.strip().lower()
-    if key not in DATASET_CRF_PARAMS:
-        known = ", ".join(sorted(DATASET_CRF_PARAMS))
-        raise ValueError(f"no CRF parameters for dataset {dataset!r}; known datasets: {known}")
-    return DATASET_CRF_PARAMS[key]
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -161,7 +122,7 @@ def crf_refine_slice(
             ``params.a_srgb``). A numpy array or a torch tensor.
         probs: softmax probabilities, shape (C, H, W), float, summing to 1 over C. They are
             clipped to >= ``prob_floor`` before ``-log``. A numpy array or a torch tensor.
-        params: CRF parameters, e.g. ``crf_params_for("acdc")``.
+        params: CRF parameters, e.g. ``CRFParams(**cfg.crf_params)`` of a dataset's config.
         prob_floor: lower clip of the probabilities (the original code used pydensecrf's
             ``unary_from_softmax`` default of 1e-5, i.e. a unary capped at ~11.5 nats).
         exact_bilateral: if True, always build the bilateral term with pydensecrf's
@@ -260,7 +221,7 @@ def crf_refine_volume(
     Args:
         images: single-channel slices, shape (N, H, W), float. Numpy array or torch tensor.
         probs: softmax probabilities, shape (N, C, H, W), float. Numpy array or torch tensor.
-        params: CRF parameters, e.g. ``crf_params_for("acdc")``.
+        params: CRF parameters, e.g. ``CRFParams(**cfg.crf_params)`` of a dataset's config.
         prob_floor: see :func:`crf_refine_slice`.
         exact_bilateral: see :func:`crf_refine_slice`.
 

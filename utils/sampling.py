@@ -30,6 +30,24 @@ def slices_with_all_classes(labels: torch.Tensor, num_classes: int) -> torch.Ten
     return slices_with_min_labels(labels, num_classes, num_classes)
 
 
+def contrastive_index(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, bool]:
+    """Slices for the contrastive term: those containing every class (METHOD §7.3).
+
+    When no slice has every class (pseudo-labels of a weak model can lose a structure
+    everywhere), falls back to the slices with the largest number of distinct labels (at least
+    two), which the loss supports (absent classes contribute nothing); the flag says whether
+    the fallback was used, so the caller can report it.
+    """
+    full = slices_with_all_classes(labels, num_classes)
+    if full.numel():
+        return full, True
+    n_present = labels_present(labels, num_classes).sum(1)
+    best = int(n_present.max()) if n_present.numel() else 0
+    if best < 2:
+        return full, False
+    return torch.nonzero(n_present == best).flatten(), False
+
+
 def pair_layout(batch_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Which of the picked slices form set 1 and set 2 of the contrastive batch.
 
@@ -62,7 +80,7 @@ def pair_layout(batch_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
 def draw(index: torch.Tensor, n: int, generator: torch.Generator, what: str) -> torch.Tensor:
     """``n`` entries of ``index`` drawn uniformly with replacement."""
     if index.numel() == 0:
-        raise ValueError(f"no {what} slice is available to build a joint-training batch")
+        raise ValueError(f"no {what} is available to build a joint-training batch")
     pick = torch.randint(index.numel(), (n,), generator=generator)
     return index[pick.to(index.device)]
 
