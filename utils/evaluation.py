@@ -46,19 +46,25 @@ def prepare_eval_volume(
 
 
 @torch.no_grad()
+def predict_slices(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 32
+) -> torch.Tensor:
+    """Softmax (N, C, H, W) on ``device`` of (N, 1, H, W) slices, in eval mode (batch norm with
+    running statistics); the model's training flag is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    out = [torch.softmax(model(images[s : s + batch_size].to(device)).float(), 1)
+           for s in range(0, images.shape[0], batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
 def predict_probs(
     model: torch.nn.Module, image_c: np.ndarray, device: torch.device, batch_size: int = 32
 ) -> torch.Tensor:
     """Softmax of every slice of a cropped (CX, CY, Z) volume -> (Z, C, CX, CY) on ``device``."""
-    was_training = model.training
-    model.eval()
     slices = torch.from_numpy(np.ascontiguousarray(image_c.transpose(2, 0, 1)))[:, None]
-    out = []
-    for start in range(0, slices.shape[0], batch_size):
-        batch = slices[start : start + batch_size].to(device, non_blocking=True)
-        out.append(torch.softmax(model(batch).float(), dim=1))
-    model.train(was_training)
-    return torch.cat(out)
+    return predict_slices(model, slices, device, batch_size)
 
 
 def predict_native(

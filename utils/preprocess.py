@@ -36,12 +36,19 @@ class Geometry:
     rescaled_shape: tuple[int, int]
     crop: tuple[int, int]
 
-    def _offsets(self, axis: int) -> tuple[int, int]:
-        """(start in rescaled frame, start in crop) along ``axis``; TF-original centring."""
-        r, c = self.rescaled_shape[axis], self.crop[axis]
-        if r >= c:
-            return (r - c) // 2, 0
-        return 0, (c - r) // 2
+    def windows(self) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """(rescaled-frame window, crop window) in-plane: the region both grids share.
+
+        Centring as in the original: a larger frame is cropped from ``(r - c) // 2``, a
+        smaller one is padded by ``(c - r) // 2`` before it.
+        """
+        frame, crop = [], []
+        for r, c in zip(self.rescaled_shape, self.crop):
+            n = min(r, c)
+            start_r, start_c = ((r - c) // 2, 0) if r >= c else (0, (c - r) // 2)
+            frame.append(slice(start_r, start_r + n))
+            crop.append(slice(start_c, start_c + n))
+        return (frame[0], frame[1]), (crop[0], crop[1])
 
 
 def rescaled_shape(
@@ -59,13 +66,8 @@ def rescaled_shape(
 def crop_or_pad(vol: np.ndarray, geometry: Geometry, fill: float = 0.0) -> np.ndarray:
     """Centre-crop or pad the first two axes of (RX, RY, ...) to the crop size."""
     out = np.full((*geometry.crop, *vol.shape[2:]), fill, dtype=vol.dtype)
-    src, dst = [], []
-    for axis in (0, 1):
-        start_r, start_c = geometry._offsets(axis)
-        n = min(geometry.rescaled_shape[axis], geometry.crop[axis])
-        src.append(slice(start_r, start_r + n))
-        dst.append(slice(start_c, start_c + n))
-    out[dst[0], dst[1]] = vol[src[0], src[1]]
+    frame, crop = geometry.windows()
+    out[crop] = vol[frame]
     return out
 
 
@@ -112,13 +114,8 @@ def to_native(probs: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     z, c = probs.shape[:2]
     frame = probs.new_zeros((z, c, *geometry.rescaled_shape))
     frame[:, 0] = 1.0  # outside the crop window the network saw nothing: background
-    src, dst = [], []
-    for axis in (0, 1):
-        start_r, start_c = geometry._offsets(axis)
-        n = min(geometry.rescaled_shape[axis], geometry.crop[axis])
-        dst.append(slice(start_r, start_r + n))
-        src.append(slice(start_c, start_c + n))
-    frame[:, :, dst[0], dst[1]] = probs[:, :, src[0], src[1]]
+    in_frame, in_crop = geometry.windows()
+    frame[(..., *in_frame)] = probs[(..., *in_crop)]
     return F.interpolate(frame, size=geometry.native_shape, mode="bilinear", align_corners=False)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from losses.dice import dice_per_class
 from utils.augment import AFF_FLIP, AFF_ROTATE, AFF_SCALE, affine_matrices
 from utils.crf import CRFParams, crf_refine_volume
+from utils.evaluation import predict_slices
 
 
 @dataclass
@@ -34,19 +35,6 @@ class PseudoLabelRound:
     dice_before_crf: float | None = None
     dice_after_crf: float | None = None
     overlap: dict[str, float] = field(default_factory=dict)
-
-
-@torch.no_grad()
-def predict_slices(
-    model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 32
-) -> torch.Tensor:
-    """Softmax (N, C, H, W) of (N, 1, H, W) slices, in eval mode, on ``device``."""
-    was_training = model.training
-    model.eval()
-    out = [torch.softmax(model(images[s : s + batch_size].to(device)).float(), 1)
-           for s in range(0, images.shape[0], batch_size)]
-    model.train(was_training)
-    return torch.cat(out)
 
 
 def _random_test_transform(n: int, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
