@@ -88,7 +88,15 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
 
 
 def _spacing(img: nib.Nifti1Image, path: Path) -> tuple[float, float, float]:
+    """Voxel size (mm) from the header, checked against the affine.
+
+    nibabel silently turns a zero pixdim into 1, so a degenerate voxel-to-world matrix (a zero
+    column: the real symptom of a zero spacing) is looked for in the affine as well.
+    """
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    scales = np.linalg.norm(np.asarray(img.affine, dtype=float)[:3, :3], axis=0)
+    if not np.all(np.isfinite(scales) & (scales > 0)):
+        zooms = tuple(float(z) for z in scales)
     if len(zooms) < 3 or not all(np.isfinite(z) and z > 0 for z in zooms):
         raise DataError(f"{path}: voxel spacing {zooms} is not positive; fix the NIfTI header")
     return zooms  # type: ignore[return-value]

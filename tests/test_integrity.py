@@ -1,0 +1,103 @@
+"""Dataset integrity check: every planted problem is found and named, one line each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import blob_volume, write_nifti
+
+import experiment_init
+from utils.integrity import check_subject, configured_ids, require_valid
+from utils.io import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cfg(acdc_root):
+    """An ACDC-layout config over the two patients of the acdc_root fixture."""
+    base = experiment_init.load("demo")
+    return replace(base, data_path_tr=acdc_root, labeled={"tr2_c1": ["001", "002"]},
+                   validation={"tr2_c1": ["001"]}, test=["002"], unlabeled_pool="tr2_c1")
+
+
+def _frame(root: Path, pid: str, gt: bool = False) -> Path:
+    ed = 1 if pid == "001" else 3
+    return root / f"patient{pid}" / f"patient{pid}_frame{ed:02d}{'_gt' if gt else ''}.nii.gz"
+
+
+def test_clean_data_has_no_problem(cfg):
+    assert configured_ids(cfg) == ["001", "002"]
+    assert check_subject(cfg, "001") == [] and check_subject(cfg, "002") == []
+    require_valid(cfg, ["001", "002"])
+
+
+@pytest.mark.parametrize("plant, expected", [
+    ("missing_file", "file not found"),
+    ("corrupt_gzip", "cannot read NIfTI"),
+    ("two_d", "expected a 3D volume"),
+    ("five_d", "expected a 3D volume"),
+    ("label_range", "label values [7] outside 0..3"),
+    ("grid_mismatch", "label grid"),
+    ("zero_spacing", "spacing"),
+    ("nan_image", "NaN"),
+])
+def test_each_planted_problem_is_named(cfg, acdc_root, plant, expected):
+    img, gt = _frame(acdc_root, "002"), _frame(acdc_root, "002", gt=True)
+    image, label = blob_volume(seed=2)
+    if plant == "missing_file":
+        gt.unlink()
+    elif plant == "corrupt_gzip":
+        img.write_bytes(img.read_bytes()[:150])
+    elif plant == "two_d":
+        write_nifti(img, image[..., 0])
+    elif plant == "five_d":
+        write_nifti(img, image[..., None, None])
+    elif plant == "label_range":
+        label[0, 0, 0] = 7
+        write_nifti(gt, label.astype(np.uint8))
+    elif plant == "grid_mismatch":
+        write_nifti(gt, label[:, :-1].astype(np.uint8))
+    elif plant == "zero_spacing":
+        hdr = nib.load(str(img)).header.copy()
+        hdr.set_sform(np.diag([1.5, 0.0, 8.0, 1.0]), code=1)  # a broken header: zero y spacing
+        hdr.set_qform(None, code=0)
+        hdr["pixdim"][2] = 0.0
+        nib.save(nib.Nifti1Image(image, None, header=hdr), str(img))
+    elif plant == "nan_image":
+        image[1, 1, 1] = np.nan
+        write_nifti(img, image)
+    assert check_subject(cfg, "001") == []
+    problems = check_subject(cfg, "002")
+    assert len(problems) == 1
+    assert expected in problems[0].what and "patient002" in problems[0].path
+    with pytest.raises(DataError, match="id 002") as err:
+        require_valid(cfg, ["001", "002"])
+    assert "\n" not in str(err.value)
+
+
+def test_check_dataset_script_reports_and_fails(tmp_path):
+    env_root = tmp_path / "data"
+    raw = env_root / "demo" / "raw"
+    from utils.demo_data import make_demo_dataset
+
+    ids = experiment_init.load("demo").labeled["tr20"] + ["009", "010"] + [
+        f"{i:03d}" for i in range(11, 21)]
+    make_demo_dataset(raw, sorted(set(ids)), seed=0)
+    cmd = [sys.executable, "scripts/check_dataset.py", "--dataset", "demo",
+           "--data_root", str(env_root / "demo")]
+    ok = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0 and "no problems found" in ok.stdout
+    ed = int((raw / "patient005" / "Info.cfg").read_text().split("ED:")[1].split()[0])
+    (raw / "patient005" / f"patient005_frame{ed:02d}_gt.nii.gz").write_bytes(b"\x1f\x8b junk")
+    (raw / "patient012" / "Info.cfg").unlink()  # falls back to frame01, absent when ED != 1
+    bad = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "005" in bad.stdout and "cannot read NIfTI" in bad.stdout
+    assert "Traceback" not in bad.stderr
