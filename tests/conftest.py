@@ -50,3 +50,21 @@ def acdc_root(tmp_path: Path) -> Path:
         write_nifti(pdir / f"patient{pid}_frame12_gt.nii.gz", np.zeros_like(label, np.uint8))
         (pdir / "Info.cfg").write_text(f"ED: {ed}\nES: 12\nGroup: NOR\nNbFrame: 30\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for trainer subprocesses: demo data generated once, outputs in a temp dir."""
+    import os
+
+    from experiment_init import load
+    from utils.demo_data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo_session")
+    cfg = load("demo", data_root=root / "data" / "demo")
+    n = int(cfg.extra["demo_n_patients"])
+    make_demo_dataset(cfg.data_path_tr, [f"{i:03d}" for i in range(1, n + 1)],
+                      seed=int(cfg.extra["demo_seed"]))
+    env = dict(os.environ)
+    env.update(LCL_DATA_ROOT=str(root / "data"), LCL_RUNS_ROOT=str(root / "runs"))
+    return env

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +23,8 @@ def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("e2e")
-    e = dict(os.environ)
-    e.update(LCL_DATA_ROOT=str(root / "data"), LCL_RUNS_ROOT=str(root / "runs"),
-             OMP_NUM_THREADS=e.get("OMP_NUM_THREADS", "2"))
-    return e
+def env(demo_env) -> dict[str, str]:
+    return demo_env
 
 
 @pytest.fixture(scope="module")

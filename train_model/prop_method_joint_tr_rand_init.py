@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,10 +58,12 @@ from utils.training import (  # noqa: E402
     NonFiniteGuard,
     add_common_flags,
     baseline_dir,
-    prepare_run_dir,
+    open_run_dir,
     print_summary,
+    restore_progress,
     run_main,
     run_name,
+    save_progress,
     segmentation_loss,
     test_best,
 )
@@ -131,14 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     generator = seed_everything(seed)
     baseline_ckpt = find_baseline(cfg, args)
-    run_dir = prepare_run_dir(
-        cfg.srt_dir / cfg.dataset / "joint" / run_name(args) / args.loss_reduction, args.overwrite
-    )
-    flags = {**vars(args), "n_rounds": n_rounds, "n_iter_per_round": n_iter, "seed": seed,
-             "device": str(device), "baseline_checkpoint": str(baseline_ckpt)}
-    save_config(run_dir, {"trainer": "prop_method_joint_tr_rand_init", "flags": flags,
-                          "config": cfg.to_dict(), "labeled_ids": labeled_ids, "val_ids": val_ids,
-                          "pool_ids": pool_ids, "test_ids": cfg.test})
+    run_dir = cfg.srt_dir / cfg.dataset / "joint" / run_name(args) / args.loss_reduction
+    state = open_run_dir(run_dir, args)
+    if state is None:
+        flags = {**vars(args), "n_rounds": n_rounds, "n_iter_per_round": n_iter, "seed": seed,
+                 "device": str(device), "baseline_checkpoint": str(baseline_ckpt)}
+        save_config(run_dir, {"trainer": "prop_method_joint_tr_rand_init", "flags": flags,
+                              "config": cfg.to_dict(), "labeled_ids": labeled_ids,
+                              "val_ids": val_ids, "pool_ids": pool_ids, "test_ids": cfg.test})
     print(f"joint {cfg.dataset} {args.no_of_tr_imgs}/{args.comb_tr_imgs}: labeled {labeled_ids}, "
           f"pool {len(pool_ids)} volumes, {n_rounds} rounds x {n_iter} iterations, "
           f"reduction '{args.loss_reduction}' on {device}", flush=True)
@@ -163,22 +166,33 @@ def main(argv: list[str] | None = None) -> None:
     dice_loss = segmentation_loss(args.dsc_loss, cfg.num_classes)
     guard = NonFiniteGuard(args.max_bad_steps)
     crf = CRFParams(**cfg.crf_params)
-    log = RunLog(run_dir)
+    log = RunLog(run_dir, rows=state["log_rows"] if state else None)
     n_seg = cfg.mtask_bs
+    start_it = 0
+    if state is not None:
+        start_it = restore_progress(state, model, optimizer, keeper, guard, generator)
+        print(f"resuming {run_dir} at iteration {start_it}", flush=True)
 
     for rnd in range(n_rounds):
-        if rnd == 0:  # the first pseudo-labels come from the baseline network itself
-            labeler = UNet(cfg.num_classes).to(device)
-            labeler.load_state_dict(baseline["model"])
+        first_it = rnd * n_iter
+        if first_it + n_iter <= start_it:
+            continue  # finished before the interruption
+        if state is not None and state["round"] == rnd:
+            pseudo = state["pseudo"]  # resumed inside this round: the same pseudo-labels
+            pseudo.images = torch.cat([pool[sid][0] for sid in pseudo.kept])
         else:
-            best = load_checkpoint(keeper.path, device)
-            model.load_state_dict(best["model"])
-            optimizer.load_state_dict(best["optimizer"])
-            labeler = model
-        pseudo = make_pseudo_labels(
-            labeler, pool, cfg.num_classes, crf,
-            device, generator, bool(args.test_aug_overlap), args.test_f1_threshold,
-            progress=not args.no_progress)
+            if rnd == 0:  # the first pseudo-labels come from the baseline network itself
+                labeler = UNet(cfg.num_classes).to(device)
+                labeler.load_state_dict(baseline["model"])
+            else:
+                best = load_checkpoint(keeper.path, device)
+                model.load_state_dict(best["model"])
+                optimizer.load_state_dict(best["optimizer"])
+                labeler = model
+            pseudo = make_pseudo_labels(
+                labeler, pool, cfg.num_classes, crf,
+                device, generator, bool(args.test_aug_overlap), args.test_f1_threshold,
+                progress=not args.no_progress)
         unl_img, unl_lbl = pseudo.images.to(device), pseudo.labels.to(device)
         unl_index, complete = contrastive_index(unl_lbl, cfg.num_classes)
         msg = (f"round {rnd + 1}/{n_rounds}: pseudo-labels for {len(pseudo.kept)} volumes "
@@ -188,14 +202,16 @@ def main(argv: list[str] | None = None) -> None:
             msg += (f"; pseudo-label Dice vs ground truth {pseudo.dice_before_crf:.4f} before CRF, "
                     f"{pseudo.dice_after_crf:.4f} after")
         print(msg, flush=True)
-        first_it = rnd * n_iter
-        quality = {} if pseudo.dice_before_crf is None else {
-            "pseudo_dice_before_crf": pseudo.dice_before_crf,
-            "pseudo_dice_after_crf": pseudo.dice_after_crf}
-        log.log(first_it, round=rnd + 1, pseudo_kept=len(pseudo.kept), **quality)
+        if start_it <= first_it:
+            quality = {} if pseudo.dice_before_crf is None else {
+                "pseudo_dice_before_crf": pseudo.dice_before_crf,
+                "pseudo_dice_after_crf": pseudo.dice_after_crf}
+            log.log(first_it, round=rnd + 1, pseudo_kept=len(pseudo.kept), **quality)
 
-        bar = tqdm(range(first_it, first_it + n_iter), desc=f"joint round {rnd + 1}",
-                   disable=args.no_progress, dynamic_ncols=True)
+        begin = max(first_it, start_it)
+        bar = tqdm(range(begin, first_it + n_iter), desc=f"joint round {rnd + 1}",
+                   disable=args.no_progress, dynamic_ncols=True, initial=begin - first_it,
+                   total=n_iter)
         for it in bar:
             idx = draw(dice_index, n_seg, generator, "labeled slice with enough labels")
             x, y = lab_img[idx], to_onehot(lab_lbl[idx], cfg.num_classes)
@@ -227,6 +243,11 @@ def main(argv: list[str] | None = None) -> None:
                 log.flush()
                 bar.set_postfix(dice=f"{loss_seg.item():.3f}", lcl=f"{loss_lcl.item():.3f}",
                                 val=f"{val:.3f}", best=f"{keeper.best_score:.3f}")
+            if (it + 1) % args.ckpt_every == 0 or last:
+                # pseudo-labels without their images (those are re-read from the pool)
+                kept = replace(pseudo, images=torch.empty(0), labels=pseudo.labels.cpu())
+                save_progress(run_dir, args, it, model, optimizer, keeper, guard, log,
+                              generator, round=rnd, pseudo=kept)
     log.close()
     print(f"best validation Dice {keeper.best_score:.4f} at iteration {keeper.best_iteration}; "
           f"{guard.total} non-finite steps skipped", flush=True)

@@ -37,9 +37,11 @@ from utils.training import (  # noqa: E402
     NonFiniteGuard,
     add_common_flags,
     baseline_dir,
-    prepare_run_dir,
+    open_run_dir,
     print_summary,
+    restore_progress,
     run_main,
+    save_progress,
     segmentation_loss,
     test_best,
 )
@@ -63,10 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     seed = args.seed if args.seed is not None else args.ver
     device = resolve_device(args.device)
     generator = seed_everything(seed)
-    run_dir = prepare_run_dir(baseline_dir(cfg, args), args.overwrite)
-    save_config(run_dir, {"trainer": "tr_baseline", "flags": {**vars(args), "n_iter": n_iter,
-                          "seed": seed, "device": str(device)}, "config": cfg.to_dict(),
-                          "labeled_ids": labeled_ids, "val_ids": val_ids, "test_ids": cfg.test})
+    run_dir = baseline_dir(cfg, args)
+    state = open_run_dir(run_dir, args)
+    if state is None:
+        save_config(run_dir, {"trainer": "tr_baseline", "flags": {**vars(args), "n_iter": n_iter,
+                              "seed": seed, "device": str(device)}, "config": cfg.to_dict(),
+                              "labeled_ids": labeled_ids, "val_ids": val_ids,
+                              "test_ids": cfg.test})
     print(f"baseline {cfg.dataset} {args.no_of_tr_imgs}/{args.comb_tr_imgs}: "
           f"labeled {labeled_ids}, "
           f"validation {val_ids}, {n_iter} iterations on {device}", flush=True)
@@ -81,9 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
     loss_fn = segmentation_loss(args.dsc_loss, cfg.num_classes)
     guard = NonFiniteGuard(args.max_bad_steps)
-    log = RunLog(run_dir)
+    log = RunLog(run_dir, rows=state["log_rows"] if state else None)
+    start_it = 0
+    if state is not None:
+        start_it = restore_progress(state, model, optimizer, keeper, guard, generator)
+        print(f"resuming {run_dir} at iteration {start_it}", flush=True)
 
-    bar = tqdm(range(n_iter), desc="baseline", disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(range(start_it, n_iter), desc="baseline", disable=args.no_progress,
+               dynamic_ncols=True, initial=start_it, total=n_iter)
     for it in bar:
         idx = torch.randint(images.shape[0], (cfg.batch_size,), generator=generator).to(device)
         x, y = augment_batch(images[idx], to_onehot(labels[idx], cfg.num_classes), generator,
@@ -102,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             log.flush()
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}",
                             best=f"{keeper.best_score:.3f}")
+        if (it + 1) % args.ckpt_every == 0 or it == n_iter - 1:
+            save_progress(run_dir, args, it, model, optimizer, keeper, guard, log, generator)
     log.close()
     print(f"best validation Dice {keeper.best_score:.4f} at iteration {keeper.best_iteration}; "
           f"{guard.total} non-finite steps skipped", flush=True)

@@ -48,6 +48,24 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every random-number state a run draws from, for an exact resume."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def save_config(run_dir: Path, config: dict[str, Any]) -> None:
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
@@ -71,15 +89,19 @@ class RunLog:
     resumed run can restore the rows it had.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True,
+                 rows: list[dict[str, float]] | None = None) -> None:
+        """``rows``: the rows of an interrupted run being resumed (its last checkpoint's)."""
         self.run_dir = run_dir
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[dict[str, float]] = list(rows or [])
         self.writer = None
         if tensorboard:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            # On resume, events logged after the checkpoint are dropped (purge_step).
+            purge = int(self.rows[-1]["iteration"]) + 1 if self.rows else None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, **scalars: float) -> None:
         row = {"iteration": step, **{k: float(v) for k, v in scalars.items()}}

@@ -18,7 +18,13 @@ from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
 from utils.io import DataError
-from utils.run import load_checkpoint, save_checkpoint
+from utils.run import (
+    RunLog,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +57,10 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out_dir", default=None, help="output root (default runs/)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run directory of the same settings")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last periodic checkpoint")
+    p.add_argument("--ckpt_every", type=int, default=200,
+                   help="iterations between periodic checkpoints (for --resume)")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
 
@@ -63,17 +73,50 @@ def baseline_dir(cfg: ExperimentConfig, args: argparse.Namespace) -> Path:
     return cfg.srt_dir / cfg.dataset / "baseline" / run_name(args)
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
-    """Create a fresh run directory; never silently replace a previous run's results."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
+# Flags that may differ between an interrupted run and its resumption.
+RESUME_FREE_FLAGS = ("resume", "overwrite", "no_progress", "device", "ckpt_every")
+
+
+class RunFinished(Exception):
+    """--resume of a run whose test results are already written."""
+
+
+def open_run_dir(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Create the run directory, or find the state to resume from.
+
+    Returns the last periodic checkpoint when ``--resume`` finds one (after checking that the
+    flags match the interrupted run's), else None for a fresh start. Never silently replaces a
+    previous run's results: an existing directory needs --resume or --overwrite.
+    """
+    flags = {k: v for k, v in vars(args).items() if k not in RESUME_FREE_FLAGS}
+    if getattr(args, "resume", False) and run_dir.is_dir():
+        if (run_dir / "test_results" / "summary.json").is_file():
+            raise RunFinished(f"{run_dir}: this run has finished already; nothing to resume")
+        last = run_dir / "checkpoints" / "last.pt"
+        if last.is_file():
+            state = load_checkpoint(last)
+            before = state.get("args", {})
+            diff = {k: (before.get(k), v) for k, v in flags.items() if before.get(k) != v}
+            if diff:
+                listed = ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+                raise ConfigError(f"{run_dir}: --resume with flags other than the interrupted "
+                                  f"run's ({listed}); resume with the original flags")
+            return state
+        shutil.rmtree(run_dir)  # interrupted before its first checkpoint: nothing to keep
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not args.overwrite:
             raise ConfigError(
-                f"{run_dir}: a run with these settings exists; pass --overwrite to replace it "
-                "or change --ver"
+                f"{run_dir}: a run with these settings exists; pass --resume to continue it, "
+                "--overwrite to replace it, or change --ver"
             )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return None
+
+
+def resume_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags an interrupted run is recognised by (stored in every periodic checkpoint)."""
+    return {k: v for k, v in vars(args).items() if k not in RESUME_FREE_FLAGS}
 
 
 def segmentation_loss(
@@ -137,6 +180,51 @@ def print_summary(summary: dict, title: str) -> None:
     print(f"{title}: mean Dice {summary['mean_dice']:.4f} ({', '.join(parts)})", flush=True)
 
 
+def save_progress(
+    run_dir: Path,
+    args: argparse.Namespace,
+    iteration: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    keeper: BestKeeper,
+    guard: NonFiniteGuard,
+    log: RunLog,
+    generator: torch.Generator,
+    **extra: Any,
+) -> None:
+    """Write checkpoints/last.pt: everything needed to continue after ``iteration``."""
+    save_checkpoint(run_dir / "checkpoints" / "last.pt", {
+        "args": resume_flags(args),
+        "iteration": iteration,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "best_score": keeper.best_score,
+        "best_iteration": keeper.best_iteration,
+        "bad_total": guard.total,
+        "bad_consecutive": guard.consecutive,
+        "log_rows": log.rows,
+        "rng": rng_state(generator),
+        **extra,
+    })
+
+
+def restore_progress(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    keeper: BestKeeper,
+    guard: NonFiniteGuard,
+    generator: torch.Generator,
+) -> int:
+    """Load a last.pt state into the run's objects; returns the next iteration to run."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    keeper.best_score, keeper.best_iteration = state["best_score"], state["best_iteration"]
+    guard.total, guard.consecutive = state["bad_total"], state["bad_consecutive"]
+    restore_rng_state(state["rng"], generator)
+    return int(state["iteration"]) + 1
+
+
 class NonFiniteGuard:
     """Counts skipped non-finite steps; too many in a row stop the run."""
 
@@ -163,6 +251,10 @@ def run_main(main: Callable[[], None]) -> None:
     """Run a trainer's main; expected failures end with one line on stderr and exit status 2."""
     try:
         main()
+    except RunFinished as done:
+        print(str(done), flush=True)
+        print(f"run directory: {str(done).split(': ')[0]}", flush=True)
+        sys.exit(0)
     except (ConfigError, DataError, FileNotFoundError, FloatingPointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
