@@ -77,3 +77,47 @@ def test_resume_with_other_flags_is_an_error(tmp_path, demo_env):
     bad = _run(_cmd(out, "--resume", "--lr_seg", "0.01"), demo_env)
     assert bad.returncode == 2
     assert "--lr_seg 0.001 -> 0.01" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_killed_joint_run_resumes_within_its_round(tmp_path, demo_env):
+    """Joint training killed inside round 2 resumes with that round's pseudo-labels."""
+    env = {**demo_env, "OMP_NUM_THREADS": "1"}
+    base = _run(_cmd(tmp_path / "base"), demo_env)
+    assert base.returncode == 0, base.stderr
+    base_dir = base.stdout.strip().splitlines()[-1].removeprefix("run directory: ")
+    joint = [sys.executable, "train_model/prop_method_joint_tr_rand_init.py", "--dataset", "demo",
+             "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1", "--ver", "7", "--n_rounds", "2",
+             "--n_iter_per_round", "8", "--ckpt_every", "3", "--pretr_dir", base_dir,
+             "--no_progress"]
+    whole = subprocess.run([*joint, "--out_dir", str(tmp_path / "jw")], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert whole.returncode == 0, whole.stderr
+    whole_dir = Path(whole.stdout.strip().splitlines()[-1].removeprefix("run directory: "))
+
+    out = tmp_path / "jk"
+    proc = subprocess.Popen([*joint, "--out_dir", str(out)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = out / whole_dir.relative_to(tmp_path / "jw") / "checkpoints" / "last.pt"
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:  # wait for a checkpoint in round 2
+        if last.is_file():
+            try:
+                if torch.load(last, weights_only=False)["round"] == 1:
+                    break
+            except (EOFError, RuntimeError):  # never torn (atomic), but be safe
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(last, weights_only=False)
+    assert state["round"] == 1 and state["iteration"] < 15
+    again = subprocess.run([*joint, "--out_dir", str(out), "--resume"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr
+    assert "round 1/2" not in again.stdout  # round 1 is not redone
+    assert (last.parents[1] / "test_results" / "summary.json").is_file()
+    a = torch.load(whole_dir / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(last, weights_only=False)
+    assert torch.equal(a["pseudo"].labels, b["pseudo"].labels)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
