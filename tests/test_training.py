@@ -1,0 +1,65 @@
+"""Trainer pieces: non-finite step guard, run-directory rules, segmentation-loss choice."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from experiment_init import ConfigError
+from losses.cross_entropy import weighted_cross_entropy_loss
+from losses.dice import soft_dice_loss
+from utils.training import (
+    NonFiniteGuard,
+    RunFinished,
+    add_common_flags,
+    open_run_dir,
+    segmentation_loss,
+)
+
+
+def test_guard_skips_and_counts_then_stops():
+    guard = NonFiniteGuard(max_consecutive=3)
+    assert guard.ok(torch.tensor(1.0), 0)
+    assert not guard.ok(torch.tensor(math.nan), 1)
+    assert not guard.ok(torch.tensor(math.inf), 2)
+    assert guard.ok(torch.tensor(0.5), 3)  # a finite step resets the streak, not the total
+    assert guard.total == 2 and guard.consecutive == 0
+    assert not guard.ok(torch.tensor(math.nan), 4)
+    assert not guard.ok(torch.tensor(math.nan), 5)
+    with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses up to "
+                       "iteration 6.*best checkpoint"):
+        guard.ok(torch.tensor(-math.inf), 6)
+
+
+def _args(*flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_common_flags(parser)
+    return parser.parse_args(list(flags))
+
+
+def test_run_directory_is_never_silently_replaced(tmp_path):
+    run = tmp_path / "run"
+    assert open_run_dir(run, _args()) is None and run.is_dir()
+    (run / "config.yaml").write_text("x")
+    with pytest.raises(ConfigError, match="--resume to continue it, --overwrite to replace it"):
+        open_run_dir(run, _args())
+    assert open_run_dir(run, _args("--overwrite")) is None
+    assert not (run / "config.yaml").exists()
+    (run / "config.yaml").write_text("x")  # killed before the first checkpoint: starts afresh
+    assert open_run_dir(run, _args("--resume")) is None
+    (run / "test_results").mkdir()
+    (run / "test_results" / "summary.json").write_text("{}")
+    with pytest.raises(RunFinished):
+        open_run_dir(run, _args("--resume"))
+
+
+def test_segmentation_loss_choice():
+    logits = torch.randn(2, 4, 8, 8)
+    y = torch.nn.functional.one_hot(torch.randint(0, 4, (2, 8, 8)), 4).permute(0, 3, 1, 2).float()
+    assert segmentation_loss(2, 4)(logits, y) == soft_dice_loss(logits, y)
+    assert segmentation_loss(1, 4)(logits, y) == soft_dice_loss(logits, y, include_background=False)
+    assert segmentation_loss(0, 4)(logits, y) == weighted_cross_entropy_loss(
+        logits, y, torch.tensor([0.1, 0.3, 0.3, 0.3]))
