@@ -23,14 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import experiment_init  # noqa: E402
 from experiment_init import ConfigError  # noqa: E402
-from losses.local_contrastive import local_contrastive_loss, sample_positive_indices  # noqa: E402
 from models.unet import JointUNet, UNet  # noqa: E402
-from utils.augment import augment_batch, to_onehot  # noqa: E402
 from utils.crf import CRFParams  # noqa: E402
 from utils.dataset import (  # noqa: E402
     ensure_demo_data,
@@ -38,6 +35,7 @@ from utils.dataset import (  # noqa: E402
     load_slices,
     verify_inputs,
 )
+from utils.joint_training import JointData, JointSettings, joint_iteration  # noqa: E402
 from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
 from utils.run import (  # noqa: E402
     RunLog,
@@ -47,9 +45,7 @@ from utils.run import (  # noqa: E402
     seed_everything,
 )
 from utils.sampling import (  # noqa: E402
-    contrastive_batch,
     contrastive_index,
-    draw,
     pair_layout,
     slices_with_min_labels,
 )
@@ -167,7 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     guard = NonFiniteGuard(args.max_bad_steps)
     crf = CRFParams(**cfg.crf_params)
     log = RunLog(run_dir, rows=state["log_rows"] if state else None)
-    n_seg = cfg.mtask_bs
+    settings = JointSettings(
+        num_classes=cfg.num_classes, n_seg=cfg.mtask_bs, bt_size=args.bt_size,
+        no_of_pos_eles=args.no_of_pos_eles, temp_fac=args.temp_fac, lamda_local=args.lamda_local,
+        inter_image=args.local_loss_exp_no == 1, loss_reduction=args.loss_reduction,
+        data_aug=bool(args.data_aug), rd_en=bool(args.rd_en), sigma=args.sigma,
+        ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot))
     start_it = 0
     if state is not None:
         start_it = restore_progress(state, model, optimizer, keeper, guard, generator)
@@ -212,29 +213,11 @@ def main(argv: list[str] | None = None) -> None:
         bar = tqdm(range(begin, first_it + n_iter), desc=f"joint round {rnd + 1}",
                    disable=args.no_progress, dynamic_ncols=True, initial=begin - first_it,
                    total=n_iter)
+        data = JointData(lab_img, lab_lbl, dice_index, lab_all_index, unl_img, unl_lbl,
+                         unl_index)
         for it in bar:
-            idx = draw(dice_index, n_seg, generator, "labeled slice with enough labels")
-            x, y = lab_img[idx], to_onehot(lab_lbl[idx], cfg.num_classes)
-            if args.data_aug:
-                x, y = augment_batch(x, y, generator, rd_en=bool(args.rd_en), sigma=args.sigma,
-                                     ri_en=bool(args.ri_en))
-            if not args.en_1hot:
-                y = F.one_hot(y.argmax(1), cfg.num_classes).permute(0, 3, 1, 2).float()
-            xc, yc = contrastive_batch(lab_img, lab_lbl, lab_all_index, unl_img, unl_lbl,
-                                       unl_index, args.bt_size, cfg.num_classes, generator)
-            pos_idx = sample_positive_indices(yc, args.no_of_pos_eles, generator)
-            model.train()
-            batch = torch.cat([x, xc]).contiguous(memory_format=torch.channels_last)
-            logits, emb = model(batch, n_seg)
-            loss_seg = dice_loss(logits, y)
-            loss_lcl = local_contrastive_loss(
-                emb, yc, pos_idx.to(device), temperature=args.temp_fac,
-                inter_image=args.local_loss_exp_no == 1, reduction=args.loss_reduction)
-            loss = loss_seg + args.lamda_local * loss_lcl
-            if guard.ok(loss, it):
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            loss, loss_seg, loss_lcl = joint_iteration(model, optimizer, data, settings,
+                                                       dice_loss, generator, guard.ok, it)
             last = it == first_it + n_iter - 1
             if (it - first_it) % cfg.val_step_update == 0 or last:
                 val = keeper.update(model, optimizer, it, {"round": rnd + 1})

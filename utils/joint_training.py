@@ -1,0 +1,99 @@
+"""One iteration of joint training (METHOD §7.3–7.4), as the trainer and the benchmark run it.
+
+Batch: 20 augmented labeled slices for the Dice term, then 2B contrastive slices (labeled and
+pseudo-labeled, pair layout of `utils.sampling.pair_layout`); all pass the shared
+encoder-decoder together; loss = Dice + λ · local contrastive loss; one Adam step unless the
+loss is not finite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from losses.local_contrastive import local_contrastive_loss, sample_positive_indices
+from utils.augment import augment_batch, to_onehot
+from utils.sampling import contrastive_batch, draw
+
+
+@dataclass
+class JointData:
+    """Slice pools of one self-training round, on the training device.
+
+    lab_img (N, 1, H, W), lab_lbl (N, H, W): labeled slices; dice_index: those with enough
+    labels for the Dice batch; lab_index: those for the contrastive term. unl_img, unl_lbl,
+    unl_index: the same for the pseudo-labeled pool.
+    """
+
+    lab_img: torch.Tensor
+    lab_lbl: torch.Tensor
+    dice_index: torch.Tensor
+    lab_index: torch.Tensor
+    unl_img: torch.Tensor
+    unl_lbl: torch.Tensor
+    unl_index: torch.Tensor
+
+
+@dataclass(frozen=True)
+class JointSettings:
+    """The flags one iteration needs (names as on the command line)."""
+
+    num_classes: int
+    n_seg: int = 20  # mtask_bs
+    bt_size: int = 10
+    no_of_pos_eles: int = 3
+    temp_fac: float = 0.1
+    lamda_local: float = 0.1
+    inter_image: bool = True  # --local_loss_exp_no 1
+    loss_reduction: str = "original"
+    data_aug: bool = True
+    rd_en: bool = True
+    sigma: float = 5.0
+    ri_en: bool = True
+    en_1hot: bool = True
+
+
+def joint_batch(
+    data: JointData, s: JointSettings, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images (20 + 2B, 1, H, W), Dice labels (20, C, H, W), contrastive labels (2B, C, H, W)
+    and positive-pixel indices (2B, C-1, P, 2)."""
+    idx = draw(data.dice_index, s.n_seg, generator, "labeled slice with enough labels")
+    x, y = data.lab_img[idx], to_onehot(data.lab_lbl[idx], s.num_classes)
+    if s.data_aug:
+        x, y = augment_batch(x, y, generator, rd_en=s.rd_en, sigma=s.sigma, ri_en=s.ri_en)
+    if not s.en_1hot:
+        y = F.one_hot(y.argmax(1), s.num_classes).permute(0, 3, 1, 2).float()
+    xc, yc = contrastive_batch(data.lab_img, data.lab_lbl, data.lab_index, data.unl_img,
+                               data.unl_lbl, data.unl_index, s.bt_size, s.num_classes, generator)
+    pos_idx = sample_positive_indices(yc, s.no_of_pos_eles, generator).to(xc.device)
+    images = torch.cat([x, xc]).contiguous(memory_format=torch.channels_last)
+    return images, y, yc, pos_idx
+
+
+def joint_iteration(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: JointData,
+    s: JointSettings,
+    dice_loss,
+    generator: torch.Generator,
+    step_ok,
+    iteration: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Build a batch, compute Dice + λ·local loss, and step unless ``step_ok(loss, it)`` is
+    False (a non-finite loss). Returns (loss, dice loss, local contrastive loss), detached."""
+    images, y, yc, pos_idx = joint_batch(data, s, generator)
+    model.train()
+    logits, emb = model(images, s.n_seg)
+    loss_seg = dice_loss(logits, y)
+    loss_lcl = local_contrastive_loss(emb, yc, pos_idx, temperature=s.temp_fac,
+                                      inter_image=s.inter_image, reduction=s.loss_reduction)
+    loss = loss_seg + s.lamda_local * loss_lcl
+    if step_ok(loss, iteration):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return loss.detach(), loss_seg.detach(), loss_lcl.detach()
