@@ -1,0 +1,215 @@
+"""Where the time goes: network step, joint step, local loss, pseudo-labels, memory, start-up.
+
+    python scripts/benchmark.py [--device auto|cpu|cuda] [--dataset acdc] [--amp bf16|fp16]
+                                [--repeats 5] [--quick]
+
+Prints a table and one JSON line per figure, e.g.
+``{"name": "overhead_ratio", "value": 1.04, "unit": "x", "device": "cpu", ...}``.
+Figures are medians over ``--repeats`` runs after one warm-up run. Synthetic slices of the
+dataset's crop size are used (no data needed); the joint step is the trainer's own
+`utils.joint_training.joint_iteration`. ``--quick`` uses a quarter of the crop area and fewer
+repeats (a smoke run that finishes in about two minutes on two CPU cores).
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()  # before the heavy imports: time_to_first_step counts them
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import experiment_init  # noqa: E402
+from losses.dice import soft_dice_loss  # noqa: E402
+from losses.local_contrastive import local_contrastive_loss, sample_positive_indices  # noqa: E402
+from models.unet import JointUNet  # noqa: E402
+from utils.crf import CRFParams, crf_refine_volume  # noqa: E402
+from utils.evaluation import predict_slices  # noqa: E402
+from utils.joint_training import JointData, JointSettings, joint_iteration  # noqa: E402
+from utils.run import resolve_device  # noqa: E402
+from utils.sampling import contrastive_index, slices_with_min_labels  # noqa: E402
+
+
+def synthetic_slices(n: int, size: tuple[int, int], num_classes: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nested discs (every class present) at random positions, with noise: (N,1,H,W), (N,H,W)."""
+    h, w = size
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    centre = torch.rand(n, 2, generator=generator) * 0.3 + 0.35
+    r = ((yy[None] - centre[:, 0, None, None] * h) ** 2
+         + (xx[None] - centre[:, 1, None, None] * w) ** 2).sqrt()
+    labels = torch.zeros(n, h, w, dtype=torch.long)
+    for c in range(1, num_classes):  # a handful of classes, not pixels: a short loop
+        labels[r < min(h, w) * (0.3 - 0.25 * (c - 1) / max(num_classes - 1, 1))] = c
+    images = labels.float() / num_classes + 0.05 * torch.randn(n, h, w, generator=generator)
+    return images[:, None], labels
+
+
+def loop_local_loss(emb: torch.Tensor, onehot: torch.Tensor, pos_idx: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """An honest loop reference of the inter-image local loss ('mean' reduction): loops over
+    pairs, classes and samples, tensors inside. The reference point of the speed-up figure."""
+    n2, _, _, _ = emb.shape
+    b, c_all, p = n2 // 2, onehot.shape[1], pos_idx.shape[2]
+    labels = onehot.argmax(1)
+    total = emb.new_zeros(())
+    for i in range(b):
+        a_img, b_img = i, b + i
+        means = {}
+        for img in (a_img, b_img):
+            for c in range(1, c_all):
+                mask = labels[img] == c
+                if mask.any():
+                    means[(img, c)] = emb[img][:, mask].mean(1)
+        pair = emb.new_zeros(())
+        for img, other in ((a_img, b_img), (b_img, a_img)):
+            cands = [m for (j, _), m in means.items() if j in (img, other)]
+            for c in range(1, c_all):
+                if (img, c) not in means:
+                    continue
+                for k in range(p):
+                    row, col = pos_idx[img, c - 1, k]
+                    x = emb[img][:, row, col]
+                    logits = torch.stack([F.cosine_similarity(x, m, dim=0) for m in cands])
+                    lse = torch.logsumexp(logits / temperature, 0)
+                    for target in ((img, c), (other, c)):
+                        if target in means:
+                            pos = F.cosine_similarity(x, means[target], dim=0) / temperature
+                            pair = pair + lse - pos
+        total = total + pair / (p * (c_all - 1) * 2)
+    return total / b
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up run."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dataset", default="acdc")
+    parser.add_argument("--amp", default=None, choices=(None, "bf16", "fp16"),
+                        help="autocast dtype for the network (GPU)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    cfg = experiment_init.load(args.dataset)
+    size = cfg.crop_size if not args.quick else (cfg.crop_size[0] // 2, cfg.crop_size[1] // 2)
+    repeats = 2 if args.quick else args.repeats
+    gen = torch.Generator().manual_seed(0)
+    s = JointSettings(num_classes=cfg.num_classes, n_seg=cfg.mtask_bs)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+
+    lab_img, lab_lbl = synthetic_slices(40, size, cfg.num_classes, gen)
+    unl_img, unl_lbl = synthetic_slices(40, size, cfg.num_classes, gen)
+    lab_img, lab_lbl, unl_img, unl_lbl = (t.to(device) for t in (lab_img, lab_lbl, unl_img,
+                                                                 unl_lbl))
+    data = JointData(lab_img, lab_lbl, slices_with_min_labels(lab_lbl, cfg.num_classes, 3),
+                     contrastive_index(lab_lbl, cfg.num_classes)[0], unl_img, unl_lbl,
+                     contrastive_index(unl_lbl, cfg.num_classes)[0])
+    model = JointUNet(cfg.num_classes).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    figures: list[tuple[str, float, str]] = []
+
+    def joint() -> None:
+        with autocast():
+            joint_iteration(model, opt, data, s, soft_dice_loss, gen, lambda *_: True, 0)
+
+    joint()
+    figures.append(("time_to_first_step", time.perf_counter() - _T0, "s"))
+
+    n_all = s.n_seg + 2 * s.bt_size
+    batch = torch.cat([lab_img[:n_all // 2], unl_img[: n_all - n_all // 2]]).contiguous(
+        memory_format=torch.channels_last)
+    y = F.one_hot(lab_lbl[: s.n_seg], cfg.num_classes).permute(0, 3, 1, 2).float()
+
+    def network() -> None:
+        model.train()
+        with autocast():
+            logits, _ = model(batch, s.n_seg)
+            loss = soft_dice_loss(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t_net = timed(network, repeats, device)
+    t_joint = timed(joint, repeats, device)
+    figures += [("network_step", t_net, "s"), ("joint_step", t_joint, "s"),
+                ("overhead_ratio", t_joint / t_net, "x")]
+
+    emb = torch.randn(2 * s.bt_size, 16, *size, device=device, requires_grad=True)
+    onehot = F.one_hot(torch.cat([lab_lbl[: s.bt_size], unl_lbl[: s.bt_size]]),
+                       cfg.num_classes).permute(0, 3, 1, 2).float()
+    pos = sample_positive_indices(onehot, s.no_of_pos_eles, gen).to(device)
+
+    def vec() -> None:
+        local_contrastive_loss(emb, onehot, pos, reduction="mean").backward()
+
+    def loop() -> None:
+        loop_local_loss(emb, onehot, pos, 0.1).backward()
+
+    t_vec = timed(vec, repeats, device)
+    t_loop = timed(loop, max(1, repeats // 2), device)
+    torch.testing.assert_close(local_contrastive_loss(emb, onehot, pos, reduction="mean"),
+                               loop_local_loss(emb, onehot, pos, 0.1), rtol=1e-4, atol=1e-5)
+    figures += [("contrastive_loss", t_vec, "s"), ("contrastive_loss_loop", t_loop, "s"),
+                ("contrastive_loss_speedup", t_loop / t_vec, "x"),
+                ("contrastive_loss_share", t_vec / t_net, "x")]
+
+    volume = unl_img[:10]
+    crf = CRFParams(**cfg.crf_params)
+
+    def pseudo() -> None:
+        with autocast():
+            probs = predict_slices(model, volume, device)
+        crf_refine_volume(volume[:, 0].cpu().numpy(), probs.float().cpu().numpy(), crf)
+
+    figures.append(("pseudo_label_volume", timed(pseudo, repeats, device), "s"))
+    if device.type == "cuda":
+        figures.append(("peak_memory", torch.cuda.max_memory_allocated() / 2**30, "GiB"))
+    else:  # ru_maxrss is in KiB on Linux
+        figures.append(("peak_memory", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                        / 2**20, "GiB"))
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    info = {"device": device.type, "card": name, "dataset": args.dataset,
+            "batch": f"{n_all}x1x{size[0]}x{size[1]}", "amp": args.amp or "off",
+            "threads": torch.get_num_threads(), "quick": args.quick}
+    print(f"{'figure':<26}{'value':>12}  unit   ({', '.join(f'{k}={v}' for k, v in info.items())})")
+    for fig, value, unit in figures:
+        print(f"{fig:<26}{value:>12.4f}  {unit}")
+    for fig, value, unit in figures:
+        print(json.dumps({"name": fig, "value": round(value, 6), "unit": unit, **info}))
+
+
+if __name__ == "__main__":
+    main()
