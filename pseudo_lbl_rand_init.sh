@@ -16,18 +16,19 @@ elif [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"
 else py=python3; fi
 
 # Flags of the joint step only; --n_iter is the baseline's (the joint step has --n_iter_per_round).
-joint_only=" data_aug temp_fac bbox_dim pretr_n_iter pretr_dir local_loss_exp_no lamda_local
-  no_of_neg_eles no_of_pos_eles bt_size test_aug_overlap test_f1_threshold n_rounds
-  n_iter_per_round loss_reduction "
 common=(); joint=(); base_only=()
 while [ $# -gt 0 ]; do
   arg=$1; shift
   name=${arg#--}; name=${name%%=*}
   value=()
   if [[ $arg != *=* && $# -gt 0 && $1 != --* ]]; then value=("$1"); shift; fi
-  if [[ $joint_only == *" $name "* ]]; then joint+=("$arg" "${value[@]}")
-  elif [ "$name" = n_iter ]; then base_only+=("$arg" "${value[@]}")
-  else common+=("$arg" "${value[@]}"); fi
+  case $name in
+    data_aug|temp_fac|bbox_dim|pretr_n_iter|pretr_dir|local_loss_exp_no|lamda_local|\
+    no_of_neg_eles|no_of_pos_eles|bt_size|test_aug_overlap|test_f1_threshold|n_rounds|\
+    n_iter_per_round|loss_reduction) joint+=("$arg" ${value[@]+"${value[@]}"}) ;;
+    n_iter) base_only+=("$arg" ${value[@]+"${value[@]}"}) ;;
+    *) common+=("$arg" ${value[@]+"${value[@]}"}) ;;
+  esac
 done
 
 baseline_out=$(mktemp); joint_out=$(mktemp)

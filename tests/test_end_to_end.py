@@ -105,3 +105,22 @@ def test_bad_inputs_give_one_line_errors(tmp_path, env):
     proc = run([*common, "--data_root", str(data)], env, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "patient001" in proc.stderr and "cannot read NIfTI" in proc.stderr
+
+
+def test_pipeline_script_runs_both_steps_from_anywhere(tmp_path, env):
+    script = REPO / "pseudo_lbl_rand_init.sh"
+    e = {**env, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(script), "tr1", "c1", "demo", "--n_iter", "4", "--n_rounds", "1",
+         "--n_iter_per_round", "2", "--loss_reduction=mean", "--out_dir", str(tmp_path / "o"),
+         "--no_progress"], cwd=tmp_path, env=e, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 rounds x 2 iterations, reduction 'mean'" in proc.stdout
+    table = proc.stdout.strip().splitlines()[-5:]
+    assert table[0].split()[:2] == ["test", "Dice"] and table[-1].startswith("mean")
+    assert (tmp_path / "o" / "demo" / "joint" / "tr1_c1_v0" / "mean" / "test_results"
+            / "summary.json").is_file()
+    failed = subprocess.run(["bash", str(script), "tr9", "c1", "demo"], cwd=tmp_path, env=e,
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "step 2" not in failed.stdout
+    assert "Valid sets" in failed.stderr
