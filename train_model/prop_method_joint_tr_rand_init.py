@@ -54,14 +54,13 @@ from utils.training import (  # noqa: E402
     NonFiniteGuard,
     add_common_flags,
     baseline_dir,
+    finish_run,
     open_run_dir,
-    print_summary,
     restore_progress,
     run_main,
     run_name,
     save_progress,
     segmentation_loss,
-    test_best,
 )
 
 
@@ -231,15 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                 kept = replace(pseudo, images=torch.empty(0), labels=pseudo.labels.cpu())
                 save_progress(run_dir, args, it, model, optimizer, keeper, guard, log,
                               generator, round=rnd, pseudo=kept)
-    log.close()
-    print(f"best validation Dice {keeper.best_score:.4f} at iteration {keeper.best_iteration}; "
-          f"{guard.total} non-finite steps skipped", flush=True)
-
-    summary = test_best(model, keeper.path, load_eval_volumes(cfg, cfg.test), cfg, run_dir,
-                        device, not args.no_progress)
-    print_summary(summary, "test")
-    print(f"elapsed: {time.time() - start:.1f} s", flush=True)
-    print(f"run directory: {run_dir}", flush=True)
+    finish_run(model, keeper, guard, log, cfg, run_dir, device, not args.no_progress, start)
 
 
 if __name__ == "__main__":

@@ -37,13 +37,12 @@ from utils.training import (  # noqa: E402
     NonFiniteGuard,
     add_common_flags,
     baseline_dir,
+    finish_run,
     open_run_dir,
-    print_summary,
     restore_progress,
     run_main,
     save_progress,
     segmentation_loss,
-    test_best,
 )
 
 
@@ -114,15 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                             best=f"{keeper.best_score:.3f}")
         if (it + 1) % args.ckpt_every == 0 or it == n_iter - 1:
             save_progress(run_dir, args, it, model, optimizer, keeper, guard, log, generator)
-    log.close()
-    print(f"best validation Dice {keeper.best_score:.4f} at iteration {keeper.best_iteration}; "
-          f"{guard.total} non-finite steps skipped", flush=True)
-
-    summary = test_best(model, keeper.path, load_eval_volumes(cfg, cfg.test), cfg, run_dir,
-                        device, not args.no_progress)
-    print_summary(summary, "test")
-    print(f"elapsed: {time.time() - start:.1f} s", flush=True)
-    print(f"run directory: {run_dir}", flush=True)
+    finish_run(model, keeper, guard, log, cfg, run_dir, device, not args.no_progress, start)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from experiment_init import ConfigError, ExperimentConfig
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
+from utils.dataset import load_eval_volumes
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
 from utils.io import DataError
 from utils.run import (
@@ -175,9 +177,29 @@ def test_best(
                              run_dir / "test_results", device, progress)
 
 
-def print_summary(summary: dict, title: str) -> None:
+def finish_run(
+    model: torch.nn.Module,
+    keeper: BestKeeper,
+    guard: NonFiniteGuard,
+    log: RunLog,
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    device: torch.device,
+    progress: bool,
+    start_time: float,
+) -> dict:
+    """Close the logs, test the best checkpoint, print the results; the last line printed is
+    ``run directory: <path>`` (the outputs contract)."""
+    log.close()
+    print(f"best validation Dice {keeper.best_score:.4f} at iteration {keeper.best_iteration}; "
+          f"{guard.total} non-finite steps skipped", flush=True)
+    summary = test_best(model, keeper.path, load_eval_volumes(cfg, cfg.test), cfg, run_dir,
+                        device, progress)
     parts = [f"{k} {v['dice']:.3f}" for k, v in summary["per_structure"].items()]
-    print(f"{title}: mean Dice {summary['mean_dice']:.4f} ({', '.join(parts)})", flush=True)
+    print(f"test: mean Dice {summary['mean_dice']:.4f} ({', '.join(parts)})", flush=True)
+    print(f"elapsed: {time.time() - start_time:.1f} s", flush=True)
+    print(f"run directory: {run_dir}", flush=True)
+    return summary
 
 
 def save_progress(
