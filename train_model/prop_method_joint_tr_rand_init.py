@@ -195,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
                 progress=not args.no_progress)
         unl_img, unl_lbl = pseudo.images.to(device), pseudo.labels.to(device)
         unl_index, complete = contrastive_index(unl_lbl, cfg.num_classes)
+        if unl_index.numel() == 0:
+            raise ValueError(
+                f"round {rnd + 1}: the pseudo-labels hold no structure in any slice, so the "
+                f"contrastive term has nothing to work on; is the baseline {baseline_ckpt} "
+                "trained (see its test_results)?")
         msg = (f"round {rnd + 1}/{n_rounds}: pseudo-labels for {len(pseudo.kept)} volumes "
                f"({len(pseudo.dropped)} dropped), {unl_index.numel()} slices with "
                + ("every class" if complete else "the most classes (none has every class)"))
