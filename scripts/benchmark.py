@@ -38,7 +38,7 @@ from models.unet import JointUNet  # noqa: E402
 from utils.crf import CRFParams, crf_refine_volume  # noqa: E402
 from utils.evaluation import predict_slices  # noqa: E402
 from utils.joint_training import JointData, JointSettings, joint_iteration  # noqa: E402
-from utils.run import resolve_device  # noqa: E402
+from utils.run import configure_backend, resolve_device  # noqa: E402
 from utils.sampling import contrastive_index, slices_with_min_labels  # noqa: E402
 
 
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    configure_backend(device)
     cfg = experiment_init.load(args.dataset)
     size = cfg.crop_size if not args.quick else (cfg.crop_size[0] // 2, cfg.crop_size[1] // 2)
     repeats = 2 if args.quick else args.repeats
@@ -163,6 +164,12 @@ def main() -> None:
 
     t_net = timed(network, repeats, device)
     t_joint = timed(joint, repeats, device)
+    # Peak of a process that has run joint steps, as the trainer does; taken before the loop
+    # reference below, which the trainer never runs.
+    if device.type == "cuda":
+        peak = ("peak_memory", torch.cuda.max_memory_allocated() / 2**30, "GiB")
+    else:  # ru_maxrss is in KiB on Linux
+        peak = ("peak_memory", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "GiB")
     figures += [("network_step", t_net, "s"), ("joint_step", t_joint, "s"),
                 ("overhead_ratio", t_joint / t_net, "x")]
 
@@ -194,11 +201,7 @@ def main() -> None:
         crf_refine_volume(volume[:, 0].cpu().numpy(), probs.float().cpu().numpy(), crf)
 
     figures.append(("pseudo_label_volume", timed(pseudo, repeats, device), "s"))
-    if device.type == "cuda":
-        figures.append(("peak_memory", torch.cuda.max_memory_allocated() / 2**30, "GiB"))
-    else:  # ru_maxrss is in KiB on Linux
-        figures.append(("peak_memory", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                        / 2**20, "GiB"))
+    figures.append(peak)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     info = {"device": device.type, "card": name, "dataset": args.dataset,

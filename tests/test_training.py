@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +67,37 @@ def test_segmentation_loss_choice():
     assert segmentation_loss(1, 4)(logits, y) == soft_dice_loss(logits, y, include_background=False)
     assert segmentation_loss(0, 4)(logits, y) == weighted_cross_entropy_loss(
         logits, y, torch.tensor([0.1, 0.3, 0.3, 0.3]))
+
+
+ALLOC_PROBE = """
+import resource, sys, torch
+from utils.run import configure_backend
+if sys.argv[1] == "tuned":
+    configure_backend(torch.device("cpu"))
+faults = []
+sizes = (10_000_000, 12_000_000, 9_000_000, 16_000_000)  # floats: 36-64 MB, as activations
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    kept = [torch.empty(n).fill_(1.0) for n in sizes]
+    del kept
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
+def test_configure_backend_keeps_freed_tensor_memory() -> None:
+    """After configure_backend(cpu), repeating a step's large allocations mostly reuses memory
+    the process already holds; with glibc's default every one is a fresh mmap whose pages
+    fault again (~46,000 4 KiB pages per repetition here)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", ALLOC_PROBE, mode], cwd=root, check=True,
+                             capture_output=True, text=True, env={**os.environ,
+                                                                   "PYTHONPATH": str(root)})
+        return int(out.stdout.strip())
+
+    default = faults("default")
+    assert default > 4 * 40_000  # the probe really allocates fresh pages each time
+    assert faults("tuned") < default / 2

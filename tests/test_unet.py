@@ -141,6 +141,41 @@ def test_upconv_tf_same_padding() -> None:
     torch.testing.assert_close(out, expected)
 
 
+def test_upconv_matches_plain_upsample_then_conv() -> None:
+    """The sub-pixel formulation equals nearest x2 upsampling + right/bottom pad + 2x2 conv,
+    in value and in the gradients of input, weight and bias (float64, several channels)."""
+    torch.manual_seed(1)
+    up = UpConvBNReLU(5, 3).double()
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        up.conv.bias.normal_()
+    out = up.conv(F.pad(F.interpolate(x, scale_factor=2.0, mode="nearest"), (0, 1, 0, 1)))
+    expected = up.relu(up.bn(out))
+    g = torch.randn_like(expected)
+    grads_plain = torch.autograd.grad(expected, (x, up.conv.weight, up.conv.bias), g)
+    got = up(x)
+    assert got.shape == (2, 3, 12, 14)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got, (x, up.conv.weight, up.conv.bias), g)
+    for a, b in zip(grads, grads_plain, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_joint_split_gradients_match_slicing() -> None:
+    """Splitting the feature map between the heads gives the gradients of plain slicing."""
+    torch.manual_seed(2)
+    model = JointUNet(4).double()
+    x = torch.randn(4, 1, 32, 32, dtype=torch.float64)
+    logits, emb = model(x, 3)
+    loss = logits.square().mean() + emb.abs().mean()
+    g_split = torch.autograd.grad(loss, list(model.parameters()))
+    f = model.features(x)
+    loss_ref = model.seg_head(f[:3]).square().mean() + model.proj_head(f[3:]).abs().mean()
+    g_ref = torch.autograd.grad(loss_ref, list(model.parameters()))
+    for a, b in zip(g_split, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_convbnrelu_nonnegative_and_same_size() -> None:
     out = ConvBNReLU(3, 8)(torch.randn(2, 3, 10, 12))
     assert out.shape == (2, 8, 10, 12)

@@ -39,6 +39,7 @@ from utils.joint_training import JointData, JointSettings, joint_iteration  # no
 from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
 from utils.run import (  # noqa: E402
     RunLog,
+    configure_backend,
     load_checkpoint,
     resolve_device,
     save_config,
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     pair_layout(args.bt_size)  # validates --bt_size before any work
     seed = args.seed if args.seed is not None else args.ver
     device = resolve_device(args.device)
+    configure_backend(device)
     generator = seed_everything(seed)
     baseline_ckpt = find_baseline(cfg, args)
     run_dir = cfg.srt_dir / cfg.dataset / "joint" / run_name(args) / args.loss_reduction

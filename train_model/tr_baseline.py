@@ -31,7 +31,13 @@ from utils.dataset import (  # noqa: E402
     load_slices,
     verify_inputs,
 )
-from utils.run import RunLog, resolve_device, save_config, seed_everything  # noqa: E402
+from utils.run import (  # noqa: E402
+    RunLog,
+    configure_backend,
+    resolve_device,
+    save_config,
+    seed_everything,
+)
 from utils.training import (  # noqa: E402
     BestKeeper,
     NonFiniteGuard,
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     n_iter = args.n_iter if args.n_iter is not None else cfg.n_iter
     seed = args.seed if args.seed is not None else args.ver
     device = resolve_device(args.device)
+    configure_backend(device)
     generator = seed_everything(seed)
     run_dir = baseline_dir(cfg, args)
     state = open_run_dir(run_dir, args)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from medpy.metric import binary
 
 from losses.dice import dice_per_class
 from utils.io import Volume, atomic_path, read_raw_volume, save_nifti, write_text_atomic
@@ -79,6 +78,10 @@ def structure_metrics(
     pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...], num_classes: int
 ) -> list[dict[str, float | None]]:
     """Dice, HD95 and ASSD (mm) of classes 1..C-1 of two (X, Y, Z) label maps."""
+    # Imported here: medpy pulls in scipy.stats (~1.4 s), which training never needs before
+    # the test set is evaluated.
+    from medpy.metric import binary
+
     dice = dice_per_class(torch.from_numpy(pred), torch.from_numpy(gt), num_classes).tolist()
     results = []
     for c in range(1, num_classes):
