@@ -51,6 +51,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from utils.device import host_to_device
+
 __all__ = ["local_contrastive_loss", "sample_positive_indices"]
 
 _REDUCTIONS = ("mean", "original")
@@ -111,7 +113,8 @@ def sample_positive_indices(
     rand_device = generator.device if generator is not None else device
     u = torch.rand(
         (*masks.shape[:2], n_pos), generator=generator, dtype=torch.float64, device=rand_device
-    ).to(device)
+    )
+    u = host_to_device(u, device) if u.device != device else u
     rank = torch.floor(u * counts).to(torch.int64)
     # u * count can round up to count itself; keep the rank inside [0, count-1].
     rank = torch.minimum(rank, (counts - 1).clamp(min=0))
@@ -220,5 +223,5 @@ def local_contrastive_loss(
             return raw.sum() / (norm * n_pairs)
         # Closed form of s = (s + R_i) / K repeated over i = 0..B-1: weight K^-(B-i).
         expo = torch.arange(n_pairs, 0, -1, device=emb.device, dtype=dtype)
-        weights = torch.pow(torch.tensor(norm, dtype=dtype, device=emb.device), -expo)
+        weights = torch.pow(norm, -expo)  # a Python base: no host-to-device copy
         return (raw * weights).sum() / n_pairs

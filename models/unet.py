@@ -160,7 +160,15 @@ class DecoderStep(nn.Module):
         self.convs = nn.Sequential(*convs)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.convs(torch.cat([self.up(x), skip], dim=1))
+        up = self.up(x)
+        conv, bn, relu = self.convs[0]
+        c = up.shape[1]
+        # conv(cat([up, skip])) computed as the sum of two convs over the halves of its weight:
+        # the same result without materialising the concatenation, which saves ~330 MB of
+        # saved activations at 40 x 192 x 192 and is faster on CPU at full resolution.
+        y = (F.conv2d(up, conv.weight[:, :c], conv.bias, padding=conv.padding)
+             + F.conv2d(skip, conv.weight[:, c:], None, padding=conv.padding))
+        return self.convs[1:](relu(bn(y)))
 
 
 class Decoder(nn.Module):

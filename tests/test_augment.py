@@ -352,3 +352,16 @@ def test_sample_affine_params_ranges():
     assert set(p.k45.tolist()) == set(range(8))
     again = sample_affine_params(5000, _gen(41))
     assert all(torch.equal(a, b) for a, b in zip(p, again, strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares CPU with a CUDA GPU")
+def test_augment_batch_same_on_gpu_as_on_cpu():
+    """The same generator stream gives the same batch on the GPU (random draws stay on the CPU
+    and are copied asynchronously from pinned memory)."""
+    images, labels = _random_batch(12, 64, 64, 4, seed=7)
+    cpu = augment_batch(images, labels, _gen(41), rd_en=True, sigma=5.0, ri_en=True)
+    gpu = augment_batch(images.cuda(), labels.cuda(), _gen(41), rd_en=True, sigma=5.0,
+                        ri_en=True)
+    torch.cuda.synchronize()
+    for a, b in zip(cpu, gpu, strict=True):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)

@@ -71,7 +71,7 @@ def test_segmentation_loss_choice():
 
 ALLOC_PROBE = """
 import resource, sys, torch
-from utils.run import configure_backend
+from utils.device import configure_backend
 if sys.argv[1] == "tuned":
     configure_backend(torch.device("cpu"))
 faults = []

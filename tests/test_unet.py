@@ -11,6 +11,7 @@ from losses.dice import soft_dice_loss
 from models.unet import (
     ConvBNReLU,
     Decoder,
+    DecoderStep,
     Encoder,
     JointUNet,
     ProjectionHead,
@@ -158,6 +159,25 @@ def test_upconv_matches_plain_upsample_then_conv() -> None:
     torch.testing.assert_close(got, expected)
     grads = torch.autograd.grad(got, (x, up.conv.weight, up.conv.bias), g)
     for a, b in zip(grads, grads_plain, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_decoder_step_matches_concatenation() -> None:
+    """DecoderStep's two half-weight convs equal the conv of the concatenated [up, skip], in
+    value and in every gradient (float64)."""
+    torch.manual_seed(3)
+    step = DecoderStep(8, 4, 4, n_convs=2).double()
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(2, 4, 10, 12, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        step.convs[0][0].bias.normal_()
+    inputs = (x, skip, *step.parameters())
+    expected = step.convs(torch.cat([step.up(x), skip], dim=1))
+    g = torch.randn_like(expected)
+    grads_ref = torch.autograd.grad(expected, inputs, g)
+    got = step(x, skip)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), grads_ref, strict=True):
         torch.testing.assert_close(a, b)
 
 

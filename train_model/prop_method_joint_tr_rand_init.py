@@ -35,13 +35,12 @@ from utils.dataset import (  # noqa: E402
     load_slices,
     verify_inputs,
 )
+from utils.device import configure_backend, resolve_device  # noqa: E402
 from utils.joint_training import JointData, JointSettings, joint_iteration  # noqa: E402
 from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
 from utils.run import (  # noqa: E402
     RunLog,
-    configure_backend,
     load_checkpoint,
-    resolve_device,
     save_config,
     seed_everything,
 )

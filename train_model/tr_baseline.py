@@ -31,10 +31,9 @@ from utils.dataset import (  # noqa: E402
     load_slices,
     verify_inputs,
 )
+from utils.device import configure_backend, resolve_device  # noqa: E402
 from utils.run import (  # noqa: E402
     RunLog,
-    configure_backend,
-    resolve_device,
     save_config,
     seed_everything,
 )

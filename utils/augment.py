@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from utils.device import host_to_device
+
 # Per-slice affine choices (drawn uniformly from these five).
 AFF_ROTATE = 0  # rotation by U(-15, 15) degrees
 AFF_SCALE = 1  # isotropic scaling by U(0.95, 1.05), rounded to 2 decimals
@@ -131,18 +133,19 @@ def affine_matrices(
     """
     dev = choice.device
     choice = choice.long()
-    rot = torch.deg2rad(rot_deg.to(dev, torch.float64))
+    rot = torch.deg2rad(host_to_device(rot_deg, dev).to(torch.float64))
     # Exact table for multiples of 45 degrees: cos/sin of 90-degree multiples must be exactly
     # 0/±1 so that the label warp reproduces torch.rot90 bit for bit.
     r = math.sqrt(0.5)
-    cos45 = torch.tensor([1.0, r, 0.0, -r, -1.0, -r, 0.0, r], dtype=torch.float64, device=dev)
-    sin45 = torch.tensor([0.0, r, 1.0, r, 0.0, -r, -1.0, -r], dtype=torch.float64, device=dev)
-    k = k45.to(dev).long() % 8
+    table = torch.tensor([[1.0, r, 0.0, -r, -1.0, -r, 0.0, r], [0.0, r, 1.0, r, 0.0, -r, -1.0, -r]],
+                         dtype=torch.float64)
+    cos45, sin45 = host_to_device(table, dev)
+    k = host_to_device(k45, dev).long() % 8
 
     one = torch.ones(choice.shape, dtype=torch.float64, device=dev)
     zero = torch.zeros_like(one)
-    inv_scale = 1.0 / scale.to(dev, torch.float64)
-    flip_sign = torch.where(flip.to(dev).bool(), -one, one)
+    inv_scale = 1.0 / host_to_device(scale, dev).to(torch.float64)
+    flip_sign = torch.where(host_to_device(flip, dev).bool(), -one, one)
 
     # Matrix [[a, b], [c, d]] in centred pixel coordinates (x right, y down), output -> input.
     # For a content rotation by +t the sampling matrix is [[cos t, -sin t], [sin t, cos t]].
@@ -219,7 +222,8 @@ def affine_augment(
     """
     n, _, h, w = images.shape
     dev = images.device
-    choice, rot_deg, scale, flip, k45 = (t.to(dev) for t in sample_affine_params(n, generator))
+    choice, rot_deg, scale, flip, k45 = (host_to_device(t, dev)
+                                         for t in sample_affine_params(n, generator))
     theta = affine_matrices(choice, rot_deg, scale, flip, k45, h, w)
     img, lab = apply_affine(images, labels_onehot, theta)
 
@@ -326,7 +330,7 @@ def random_deformation(
     if m == 0:
         return images, labels_onehot
     control = torch.randn((m, 2, 3, 3), generator=generator, dtype=torch.float32) * sigma
-    disp = upsample_displacements(control.to(images.device), h, w)
+    disp = upsample_displacements(host_to_device(control, images.device), h, w)
     img_d, lab_d = dense_warp(images[k:], labels_onehot[k:], disp)
     return torch.cat([images[:k], img_d], dim=0), torch.cat([labels_onehot[:k], lab_d], dim=0)
 
@@ -351,8 +355,8 @@ def intensity_augment(images: torch.Tensor, generator: torch.Generator) -> torch
     shift = _uniform(n - half, -0.1, 0.1, generator)
     factor = torch.cat([contrast, torch.ones(n - half, dtype=torch.float64)])
     offset = torch.cat([torch.zeros(half, dtype=torch.float64), shift])
-    factor = factor.to(images.device, images.dtype).view(n, 1, 1, 1)
-    offset = offset.to(images.device, images.dtype).view(n, 1, 1, 1)
+    factor = host_to_device(factor, images.device).to(images.dtype).view(n, 1, 1, 1)
+    offset = host_to_device(offset, images.device).to(images.dtype).view(n, 1, 1, 1)
     return images * factor + offset
 
 

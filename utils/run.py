@@ -14,7 +14,6 @@ Layout of a run directory::
 from __future__ import annotations
 
 import csv
-import ctypes
 import io
 import math
 import os
@@ -27,41 +26,6 @@ import torch
 import yaml
 
 from utils.io import atomic_path, write_text_atomic
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA GPU is visible; "
-                         "use --device auto")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device={name!r}: choose auto, cpu or cuda")
-    return torch.device(name)
-
-
-def configure_backend(device: torch.device) -> None:
-    """Process-wide settings that make training fast on ``device``; call once, before training.
-
-    CPU (Linux, glibc): keep freed memory in the process. By default glibc serves every large
-    tensor with a fresh ``mmap`` and returns it on free, so each step re-faults and re-zeroes
-    gigabytes; at 40 x 1 x 192 x 192 that was ~35 % of a 2-core step (scripts/benchmark.py).
-    One malloc arena keeps the reused heap from fragmenting (peak RSS stays under 4 GB).
-    CUDA: let cuDNN pick the fastest convolution algorithms for the fixed batch shape.
-    """
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl): leave the allocator alone
-        return
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-    mallopt(m_mmap_max, 0)
-    mallopt(m_trim_threshold, 1 << 30)
-    mallopt(m_arena_max, 1)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from utils.augment import affine_augment, set_intensity_augment, to_onehot
+from utils.device import host_to_device
 
 
 def labels_present(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -82,7 +83,7 @@ def draw(index: torch.Tensor, n: int, generator: torch.Generator, what: str) -> 
     if index.numel() == 0:
         raise ValueError(f"no {what} is available to build a joint-training batch")
     pick = torch.randint(index.numel(), (n,), generator=generator)
-    return index[pick.to(index.device)]
+    return index[host_to_device(pick, index.device)]
 
 
 def contrastive_batch(
