@@ -35,6 +35,7 @@ import experiment_init  # noqa: E402
 from losses.dice import soft_dice_loss  # noqa: E402
 from losses.local_contrastive import local_contrastive_loss, sample_positive_indices  # noqa: E402
 from models.unet import JointUNet  # noqa: E402
+from utils.augment import to_onehot  # noqa: E402
 from utils.crf import CRFParams, crf_refine_volume  # noqa: E402
 from utils.device import configure_backend, resolve_device  # noqa: E402
 from utils.evaluation import predict_slices  # noqa: E402
@@ -130,10 +131,12 @@ def main() -> None:
                         help="autocast dtype for the network (GPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--low_memory", action="store_true",
+                        help="as the trainers' --low_memory (glibc's default allocator on CPU)")
     args = parser.parse_args()
     t_imported = time.perf_counter()
     device = resolve_device(args.device)
-    configure_backend(device)
+    configure_backend(device, args.low_memory)
     cfg = experiment_init.load(args.dataset)
     size = cfg.crop_size if not args.quick else (cfg.crop_size[0] // 2, cfg.crop_size[1] // 2)
     repeats = 2 if args.quick else args.repeats
@@ -146,8 +149,9 @@ def main() -> None:
 
     lab_img, lab_lbl = synthetic_slices(40, size, cfg.num_classes, gen)
     unl_img, unl_lbl = synthetic_slices(40, size, cfg.num_classes, gen)
-    lab_img, lab_lbl, unl_img, unl_lbl = (t.to(device) for t in (lab_img, lab_lbl, unl_img,
-                                                                 unl_lbl))
+    lab_img, unl_img = lab_img.to(device), unl_img.to(device)
+    # uint8 label pools, as the trainers keep them (utils.dataset.load_slices)
+    lab_lbl, unl_lbl = lab_lbl.to(device, torch.uint8), unl_lbl.to(device, torch.uint8)
     data = JointData(lab_img, lab_lbl, slices_with_min_labels(lab_lbl, cfg.num_classes, 3),
                      contrastive_index(lab_lbl, cfg.num_classes)[0], unl_img, unl_lbl,
                      contrastive_index(unl_lbl, cfg.num_classes)[0])
@@ -158,7 +162,8 @@ def main() -> None:
     info = {"device": device.type,
             "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "dataset": args.dataset, "batch": f"{n_all}x1x{size[0]}x{size[1]}",
-            "amp": args.amp or "off", "threads": torch.get_num_threads(), "quick": args.quick}
+            "amp": args.amp or "off", "threads": torch.get_num_threads(), "quick": args.quick,
+            "low_memory": args.low_memory}
     print(f"{'figure':<26}{'value':>12}  unit   ({', '.join(f'{k}={v}' for k, v in info.items())})",
           flush=True)
     figures: list[tuple[str, float, str]] = []
@@ -183,7 +188,7 @@ def main() -> None:
 
     batch = torch.cat([lab_img[:n_all // 2], unl_img[: n_all - n_all // 2]]).contiguous(
         memory_format=torch.channels_last)
-    y = F.one_hot(lab_lbl[: s.n_seg], cfg.num_classes).permute(0, 3, 1, 2).float()
+    y = to_onehot(lab_lbl[: s.n_seg], cfg.num_classes)
 
     def network() -> None:
         model.train()
@@ -207,8 +212,7 @@ def main() -> None:
         report("peak_memory", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "GiB")
 
     emb = torch.randn(2 * s.bt_size, 16, *size, device=device, requires_grad=True)
-    onehot = F.one_hot(torch.cat([lab_lbl[: s.bt_size], unl_lbl[: s.bt_size]]),
-                       cfg.num_classes).permute(0, 3, 1, 2).float()
+    onehot = to_onehot(torch.cat([lab_lbl[: s.bt_size], unl_lbl[: s.bt_size]]), cfg.num_classes)
     pos = sample_positive_indices(onehot, s.no_of_pos_eles, gen).to(device)
 
     def vec() -> None:

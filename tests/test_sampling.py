@@ -51,6 +51,9 @@ def test_indexes_match_a_loop():
     want_3 = [i for i in range(30) if len(labels[i].unique()) >= 3]
     assert slices_with_all_classes(labels, 4).tolist() == want_all
     assert slices_with_min_labels(labels, 4, 3).tolist() == want_3
+    # the trainers keep label pools as uint8 (utils.dataset.load_slices): same answers
+    assert torch.equal(labels_present(labels.to(torch.uint8), 4), present)
+    assert slices_with_min_labels(labels.to(torch.uint8), 4, 3).tolist() == want_3
 
 
 def test_contrastive_batch_shapes_and_ranges():

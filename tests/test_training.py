@@ -72,8 +72,7 @@ def test_segmentation_loss_choice():
 ALLOC_PROBE = """
 import resource, sys, torch
 from utils.device import configure_backend
-if sys.argv[1] == "tuned":
-    configure_backend(torch.device("cpu"))
+configure_backend(torch.device("cpu"), low_memory=sys.argv[1] == "low_memory")
 faults = []
 sizes = (10_000_000, 12_000_000, 9_000_000, 16_000_000)  # floats: 36-64 MB, as activations
 for _ in range(5):
@@ -88,8 +87,8 @@ print(sum(faults[1:]))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
 def test_configure_backend_keeps_freed_tensor_memory() -> None:
     """After configure_backend(cpu), repeating a step's large allocations mostly reuses memory
-    the process already holds; with glibc's default every one is a fresh mmap whose pages
-    fault again (~46,000 4 KiB pages per repetition here)."""
+    the process already holds; with low_memory (glibc's default) every one is a fresh mmap
+    whose pages fault again (~46,000 4 KiB pages per repetition here)."""
     root = Path(__file__).resolve().parents[1]
 
     def faults(mode: str) -> int:
@@ -98,6 +97,6 @@ def test_configure_backend_keeps_freed_tensor_memory() -> None:
                                                                    "PYTHONPATH": str(root)})
         return int(out.stdout.strip())
 
-    default = faults("default")
+    default = faults("low_memory")
     assert default > 4 * 40_000  # the probe really allocates fresh pages each time
     assert faults("tuned") < default / 2

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     pair_layout(args.bt_size)  # validates --bt_size before any work
     seed = args.seed if args.seed is not None else args.ver
     device = resolve_device(args.device)
-    configure_backend(device)
+    configure_backend(device, args.low_memory)
     generator = seed_everything(seed)
     baseline_ckpt = find_baseline(cfg, args)
     run_dir = cfg.srt_dir / cfg.dataset / "joint" / run_name(args) / args.loss_reduction

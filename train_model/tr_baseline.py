@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     n_iter = args.n_iter if args.n_iter is not None else cfg.n_iter
     seed = args.seed if args.seed is not None else args.ver
     device = resolve_device(args.device)
-    configure_backend(device)
+    configure_backend(device, args.low_memory)
     generator = seed_everything(seed)
     run_dir = baseline_dir(cfg, args)
     state = open_run_dir(run_dir, args)

@@ -62,7 +62,10 @@ def create_cropped(cfg: ExperimentConfig, subject_ids: list[str], overwrite: boo
 def load_slices(
     cfg: ExperimentConfig, subject_ids: list[str], create_missing: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All slices of the cropped subjects: images (N, 1, CX, CY) float32, labels (N, CX, CY) long.
+    """All slices of the cropped subjects: images (N, 1, CX, CY) float32, labels (N, CX, CY) uint8.
+
+    Labels are kept as uint8 (at most 255 classes): a pool of 52 ACDC volumes holds ~180 MB of
+    int64 labels per copy, and the joint trainer keeps several copies.
 
     Missing cropped volumes are created from the raw data first (same code as
     scripts/create_cropped_imgs.py), so a fresh checkout trains without a separate step.
@@ -87,7 +90,7 @@ def load_slices(
             f"labels of {subject_ids} hold values outside 0..{cfg.num_classes - 1}; check "
             f"num_classes in experiment_init/init_{cfg.dataset}.py"
         )
-    return img_t, lbl_t
+    return img_t, lbl_t.to(torch.uint8)
 
 
 def load_eval_volumes(cfg: ExperimentConfig, subject_ids: list[str]) -> list[EvalVolume]:

@@ -121,7 +121,7 @@ def make_pseudo_labels(
         )
     return PseudoLabelRound(
         images=torch.cat(kept_img),
-        labels=torch.cat(kept_lbl).long(),
+        labels=torch.cat(kept_lbl).to(torch.uint8),  # as the labeled pool (load_slices)
         kept=kept,
         dropped=dropped,
         dice_before_crf=float(np.mean(dice_raw)) if dice_raw else None,

@@ -15,7 +15,7 @@ from utils.device import host_to_device
 def labels_present(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(N, C) bool: which classes occur in each slice of (N, H, W) integer labels."""
     n = labels.shape[0]
-    flat = labels.reshape(n, -1)
+    flat = labels.reshape(n, -1).long()  # scatter_add_ indexes with int64
     counts = torch.zeros(n, num_classes, dtype=torch.long, device=labels.device)
     counts.scatter_add_(1, flat, torch.ones_like(flat))
     return counts > 0

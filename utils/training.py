@@ -64,6 +64,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt_every", type=int, default=200,
                    help="iterations between periodic checkpoints (for --resume)")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("--low_memory", action="store_true",
+                   help="CPU: return freed tensor memory to the OS after use (peak RSS of a "
+                        "joint ACDC run ~0.9 GB lower, steps ~35%% slower)")
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -76,7 +79,7 @@ def baseline_dir(cfg: ExperimentConfig, args: argparse.Namespace) -> Path:
 
 
 # Flags that may differ between an interrupted run and its resumption.
-RESUME_FREE_FLAGS = ("resume", "overwrite", "no_progress", "device", "ckpt_every")
+RESUME_FREE_FLAGS = ("resume", "overwrite", "no_progress", "device", "ckpt_every", "low_memory")
 
 
 class RunFinished(Exception):
