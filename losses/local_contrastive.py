@@ -114,7 +114,7 @@ def sample_positive_indices(
     u = torch.rand(
         (*masks.shape[:2], n_pos), generator=generator, dtype=torch.float64, device=rand_device
     )
-    u = host_to_device(u, device) if u.device != device else u
+    u = host_to_device(u, device)
     rank = torch.floor(u * counts).to(torch.int64)
     # u * count can round up to count itself; keep the rank inside [0, count-1].
     rank = torch.minimum(rank, (counts - 1).clamp(min=0))

@@ -36,10 +36,10 @@ from losses.dice import soft_dice_loss  # noqa: E402
 from losses.local_contrastive import local_contrastive_loss, sample_positive_indices  # noqa: E402
 from models.unet import JointUNet  # noqa: E402
 from utils.augment import to_onehot  # noqa: E402
-from utils.crf import CRFParams, crf_refine_volume  # noqa: E402
+from utils.crf import CRFParams  # noqa: E402
 from utils.device import configure_backend, resolve_device  # noqa: E402
-from utils.evaluation import predict_slices  # noqa: E402
 from utils.joint_training import JointData, JointSettings, joint_iteration  # noqa: E402
+from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
 from utils.sampling import contrastive_index, slices_with_min_labels  # noqa: E402
 from utils.training import NonFiniteGuard  # noqa: E402
 
@@ -152,7 +152,8 @@ def main() -> None:
     lab_img, unl_img = lab_img.to(device), unl_img.to(device)
     # uint8 label pools, as the trainers keep them (utils.dataset.load_slices)
     lab_lbl, unl_lbl = lab_lbl.to(device, torch.uint8), unl_lbl.to(device, torch.uint8)
-    data = JointData(lab_img, lab_lbl, slices_with_min_labels(lab_lbl, cfg.num_classes, 3),
+    data = JointData(lab_img, lab_lbl,
+                     slices_with_min_labels(lab_lbl, cfg.num_classes, cfg.min_labels_dice_slice),
                      contrastive_index(lab_lbl, cfg.num_classes)[0], unl_img, unl_lbl,
                      contrastive_index(unl_lbl, cfg.num_classes)[0])
     model = JointUNet(cfg.num_classes).to(device, memory_format=torch.channels_last)
@@ -213,7 +214,7 @@ def main() -> None:
 
     emb = torch.randn(2 * s.bt_size, 16, *size, device=device, requires_grad=True)
     onehot = to_onehot(torch.cat([lab_lbl[: s.bt_size], unl_lbl[: s.bt_size]]), cfg.num_classes)
-    pos = sample_positive_indices(onehot, s.no_of_pos_eles, gen).to(device)
+    pos = sample_positive_indices(onehot, s.no_of_pos_eles, gen)
 
     def vec() -> None:
         local_contrastive_loss(emb, onehot, pos, reduction="mean").backward()
@@ -231,13 +232,12 @@ def main() -> None:
                              ("contrastive_loss_share", t_vec / t_net, "x")):
         report(fig, value, unit)
 
-    volume = unl_img[:10]
+    pool = {"volume": (unl_img[:10].cpu(), None)}  # the trainer's pool lives on the host
     crf = CRFParams(**cfg.crf_params)
 
     def pseudo() -> None:
         with autocast():
-            probs = predict_slices(model, volume, device)
-        crf_refine_volume(volume[:, 0].cpu().numpy(), probs.float().cpu().numpy(), crf)
+            make_pseudo_labels(model, pool, cfg.num_classes, crf, device, gen, progress=False)
 
     # inner=1: the CRF runs on the CPU and takes about a second; batching calls gains nothing.
     report("pseudo_label_volume", timed(pseudo, repeats, device, inner=1), "s")

@@ -37,6 +37,7 @@ from utils.run import (  # noqa: E402
     save_config,
     seed_everything,
 )
+from utils.sampling import draw  # noqa: E402
 from utils.training import (  # noqa: E402
     BestKeeper,
     NonFiniteGuard,
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     verify_inputs(cfg, labeled_ids, val_ids + cfg.test)
     images, labels = load_slices(cfg, labeled_ids)
     images, labels = images.to(device), labels.to(device)
+    slices = torch.arange(images.shape[0], device=device)  # drawn from with replacement
     keeper = BestKeeper(run_dir, load_eval_volumes(cfg, val_ids), cfg.num_classes, device)
 
     model = UNet(cfg.num_classes).to(device, memory_format=torch.channels_last)
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(range(start_it, n_iter), desc="baseline", disable=args.no_progress,
                dynamic_ncols=True, initial=start_it, total=n_iter)
     for it in bar:
-        idx = torch.randint(images.shape[0], (cfg.batch_size,), generator=generator).to(device)
+        idx = draw(slices, cfg.batch_size, generator, "labeled slice")
         x, y = augment_batch(images[idx], to_onehot(labels[idx], cfg.num_classes), generator,
                              rd_en=bool(args.rd_en), sigma=args.sigma, ri_en=bool(args.ri_en))
         if not args.en_1hot:

@@ -68,7 +68,7 @@ def joint_batch(
         y = F.one_hot(y.argmax(1), s.num_classes).permute(0, 3, 1, 2).float()
     xc, yc = contrastive_batch(data.lab_img, data.lab_lbl, data.lab_index, data.unl_img,
                                data.unl_lbl, data.unl_index, s.bt_size, s.num_classes, generator)
-    pos_idx = sample_positive_indices(yc, s.no_of_pos_eles, generator).to(xc.device)
+    pos_idx = sample_positive_indices(yc, s.no_of_pos_eles, generator)  # on yc's device
     images = torch.cat([x, xc]).contiguous(memory_format=torch.channels_last)
     return images, y, yc, pos_idx
 

@@ -85,6 +85,10 @@ RESUME_FREE_FLAGS = ("resume", "overwrite", "no_progress", "device", "ckpt_every
 class RunFinished(Exception):
     """--resume of a run whose test results are already written."""
 
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(f"{run_dir}: this run has finished already; nothing to resume")
+        self.run_dir = run_dir
+
 
 def open_run_dir(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
     """Create the run directory, or find the state to resume from.
@@ -93,10 +97,10 @@ def open_run_dir(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | No
     flags match the interrupted run's), else None for a fresh start. Never silently replaces a
     previous run's results: an existing directory needs --resume or --overwrite.
     """
-    flags = {k: v for k, v in vars(args).items() if k not in RESUME_FREE_FLAGS}
+    flags = resume_flags(args)
     if getattr(args, "resume", False) and run_dir.is_dir():
         if (run_dir / "test_results" / "summary.json").is_file():
-            raise RunFinished(f"{run_dir}: this run has finished already; nothing to resume")
+            raise RunFinished(run_dir)
         last = run_dir / "checkpoints" / "last.pt"
         if last.is_file():
             state = load_checkpoint(last)
@@ -278,7 +282,7 @@ def run_main(main: Callable[[], None]) -> None:
         main()
     except RunFinished as done:
         print(str(done), flush=True)
-        print(f"run directory: {str(done).split(': ')[0]}", flush=True)
+        print(f"run directory: {done.run_dir}", flush=True)
         sys.exit(0)
     except (ConfigError, DataError, FileNotFoundError, FloatingPointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
