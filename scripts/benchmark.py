@@ -1,14 +1,22 @@
 """Where the time goes: network step, joint step, local loss, pseudo-labels, memory, start-up.
 
     python scripts/benchmark.py [--device auto|cpu|cuda] [--dataset acdc] [--amp bf16|fp16]
-                                [--repeats 5] [--quick]
+                                [--repeats 5] [--quick] [--low_memory] [--reference]
 
 Prints a table and one JSON line per figure, e.g.
 ``{"name": "overhead_ratio", "value": 1.04, "unit": "x", "device": "cpu", ...}``.
-Figures are medians over ``--repeats`` runs after one warm-up run. Synthetic slices of the
-dataset's crop size are used (no data needed); the joint step is the trainer's own
-`utils.joint_training.joint_iteration`. ``--quick`` uses a quarter of the crop area and fewer
-repeats (a smoke run that finishes in about two minutes on two CPU cores).
+Figures are medians over ``--repeats`` runs after one warm-up run; network and joint steps
+are timed alternately and ``overhead_ratio`` is the median ratio of back-to-back pairs.
+``joint_batch`` (batch sampling and augmentation alone) shows the host-side part of the
+overhead. Synthetic slices of the dataset's crop size are used (no data needed); the joint
+step is the trainer's own `utils.joint_training.joint_iteration`. ``--quick`` uses a quarter
+of the crop area and fewer repeats (a smoke run that finishes in about two minutes on two CPU
+cores).
+
+``--reference`` times only the peer the issue measured on another machine: a plain PyTorch U-Net
+of the published shape (`PlainUNet`), 20 images, PyTorch's default settings (no
+`configure_backend`), in channels_last and in the default layout. Its ratio to the peer's
+2.0 s (figure ``machine_factor``) scales figures measured elsewhere to this machine.
 """
 
 from __future__ import annotations
@@ -30,15 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 import experiment_init  # noqa: E402
 from losses.dice import soft_dice_loss  # noqa: E402
 from losses.local_contrastive import local_contrastive_loss, sample_positive_indices  # noqa: E402
-from models.unet import JointUNet  # noqa: E402
+from models.unet import BN_EPS, BN_MOMENTUM, ENCODER_CHANNELS, FEATURE_CHANNELS, JointUNet  # noqa: E402
 from utils.augment import to_onehot  # noqa: E402
 from utils.crf import CRFParams  # noqa: E402
 from utils.device import configure_backend, resolve_device  # noqa: E402
-from utils.joint_training import JointData, JointSettings, joint_iteration  # noqa: E402
+from utils.joint_training import JointData, JointSettings, joint_batch, joint_iteration  # noqa: E402
 from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
 from utils.sampling import contrastive_index, slices_with_min_labels  # noqa: E402
 from utils.training import NonFiniteGuard  # noqa: E402
@@ -94,15 +103,75 @@ def loop_local_loss(emb: torch.Tensor, onehot: torch.Tensor, pos_idx: torch.Tens
     return total / b
 
 
+# The peer the issue measured on a 2-core machine: this plain U-Net, 20 x 1 x 192 x 192,
+# channels_last, one optimizer step. Dividing by it turns a figure from this machine into the
+# peer machine's scale (the original TF code was timed on that machine).
+PEER_REFERENCE_STEP_S = 2.0
+
+
+def _plain_conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=0 if k == 2 else "same"),
+                         nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM),
+                         nn.ReLU(inplace=True))
+
+
+class PlainUNet(nn.Module):
+    """The published U-Net (METHOD section 4) written the plainest way: nearest x2 upsampling,
+    right/bottom pad and a 2x2 conv for each up-convolution, ``torch.cat`` of [up, skip].
+    The speed reference of ``--reference``; ``models.unet.UNet`` computes the same function
+    (tests/test_unet.py loads one's weights into the other), only faster.
+
+    Parameters are registered in the order of ``UNet``'s state_dict, so
+    ``load_state_dict(dict(zip(plain_keys, unet.state_dict().values())))`` transfers weights.
+    x (N, 1, H, W) -> logits (N, num_classes, H, W).
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        chans, prev = ENCODER_CHANNELS, 1
+        self.down = nn.ModuleList()
+        for ch in chans:
+            self.down.append(nn.Sequential(_plain_conv_bn_relu(prev, ch, 3),
+                                           _plain_conv_bn_relu(ch, ch, 3)))
+            prev = ch
+        self.steps = nn.ModuleList()  # (up-conv, convs after the concatenation) per level
+        for level in range(len(chans) - 2, -1, -1):
+            out = FEATURE_CHANNELS if level == 0 else chans[level]
+            convs = [_plain_conv_bn_relu(2 * chans[level], out, 3)]
+            if level > 0:
+                convs.append(_plain_conv_bn_relu(out, out, 3))
+            self.steps.append(nn.ModuleList([_plain_conv_bn_relu(prev, chans[level], 2),
+                                             nn.Sequential(*convs)]))
+            prev = out
+        self.head = nn.Sequential(_plain_conv_bn_relu(FEATURE_CHANNELS, FEATURE_CHANNELS, 3),
+                                  _plain_conv_bn_relu(FEATURE_CHANNELS, FEATURE_CHANNELS, 3),
+                                  nn.Conv2d(FEATURE_CHANNELS, num_classes, 3, padding="same",
+                                            bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, level in enumerate(self.down):
+            x = level(F.max_pool2d(x, 2) if i else x)
+            skips.append(x)
+        x = skips.pop()
+        for up, merge in self.steps:
+            x = F.pad(F.interpolate(x, scale_factor=2.0, mode="nearest"), (0, 1, 0, 1))
+            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the GPU's queued work (device work is asynchronous); no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device,
-          inner: int | None = None) -> float:
-    """Median seconds per call of ``fn`` over ``repeats`` samples after one warm-up call.
+def sample_times(fns: list[Callable[[], object]], repeats: int, device: torch.device,
+                 inner: int | None = None) -> list[list[float]]:
+    """Seconds per call of each of ``fns``: ``repeats`` samples each, after one warm-up call
+    each. The samples are interleaved (fn 0, fn 1, ..., fn 0, fn 1, ...) so that the machine's
+    slow swings in speed (other tenants, clock) hit all functions alike and their ratio is
+    steadier than the ratio of separately taken medians.
 
     On a GPU a sample is 10 consecutive calls and one synchronisation, as the trainer runs
     its iterations (it never waits for the GPU between them except for the non-finite check),
@@ -111,16 +180,49 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device,
     """
     if inner is None:
         inner = 10 if device.type == "cuda" else 1
-    fn()
+    for fn in fns:
+        fn()
     synchronize(device)
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        synchronize(device)
-        times.append((time.perf_counter() - t) / inner)
-    return statistics.median(times)
+        for fn, samples in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            synchronize(device)
+            samples.append((time.perf_counter() - t) / inner)
+    return times
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device,
+          inner: int | None = None) -> float:
+    """Median seconds per call of ``fn`` (see `sample_times`)."""
+    return statistics.median(sample_times([fn], repeats, device, inner)[0])
+
+
+def reference_figures(cfg, size: tuple[int, int], n: int, repeats: int, device: torch.device,
+                      autocast: Callable[[], object],
+                      report: Callable[[str, float, str], None]) -> None:
+    """Time one optimizer step (soft Dice, Adam) of `PlainUNet` on n x 1 x size synthetic
+    slices, in channels_last (figure reference_unet_step) and in the default layout
+    (reference_unet_step_nchw)."""
+    images, labels = synthetic_slices(n, size, cfg.num_classes, torch.Generator().manual_seed(0))
+    y = to_onehot(labels, cfg.num_classes).to(device)
+    for fig, layout in (("reference_unet_step", torch.channels_last),
+                        ("reference_unet_step_nchw", torch.contiguous_format)):
+        ref = PlainUNet(cfg.num_classes).to(device, memory_format=layout)
+        opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+        x = images.to(device).contiguous(memory_format=layout)
+
+        def step(ref: nn.Module = ref, opt: torch.optim.Optimizer = opt,
+                 x: torch.Tensor = x) -> None:
+            with autocast():
+                loss = soft_dice_loss(ref(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        report(fig, timed(step, repeats, device), "s")
 
 
 def main() -> None:
@@ -133,20 +235,45 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--low_memory", action="store_true",
                         help="as the trainers' --low_memory (glibc's default allocator on CPU)")
+    parser.add_argument("--reference", action="store_true",
+                        help="time only PlainUNet, the peer measured on another machine, with "
+                             "PyTorch's default settings; prints machine_factor")
     args = parser.parse_args()
     t_imported = time.perf_counter()
     device = resolve_device(args.device)
-    configure_backend(device, args.low_memory)
     cfg = experiment_init.load(args.dataset)
     size = cfg.crop_size if not args.quick else (cfg.crop_size[0] // 2, cfg.crop_size[1] // 2)
     repeats = 2 if args.quick else args.repeats
-    gen = torch.Generator().manual_seed(0)
     s = JointSettings(num_classes=cfg.num_classes, n_seg=cfg.mtask_bs)
+    n_all = s.n_seg if args.reference else s.n_seg + 2 * s.bt_size
+    info = {"device": device.type,
+            "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "dataset": args.dataset, "batch": f"{n_all}x1x{size[0]}x{size[1]}",
+            "amp": args.amp or "off", "threads": torch.get_num_threads(), "quick": args.quick,
+            "low_memory": args.low_memory or args.reference}
+    print(f"{'figure':<26}{'value':>12}  unit   ({', '.join(f'{k}={v}' for k, v in info.items())})",
+          flush=True)
+    figures: list[tuple[str, float, str]] = []
+
+    def report(fig: str, value: float, unit: str) -> None:
+        # Each row as soon as it is measured: a run cut short still shows what it measured.
+        figures.append((fig, value, unit))
+        print(f"{fig:<26}{value:>12.4f}  {unit}", flush=True)
+
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
     def autocast():
         return torch.autocast(device.type, dtype=amp) if amp else nullcontext()
 
+    if args.reference:
+        # No configure_backend: the peer ran with PyTorch's defaults.
+        reference_figures(cfg, size, n_all, repeats, device, autocast, report)
+        if device.type == "cpu" and not args.quick and tuple(size) == (192, 192):
+            report("machine_factor", figures[0][1] / PEER_REFERENCE_STEP_S, "x")
+        print_json(figures, info)
+        return
+    configure_backend(device, args.low_memory)
+    gen = torch.Generator().manual_seed(0)
     lab_img, lab_lbl = synthetic_slices(40, size, cfg.num_classes, gen)
     unl_img, unl_lbl = synthetic_slices(40, size, cfg.num_classes, gen)
     lab_img, unl_img = lab_img.to(device), unl_img.to(device)
@@ -159,20 +286,6 @@ def main() -> None:
     model = JointUNet(cfg.num_classes).to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     guard = NonFiniteGuard(max_consecutive=10)  # the trainer's check (one sync per step)
-    n_all = s.n_seg + 2 * s.bt_size
-    info = {"device": device.type,
-            "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "dataset": args.dataset, "batch": f"{n_all}x1x{size[0]}x{size[1]}",
-            "amp": args.amp or "off", "threads": torch.get_num_threads(), "quick": args.quick,
-            "low_memory": args.low_memory}
-    print(f"{'figure':<26}{'value':>12}  unit   ({', '.join(f'{k}={v}' for k, v in info.items())})",
-          flush=True)
-    figures: list[tuple[str, float, str]] = []
-
-    def report(fig: str, value: float, unit: str) -> None:
-        # Each row as soon as it is measured: a run cut short still shows what it measured.
-        figures.append((fig, value, unit))
-        print(f"{fig:<26}{value:>12.4f}  {unit}", flush=True)
 
     def joint() -> None:
         with autocast():
@@ -200,11 +313,16 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    t_net = timed(network, repeats, device)
+    # Interleaved: the ratio is that of back-to-back pairs of steps (median over pairs).
+    net_times, joint_times = sample_times([network, joint], repeats, device)
+    t_net = statistics.median(net_times)
     report("network_step", t_net, "s")
-    t_joint = timed(joint, repeats, device)
-    report("joint_step", t_joint, "s")
-    report("overhead_ratio", t_joint / t_net, "x")
+    report("joint_step", statistics.median(joint_times), "s")
+    report("overhead_ratio",
+           statistics.median(j / n for n, j in zip(net_times, joint_times, strict=True)), "x")
+    # The host-side share of the overhead, timed alone: its few per cent are below the noise of
+    # the ratio on a shared CPU.
+    report("joint_batch", timed(lambda: joint_batch(data, s, gen), repeats, device), "s")
     # Peak of a process that has run joint steps, as the trainer does; taken before the loop
     # reference below, which the trainer never runs.
     if device.type == "cuda":
@@ -241,6 +359,11 @@ def main() -> None:
 
     # inner=1: the CRF runs on the CPU and takes about a second; batching calls gains nothing.
     report("pseudo_label_volume", timed(pseudo, repeats, device, inner=1), "s")
+    print_json(figures, info)
+
+
+def print_json(figures: list[tuple[str, float, str]], info: dict[str, object]) -> None:
+    """One JSON line per figure, with the run's settings."""
     for fig, value, unit in figures:
         print(json.dumps({"name": fig, "value": round(value, 6), "unit": unit, **info}))
 

@@ -288,3 +288,28 @@ def test_unet_overfits_single_image() -> None:
     print(f"Dice loss step 1: {losses[0]:.4f}, step 10: {losses[-1]:.4f}")
     assert losses[-1] < 0.25 * losses[0]
     assert losses[-1] < 0.1
+
+
+def test_unet_matches_plain_reference_unet() -> None:
+    """End to end, UNet (sub-pixel up-convolutions, split decoder convs) computes the function
+    of the benchmark's PlainUNet (upsample + pad + 2x2 conv, torch.cat) with the same weights:
+    logits and every parameter gradient (float64, training mode)."""
+    from scripts.benchmark import PlainUNet
+
+    torch.manual_seed(4)
+    ours, plain = UNet(3).double(), PlainUNet(3).double()
+    ours_sd, plain_keys = ours.state_dict(), list(plain.state_dict())
+    assert [v.shape for v in ours_sd.values()] == [plain.state_dict()[k].shape
+                                                   for k in plain_keys]
+    with torch.no_grad():  # non-zero biases, so a misplaced bias would show
+        for p in ours.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    plain.load_state_dict(dict(zip(plain_keys, ours.state_dict().values(), strict=True)))
+    x = torch.randn(2, 1, 64, 96, dtype=torch.float64)
+    out, ref = ours(x), plain(x)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(ours.parameters()), g)
+    grads_ref = torch.autograd.grad(ref, list(plain.parameters()), g)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b)
