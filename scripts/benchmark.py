@@ -200,8 +200,8 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device,
     return statistics.median(sample_times([fn], repeats, device, inner)[0])
 
 
-def reference_figures(cfg, size: tuple[int, int], n: int, repeats: int, device: torch.device,
-                      autocast: Callable[[], object],
+def reference_figures(cfg: experiment_init.ExperimentConfig, size: tuple[int, int], n: int,
+                      repeats: int, device: torch.device, autocast: Callable[[], object],
                       report: Callable[[str, float, str], None]) -> None:
     """Time one optimizer step (soft Dice, Adam) of `PlainUNet` on n x 1 x size synthetic
     slices, in channels_last (figure reference_unet_step) and in the default layout
