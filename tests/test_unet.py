@@ -298,13 +298,13 @@ def test_unet_matches_plain_reference_unet() -> None:
 
     torch.manual_seed(4)
     ours, plain = UNet(3).double(), PlainUNet(3).double()
-    ours_sd, plain_keys = ours.state_dict(), list(plain.state_dict())
-    assert [v.shape for v in ours_sd.values()] == [plain.state_dict()[k].shape
-                                                   for k in plain_keys]
+    ours_sd, plain_sd = ours.state_dict(), plain.state_dict()
+    assert [v.shape for v in ours_sd.values()] == [v.shape for v in plain_sd.values()]
     with torch.no_grad():  # non-zero biases, so a misplaced bias would show
         for p in ours.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    plain.load_state_dict(dict(zip(plain_keys, ours.state_dict().values(), strict=True)))
+    # state_dict tensors share the parameters' storage: ours_sd holds the perturbed values
+    plain.load_state_dict(dict(zip(plain_sd, ours_sd.values(), strict=True)))
     x = torch.randn(2, 1, 64, 96, dtype=torch.float64)
     out, ref = ours(x), plain(x)
     torch.testing.assert_close(out, ref)
