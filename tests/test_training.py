@@ -100,3 +100,30 @@ def test_configure_backend_keeps_freed_tensor_memory() -> None:
     default = faults("low_memory")
     assert default > 4 * 40_000  # the probe really allocates fresh pages each time
     assert faults("tuned") < default / 2
+
+
+TRIM_PROBE = """
+import torch
+from utils.device import configure_backend, release_freed_memory
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
+configure_backend(torch.device("cpu"))
+kept = [torch.empty(n).fill_(1.0) for n in (20_000_000, 30_000_000, 25_000_000)]  # 300 MB
+small = torch.ones(1000)  # allocated after them, as the pools and logs of a run
+del kept
+before = rss_mb()
+release_freed_memory()
+print(before, rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator")
+def test_release_freed_memory_returns_kept_pages() -> None:
+    """Memory configure_backend keeps after a phase stays resident until
+    release_freed_memory hands its pages back."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], cwd=root, check=True,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    before, after = map(float, out.stdout.split())
+    assert before - after > 250, (before, after)

@@ -18,7 +18,9 @@ from models.unet import (
     SegHead,
     UNet,
     UpConvBNReLU,
+    bn_relu_conv,
     count_parameters,
+    max_pool2x2,
 )
 
 
@@ -196,6 +198,99 @@ def test_joint_split_gradients_match_slicing() -> None:
         torch.testing.assert_close(a, b)
 
 
+def _saved_sizes(fn) -> list[int]:
+    """numel of every tensor autograd saves while ``fn()`` runs (one entry per storage)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sorted(seen.values())
+
+
+@pytest.mark.parametrize("kernel, padding, pad_rb", [(3, 1, False), (1, 0, False), (2, 0, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_relu_conv_matches_layers(kernel, padding, pad_rb, channels_last) -> None:
+    """Training mode: bn_relu_conv gives the value, every gradient and the batch-norm running
+    statistics of BatchNorm2d + ReLU + pad + conv2d (float64), while keeping only its input,
+    not the activation, for backward."""
+    torch.manual_seed(5)
+    layers = [nn.BatchNorm2d(6, eps=1e-3, momentum=0.01).double() for _ in range(2)]
+    with torch.no_grad():
+        layers[0].weight.normal_()
+        layers[0].bias.normal_()
+        layers[0].running_mean.normal_()
+    layers[1].load_state_dict(layers[0].state_dict())
+    w = torch.randn(4, 6, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 6, 9, 11, dtype=torch.float64) + 0.5
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    y.requires_grad_(True)
+
+    def plain():
+        z = F.relu(layers[1](y))
+        return F.conv2d(F.pad(z, (0, 1, 0, 1)) if pad_rb else z, w, b, padding=padding)
+
+    expected, saved_plain = _saved_sizes(plain)
+    got, saved = _saved_sizes(lambda: bn_relu_conv(y, layers[0], w, b, padding, pad_rb))
+    torch.testing.assert_close(got, expected)
+    g = torch.randn_like(expected)
+    inputs = (y, w, b, layers[0].weight, layers[0].bias)
+    inputs_ref = (y, w, b, layers[1].weight, layers[1].bias)
+    for a, ref in zip(torch.autograd.grad(got, inputs, g),
+                      torch.autograd.grad(expected, inputs_ref, g), strict=True):
+        torch.testing.assert_close(a, ref)
+    for key, ref in layers[1].state_dict().items():
+        torch.testing.assert_close(layers[0].state_dict()[key], ref, msg=key)
+    big = [n for n in saved if n >= y.numel()]
+    assert big == [y.numel()]  # the input only
+    assert len([n for n in saved_plain if n >= y.numel()]) >= 2  # autograd keeps the activation
+
+
+def test_bn_relu_conv_runs_layers_outside_training() -> None:
+    """In eval mode and without grad it is the plain composition (running statistics used,
+    not updated)."""
+    torch.manual_seed(6)
+    bn = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+    w = torch.randn(2, 3, 3, 3)
+    y = torch.randn(2, 3, 8, 8)
+    stats = bn.running_mean.clone()
+    torch.testing.assert_close(bn_relu_conv(y, bn, w, None, 1),
+                               F.conv2d(F.relu(bn(y)), w, None, padding=1))
+    bn.train()
+    with torch.no_grad():
+        out = bn_relu_conv(y, bn, w, None, 1)
+    assert out.shape == (2, 2, 8, 8)
+    assert not torch.equal(bn.running_mean, stats)  # no-grad training still updates, as nn does
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool2x2_matches_native_gradient_with_ties(channels_last) -> None:
+    """max_pool2x2 gives F.max_pool2d's value and gradient, also where a window holds its
+    maximum twice (the gradient goes to one of them), and saves no index tensor."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, 8, 10, dtype=torch.float64).clamp_min(0)  # ReLU-like: tied zeros
+    x[:, :, 2, 2] = x[:, :, 3, 3] = 5.0  # a positive tie inside one window
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    expected, saved_ref = _saved_sizes(lambda: F.max_pool2d(x, 2))
+    got, saved = _saved_sizes(lambda: max_pool2x2(x))
+    torch.testing.assert_close(got, expected)
+    g = torch.randn_like(expected)
+    (grad,) = torch.autograd.grad(got, x, g)
+    (grad_ref,) = torch.autograd.grad(expected, x, g)
+    assert torch.equal(grad, grad_ref)
+    assert (grad[:, :, 2:4, 2:4] != 0).sum() == 2 * 3  # one entry per window, not both ties
+    assert saved == [x.numel()] and len(saved_ref) == 2
+
+
 def test_convbnrelu_nonnegative_and_same_size() -> None:
     out = ConvBNReLU(3, 8)(torch.randn(2, 3, 10, 12))
     assert out.shape == (2, 8, 10, 12)
@@ -308,6 +403,8 @@ def test_unet_matches_plain_reference_unet() -> None:
     x = torch.randn(2, 1, 64, 96, dtype=torch.float64)
     out, ref = ours(x), plain(x)
     torch.testing.assert_close(out, ref)
+    for (key, a), b in zip(ours.state_dict().items(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=key)  # batch-norm running statistics
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, list(ours.parameters()), g)
     grads_ref = torch.autograd.grad(ref, list(plain.parameters()), g)

@@ -35,7 +35,7 @@ from utils.dataset import (  # noqa: E402
     load_slices,
     verify_inputs,
 )
-from utils.device import configure_backend, resolve_device  # noqa: E402
+from utils.device import configure_backend, release_freed_memory, resolve_device  # noqa: E402
 from utils.joint_training import JointData, JointSettings, joint_iteration  # noqa: E402
 from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
 from utils.run import (  # noqa: E402
@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                 "pseudo_dice_after_crf": pseudo.dice_after_crf}
             log.log(first_it, round=rnd + 1, pseudo_kept=len(pseudo.kept), **quality)
 
+        release_freed_memory()  # of the pseudo-labelling, before training grows the heap
         begin = max(first_it, start_it)
         bar = tqdm(range(begin, first_it + n_iter), desc=f"joint round {rnd + 1}",
                    disable=args.no_progress, dynamic_ncols=True, initial=begin - first_it,
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                 log.flush()
                 bar.set_postfix(dice=f"{loss_seg.item():.3f}", lcl=f"{loss_lcl.item():.3f}",
                                 val=f"{val:.3f}", best=f"{keeper.best_score:.3f}")
+                release_freed_memory()  # of the validation
             if (it + 1) % args.ckpt_every == 0 or last:
                 # pseudo-labels without their images (those are re-read from the pool)
                 kept = replace(pseudo, images=torch.empty(0), labels=pseudo.labels.cpu())
