@@ -26,8 +26,9 @@ def configure_backend(device: torch.device, low_memory: bool = False) -> None:
     tensor with a fresh ``mmap`` and returns it on free, so each step re-faults and re-zeroes
     gigabytes; at 40 x 1 x 192 x 192 that was ~35 % of a 2-core step (scripts/benchmark.py).
     One malloc arena limits the fragmentation of the reused heap, which still costs memory: a
-    joint ACDC-sized run peaked at 4.6 GB instead of 3.7 GB (and took 3:26 instead of 4:01 for
-    11 iterations with pseudo-labels and evaluation). ``low_memory`` keeps glibc's default.
+    joint ACDC-sized run peaked at 3.8-3.9 GB instead of 2.9 GB (and took 3:29-3:48 instead of
+    4:04 for 11 iterations with pseudo-labels and evaluation; README, Performance).
+    ``low_memory`` keeps glibc's default.
     CUDA: cuDNN's algorithm autotuning stays off: on an H200 it made the first step 15 s
     instead of 0.6 s and later steps 2 % faster (21.4 vs 21.8 ms at 40 x 1 x 192 x 192).
     """

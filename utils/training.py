@@ -66,7 +66,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     p.add_argument("--low_memory", action="store_true",
                    help="CPU: return freed tensor memory to the OS after use (peak RSS of a "
-                        "joint ACDC run ~0.9 GB lower, steps ~35%% slower)")
+                        "joint ACDC run ~1 GB lower, steps ~35%% slower)")
 
 
 def run_name(args: argparse.Namespace) -> str:
