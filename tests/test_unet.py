@@ -198,8 +198,9 @@ def test_joint_split_gradients_match_slicing() -> None:
         torch.testing.assert_close(a, b)
 
 
-def _saved_sizes(fn) -> list[int]:
-    """numel of every tensor autograd saves while ``fn()`` runs (one entry per storage)."""
+def _saved_sizes(fn) -> tuple[torch.Tensor, list[int]]:
+    """``fn()``'s result and the numel of every tensor autograd saved while it ran (one entry
+    per storage, sorted)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -252,8 +253,8 @@ def test_bn_relu_conv_matches_layers(kernel, padding, pad_rb, channels_last) -> 
 
 
 def test_bn_relu_conv_runs_layers_outside_training() -> None:
-    """In eval mode and without grad it is the plain composition (running statistics used,
-    not updated)."""
+    """In eval mode it is the plain composition with the running statistics; in training mode
+    without grad it still updates them, as nn.BatchNorm2d does."""
     torch.manual_seed(6)
     bn = nn.BatchNorm2d(3).eval()
     with torch.no_grad():
