@@ -304,8 +304,12 @@ class DecoderStep(nn.Module):
             y = bn_relu_conv(y, prev[1], block[0].weight, block[0].bias, _same(block[0]))
         return y
 
+    def activate(self, y: torch.Tensor) -> torch.Tensor:
+        """relu(out_bn(y)): the step's output from ``pre_activation``'s."""
+        return self.convs[-1][2](self.out_bn(y))
+
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.convs[-1][2](self.out_bn(self.pre_activation(x, None, skip)))
+        return self.activate(self.pre_activation(x, None, skip))
 
 
 class Decoder(nn.Module):
@@ -337,7 +341,7 @@ class Decoder(nn.Module):
         x, bn = skips[-1], None
         for step, skip in zip(self.steps, reversed(skips[:-1]), strict=True):
             x, bn = step.pre_activation(x, bn, skip), step.out_bn
-        return self.steps[-1].convs[-1][2](bn(x))
+        return self.steps[-1].activate(x)
 
 
 class SegHead(nn.Module):

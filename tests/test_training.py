@@ -69,6 +69,15 @@ def test_segmentation_loss_choice():
         logits, y, torch.tensor([0.1, 0.3, 0.3, 0.3]))
 
 
+def _run_probe(source: str, *argv: str) -> str:
+    """stdout of ``python -c source argv...`` in a fresh process (its own allocator state),
+    with the repository importable."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-c", source, *argv], cwd=root, check=True,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}).stdout
+
+
 ALLOC_PROBE = """
 import resource, sys, torch
 from utils.device import configure_backend
@@ -89,13 +98,9 @@ def test_configure_backend_keeps_freed_tensor_memory() -> None:
     """After configure_backend(cpu), repeating a step's large allocations mostly reuses memory
     the process already holds; with low_memory (glibc's default) every one is a fresh mmap
     whose pages fault again (~46,000 4 KiB pages per repetition here)."""
-    root = Path(__file__).resolve().parents[1]
 
     def faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", ALLOC_PROBE, mode], cwd=root, check=True,
-                             capture_output=True, text=True, env={**os.environ,
-                                                                   "PYTHONPATH": str(root)})
-        return int(out.stdout.strip())
+        return int(_run_probe(ALLOC_PROBE, mode).strip())
 
     default = faults("low_memory")
     assert default > 4 * 40_000  # the probe really allocates fresh pages each time
@@ -121,9 +126,5 @@ print(before, rss_mb())
 def test_release_freed_memory_returns_kept_pages() -> None:
     """Memory configure_backend keeps after a phase stays resident until
     release_freed_memory hands its pages back."""
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], cwd=root, check=True,
-                         capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(root)})
-    before, after = map(float, out.stdout.split())
+    before, after = map(float, _run_probe(TRIM_PROBE).split())
     assert before - after > 250, (before, after)

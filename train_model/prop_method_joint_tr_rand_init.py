@@ -232,7 +232,6 @@ def main(argv: list[str] | None = None) -> None:
                 log.flush()
                 bar.set_postfix(dice=f"{loss_seg.item():.3f}", lcl=f"{loss_lcl.item():.3f}",
                                 val=f"{val:.3f}", best=f"{keeper.best_score:.3f}")
-                release_freed_memory()  # of the validation
             if (it + 1) % args.ckpt_every == 0 or last:
                 # pseudo-labels without their images (those are re-read from the pool)
                 kept = replace(pseudo, images=torch.empty(0), labels=pseudo.labels.cpu())

@@ -31,7 +31,7 @@ from utils.dataset import (  # noqa: E402
     load_slices,
     verify_inputs,
 )
-from utils.device import configure_backend, release_freed_memory, resolve_device  # noqa: E402
+from utils.device import configure_backend, resolve_device  # noqa: E402
 from utils.run import (  # noqa: E402
     RunLog,
     save_config,
@@ -119,7 +119,6 @@ def main(argv: list[str] | None = None) -> None:
             log.flush()
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}",
                             best=f"{keeper.best_score:.3f}")
-            release_freed_memory()  # of the validation (utils.device)
         if (it + 1) % args.ckpt_every == 0 or it == n_iter - 1:
             save_progress(run_dir, args, it, model, optimizer, keeper, guard, log, generator)
     finish_run(model, keeper, guard, log, cfg, run_dir, device, not args.no_progress, start)

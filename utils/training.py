@@ -18,6 +18,7 @@ from experiment_init import ConfigError, ExperimentConfig
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
 from utils.dataset import load_eval_volumes
+from utils.device import release_freed_memory
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
 from utils.io import DataError
 from utils.run import (
@@ -143,7 +144,11 @@ def segmentation_loss(
 
 
 class BestKeeper:
-    """Validate in native resolution and keep the checkpoint with the best mean Dice (strict)."""
+    """Validate in native resolution and keep the checkpoint with the best mean Dice (strict).
+
+    Each validation ends by handing the memory it freed back to the OS
+    (``utils.device.release_freed_memory``), so it does not stay resident under training.
+    """
 
     def __init__(self, run_dir: Path, volumes: list[EvalVolume], num_classes: int,
                  device: torch.device) -> None:
@@ -166,6 +171,7 @@ class BestKeeper:
                 "val_dice": score,
                 **(extra or {}),
             })
+        release_freed_memory()
         return score
 
 
