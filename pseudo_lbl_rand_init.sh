@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
   case $name in
     data_aug|temp_fac|bbox_dim|pretr_n_iter|pretr_dir|local_loss_exp_no|lamda_local|\
     no_of_neg_eles|no_of_pos_eles|bt_size|test_aug_overlap|test_f1_threshold|n_rounds|\
-    n_iter_per_round|loss_reduction) joint+=("$arg" ${value[@]+"${value[@]}"}) ;;
+    n_iter_per_round|loss_reduction|crf) joint+=("$arg" ${value[@]+"${value[@]}"}) ;;
     n_iter) base_only+=("$arg" ${value[@]+"${value[@]}"}) ;;
     *) common+=("$arg" ${value[@]+"${value[@]}"}) ;;
   esac

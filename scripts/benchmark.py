@@ -47,9 +47,13 @@ from models.unet import BN_EPS, BN_MOMENTUM, ENCODER_CHANNELS, FEATURE_CHANNELS,
 from utils.augment import to_onehot  # noqa: E402
 from utils.crf import CRFParams  # noqa: E402
 from utils.device import configure_backend, resolve_device  # noqa: E402
-from utils.joint_training import JointData, JointSettings, joint_batch, joint_iteration  # noqa: E402
+from utils.joint_training import (  # noqa: E402
+    JointSettings,
+    build_joint_data,
+    joint_batch,
+    joint_iteration,
+)
 from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
-from utils.sampling import contrastive_index, slices_with_min_labels  # noqa: E402
 from utils.training import NonFiniteGuard  # noqa: E402
 
 
@@ -282,10 +286,8 @@ def main() -> None:
     lab_img, unl_img = lab_img.to(device), unl_img.to(device)
     # uint8 label pools, as the trainers keep them (utils.dataset.load_slices)
     lab_lbl, unl_lbl = lab_lbl.to(device, torch.uint8), unl_lbl.to(device, torch.uint8)
-    data = JointData(lab_img, lab_lbl,
-                     slices_with_min_labels(lab_lbl, cfg.num_classes, cfg.min_labels_dice_slice),
-                     contrastive_index(lab_lbl, cfg.num_classes)[0], unl_img, unl_lbl,
-                     contrastive_index(unl_lbl, cfg.num_classes)[0])
+    data, _ = build_joint_data(lab_img, lab_lbl, unl_img, unl_lbl, cfg.num_classes,
+                               cfg.min_labels_dice_slice)
     model = JointUNet(cfg.num_classes).to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     guard = NonFiniteGuard(max_consecutive=10)  # the trainer's check (one sync per step)

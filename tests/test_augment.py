@@ -277,32 +277,52 @@ def test_upsampled_field_equals_control_points(hw):
 # ---------------------------------------------------------------------------- intensity
 
 
+def _contrast_loop(img: np.ndarray, f: float) -> np.ndarray:
+    """tf.image.adjust_contrast of one single-channel image, written out."""
+    m = img.sum() / img.size
+    return (img - m) * f + m
+
+
 @pytest.mark.parametrize("n", [10, 7])
-def test_intensity_ranges(n):
-    images = torch.rand(n, 1, 16, 16, generator=_gen(11)) + 0.5
+def test_intensity_one_draw_per_batch_contrast_about_each_mean(n):
+    images = torch.rand(n, 1, 16, 16, generator=_gen(11), dtype=torch.float64) + 0.5
+    images += torch.arange(n, dtype=torch.float64).view(n, 1, 1, 1)  # distinct means
     out = intensity_augment(images, _gen(12))
     half = n // 2
-    ratio = out[:half] / images[:half]
-    factor = ratio.flatten(1)[:, 0]
-    torch.testing.assert_close(ratio, factor.view(-1, 1, 1, 1).expand_as(ratio))
-    assert torch.all((factor >= 0.8) & (factor <= 1.2))
+    # first half: one factor for the batch, about each image's own mean
+    dev = images[:half] - images[:half].mean(dim=(-2, -1), keepdim=True)
+    ratio = (out[:half] - images[:half].mean(dim=(-2, -1), keepdim=True)) / dev
+    f = ratio.flatten()[0]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, f.item()), atol=1e-4, rtol=0)
+    assert 0.8 <= f.item() <= 1.2
+    for i in range(half):
+        np.testing.assert_allclose(out[i, 0].numpy(), _contrast_loop(images[i, 0].numpy(),
+                                                                     f.item()), atol=1e-5)
+    # the means are kept (a multiplication about 0 would scale them)
+    torch.testing.assert_close(out[:half].mean(dim=(-2, -1)), images[:half].mean(dim=(-2, -1)))
+    # second half: one brightness shift for the batch
     diff = out[half:] - images[half:]
-    shift = diff.flatten(1)[:, 0]
-    torch.testing.assert_close(diff, shift.view(-1, 1, 1, 1).expand_as(diff), atol=1e-6, rtol=0)
-    assert torch.all(shift.abs() <= 0.1)
-    # per-slice draws, not one value for the batch
-    assert factor.unique().numel() == half and shift.unique().numel() == n - half
+    b = diff.flatten()[0].item()
+    torch.testing.assert_close(diff, torch.full_like(diff, b), atol=1e-5, rtol=0)
+    assert abs(b) <= 0.1
 
 
-def test_set_intensity_single_affine_map_and_clipping():
-    images = 0.4 + 0.2 * torch.rand(5, 1, 16, 16, generator=_gen(13))  # no clipping possible
+def test_set_intensity_single_map_per_set_about_each_mean_and_clipping():
+    images = 0.4 + 0.2 * torch.rand(5, 1, 16, 16, generator=_gen(13), dtype=torch.float64)
+    images[2] += 0.1  # another mean; no clipping possible
     out = set_intensity_augment(images, _gen(14))
-    x, y = images.flatten(), out.flatten()
-    c = (y[0] - y[1]) / (x[0] - x[1])
-    b = y[0] / c - x[0]
-    # one brightness then one contrast for the whole set
-    torch.testing.assert_close(y, (x + b) * c, atol=1e-5, rtol=0)
-    assert 0.7 <= c.item() <= 1.3 and -0.3 <= b.item() <= 0.3
+    mean_in = images.mean(dim=(-2, -1), keepdim=True)
+    mean_out = out.mean(dim=(-2, -1), keepdim=True)
+    # brightness b then contrast c about the (shifted) mean: out - mean_out = c (x - mean_in)
+    # and mean_out = mean_in + b, with one c and one b for the whole set
+    c = ((out - mean_out) / (images - mean_in)).flatten()
+    torch.testing.assert_close(c, torch.full_like(c, c[0].item()), atol=1e-3, rtol=0)
+    b = (mean_out - mean_in).flatten()
+    torch.testing.assert_close(b, torch.full_like(b, b[0].item()), atol=1e-5, rtol=0)
+    assert 0.7 <= c[0].item() <= 1.3 and -0.3 <= b[0].item() <= 0.3
+    for i in range(5):
+        want = _contrast_loop(images[i, 0].numpy() + b[0].item(), c[0].item())
+        np.testing.assert_allclose(out[i, 0].numpy(), want, atol=1e-4)
     wide = torch.linspace(-1.0, 3.0, 5 * 16 * 16).view(5, 1, 16, 16)
     clipped = set_intensity_augment(wide, _gen(14))
     assert clipped.min() == 0.0 and clipped.max() == 1.5

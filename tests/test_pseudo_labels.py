@@ -76,3 +76,40 @@ def test_augmentation_overlap_selects_consistent_volumes():
 
 def crf_params_for(dataset: str) -> CRFParams:
     return CRFParams(**experiment_init.load(dataset).crf_params)
+
+
+class FixedLogits(torch.nn.Module):
+    """Returns the same logits for every call (one slice's worth, repeated over the batch)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, x):
+        return self.logits.expand(x.shape[0], -1, -1, -1)
+
+
+def test_crf_off_gives_the_argmax_and_unsure_share_is_counted():
+    # 3 classes on 8 x 8: background sure, a class-1 block half sure (softmax 0.999) and half
+    # unsure (0.6), one class-2 pixel unsure
+    logits = torch.zeros(1, 3, 8, 8)
+    logits[0, 0] = 10.0
+    sure = torch.log(torch.tensor([0.0005, 0.999, 0.0005]))
+    unsure = torch.log(torch.tensor([0.2, 0.6, 0.2]))
+    for r in range(2, 6):
+        for c in range(2, 6):
+            logits[0, :, r, c] = sure if c < 4 else unsure
+    logits[0, :, 0, 0] = torch.log(torch.tensor([0.1, 0.3, 0.6]))
+    images = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    gt = logits.argmax(1).expand(2, -1, -1).clone()
+    out = make_pseudo_labels(FixedLogits(logits), {"001": (images, gt)}, 3,
+                             crf_params_for("acdc"), torch.device("cpu"),
+                             torch.Generator().manual_seed(0), progress=False, use_crf=False)
+    assert torch.equal(out.labels.long(), gt)  # no CRF: exactly the argmax
+    assert out.dice_after_crf == out.dice_before_crf == 1.0
+    # foreground pixels: 16 + 1 per slice; unsure: 8 + 1 per slice
+    assert out.unsure_foreground == pytest.approx(9 / 17)
+    with_crf = make_pseudo_labels(FixedLogits(logits), {"001": (images, gt)}, 3,
+                                  crf_params_for("acdc"), torch.device("cpu"),
+                                  torch.Generator().manual_seed(0), progress=False)
+    assert not torch.equal(with_crf.labels.long(), gt)  # the CRF changes the unsure pixels

@@ -5,11 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from utils.joint_training import JointData, JointSettings, joint_batch
 from utils.sampling import (
+    LABELED_DRAW_FACTOR,
     contrastive_batch,
     contrastive_index,
+    first_eligible,
     labels_present,
     pair_layout,
+    pick_joint_slices,
     slices_with_all_classes,
     slices_with_min_labels,
 )
@@ -56,21 +60,6 @@ def test_indexes_match_a_loop():
     assert slices_with_min_labels(labels.to(torch.uint8), 4, 3).tolist() == want_3
 
 
-def test_contrastive_batch_shapes_and_ranges():
-    gen = torch.Generator().manual_seed(1)
-    lab = torch.zeros(8, 32, 32, dtype=torch.long)
-    lab[:, 8:24, 8:24] = 1
-    lab[:, 12:20, 12:20] = 2
-    img = lab[:, None].float() / 2
-    idx = slices_with_all_classes(lab, 3)
-    x, y = contrastive_batch(img, lab, idx, img + 0.1, lab, idx, 10, 3, gen)
-    assert x.shape == (20, 1, 32, 32) and y.shape == (20, 3, 32, 32)
-    assert x.min() >= 0 and x.max() <= 1.5
-    torch.testing.assert_close(y.sum(1), torch.ones(20, 32, 32))
-    with pytest.raises(ValueError, match="pseudo-labeled slice"):
-        contrastive_batch(img, lab, idx, img, lab, idx[:0], 10, 3, gen)
-
-
 def test_contrastive_index_falls_back_to_the_most_complete_slices():
     labels = torch.zeros(5, 4, 4, dtype=torch.long)
     labels[1, 0, 0], labels[1, 0, 1] = 1, 2  # three labels
@@ -82,3 +71,155 @@ def test_contrastive_index_falls_back_to_the_most_complete_slices():
     assert complete and idx.tolist() == [4]
     idx, complete = contrastive_index(torch.zeros(3, 4, 4, dtype=torch.long), 4)
     assert idx.numel() == 0 and not complete
+
+
+def test_pair_layout_intra_pairs_each_slice_with_itself():
+    for b in (2, 10):
+        first, second = pair_layout(b, inter_image=False)
+        assert first.tolist() == second.tolist() == list(range(b))
+
+
+# ------------------------------------------------------------- pools whose origin can be read
+H = W = 32
+C = 3
+
+
+def _pool(n: int, base: float, seed: int, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n slices; each label map holds every class at a position that encodes the pool and the
+    slice, and
+    each image is base + 0.02 * label + a faint texture of its own (values in [base, base +
+    0.05], so the contrastive intensity changes never clip)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(n, H, W, dtype=torch.uint8)
+    for i in range(n):
+        labels[i, 2 + i: 12 + i, 3:13] = 1
+        labels[i, 16 + pool:26 + pool, 2 + 2 * i: 10 + 2 * i] = 2
+    texture = 0.01 * torch.rand(n, 1, H, W, generator=gen)
+    images = base + 0.02 * labels[:, None].float() + texture
+    return images, labels
+
+
+LAB_BASE, UNL_BASE = 0.40, 0.65
+
+
+def _data(n_lab: int = 6, n_unl: int = 7) -> JointData:
+    lab_img, lab_lbl = _pool(n_lab, LAB_BASE, 1, 0)
+    unl_img, unl_lbl = _pool(n_unl, UNL_BASE, 2, 3)
+    return JointData(lab_img, lab_lbl, slices_with_min_labels(lab_lbl, C, 2),
+                     slices_with_all_classes(lab_lbl, C), unl_img, unl_lbl,
+                     slices_with_all_classes(unl_lbl, C))
+
+
+def _source(image: torch.Tensor, onehot: torch.Tensor, data: JointData) -> tuple[str, int]:
+    """Which pool slice an augmented contrastive image came from: its label must equal that
+    slice's label exactly, and its image must be that slice's image under one map
+    c * (x - mean) + mean + b (no spatial change)."""
+    found = []
+    for pool, imgs, lbls in (("L", data.lab_img, data.lab_lbl), ("U", data.unl_img,
+                                                                 data.unl_lbl)):
+        for i in range(imgs.shape[0]):
+            if not torch.equal(onehot.argmax(0), lbls[i].long()):
+                continue
+            x = imgs[i, 0].double() - imgs[i, 0].double().mean()
+            y = image[0].double() - image[0].double().mean()
+            c = (x * y).sum() / (x * x).sum()
+            if torch.allclose(y, c * x, atol=1e-5) and 0.7 - 1e-6 <= c <= 1.3 + 1e-6:
+                found.append((pool, i))
+    assert len(found) == 1, f"image matches {found}, expected exactly one pool slice"
+    return found[0]
+
+
+def _set_maps(images: torch.Tensor, sources: list[tuple[str, int]], data: JointData):
+    """(contrast, brightness) of each image relative to its source slice."""
+    maps = []
+    for img, (pool, i) in zip(images, sources):
+        src = (data.lab_img if pool == "L" else data.unl_img)[i, 0].double()
+        out = img[0].double()
+        c = ((out - out.mean()) * (src - src.mean())).sum() / ((src - src.mean()) ** 2).sum()
+        maps.append((c.item(), (out.mean() - src.mean()).item()))
+    return maps
+
+
+@pytest.mark.parametrize("inter", [True, False])
+def test_joint_batch_wiring(inter):
+    data, b, n_seg = _data(), 10, 8
+    s = JointSettings(num_classes=C, n_seg=n_seg, bt_size=b, inter_image=inter, rd_en=False,
+                      ri_en=False)
+    images, y, yc, pos_idx = joint_batch(data, s, torch.Generator().manual_seed(3))
+    assert images.shape == (n_seg + 2 * b, 1, H, W) and y.shape == (n_seg, C, H, W)
+    assert yc.shape == (2 * b, C, H, W) and pos_idx.shape[:2] == (2 * b, C - 1)
+    # the Dice slices come from the labeled pool (its images stay below the pool's base)
+    assert images[:n_seg].max() < UNL_BASE - 0.1
+    # every contrastive image comes with its own slice's label, from the pool the layout says
+    xc = images[n_seg:]
+    src = [_source(xc[k], yc[k], data) for k in range(2 * b)]
+    first, second = pair_layout(b, inter)
+    h = b // 2
+    layout = first.tolist() + second.tolist()
+    assert [p for p, _ in src] == ["L" if j < h else "U" for j in layout]
+    picked = {}
+    for k, j in enumerate(layout):  # one picked slice per layout entry, in both sets
+        assert picked.setdefault(j, src[k]) == src[k]
+    for i in range(b):
+        if first[i] == second[i]:  # same-slice pairs: identical labels, pixel-aligned
+            assert torch.equal(yc[i], yc[b + i])
+    # one contrast and one brightness draw per set, different between the sets
+    maps = _set_maps(xc, src, data)
+    for part in (maps[:b], maps[b:]):
+        assert max(abs(c - part[0][0]) for c, _ in part) < 1e-4
+        assert max(abs(v - part[0][1]) for _, v in part) < 1e-5
+    assert abs(maps[0][0] - maps[b][0]) > 1e-3
+    # positives lie on their class in their own image
+    n_img = torch.arange(2 * b).view(-1, 1, 1)
+    cls = torch.arange(1, C).view(1, -1, 1)
+    on = yc[n_img, cls, pos_idx[..., 0], pos_idx[..., 1]]
+    assert bool((on == 1).all())
+
+
+def test_joint_batch_intra_pairs_are_the_same_image():
+    data, b = _data(), 6
+    s = JointSettings(num_classes=C, n_seg=4, bt_size=b, inter_image=False)
+    images, _, yc, _ = joint_batch(data, s, torch.Generator().manual_seed(5))
+    xc = images[4:]
+    src = [_source(xc[k], yc[k], data) for k in range(2 * b)]
+    assert src[:b] == src[b:]
+    assert [p for p, _ in src[:b]] == ["L"] * (b // 2) + ["U"] * (b // 2)
+
+
+def test_dice_and_labeled_contrastive_slices_come_from_one_draw():
+    gen = torch.Generator().manual_seed(0)
+    everything = torch.arange(40)
+    for seed in range(5):
+        gen.manual_seed(seed)
+        dice, lab, unl = pick_joint_slices(40, everything, everything, torch.tensor([3]), 20,
+                                           10, gen)
+        assert lab.tolist() == dice[:5].tolist()  # the first slices of the same draw
+        assert unl.tolist() == [3] * 5
+    subset = torch.tensor([1, 5, 9, 13, 17, 21, 25, 29, 33, 37])
+    for seed in range(5):
+        gen.manual_seed(seed)
+        dice, lab, _ = pick_joint_slices(40, everything, subset, subset, 20, 10, gen)
+        in_order = [d for d in dice.tolist() if d in subset.tolist()][:5]
+        if len(in_order) == 5:
+            assert lab.tolist() == in_order
+
+
+def test_first_eligible_keeps_order_and_fills_from_the_eligible():
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.tensor([4, 2, 9, 2, 7, 1])
+    assert first_eligible(seq, torch.tensor([2, 7]), 3, gen, "x").tolist() == [2, 2, 7]
+    assert first_eligible(seq, torch.tensor([5]), 2, gen, "x").tolist() == [5, 5]
+    with pytest.raises(ValueError, match="no x"):
+        first_eligible(seq, torch.tensor([], dtype=torch.long), 2, gen, "x")
+    assert LABELED_DRAW_FACTOR == 15
+
+
+def test_contrastive_batch_rejects_an_empty_pool():
+    data = _data()
+    data.unl_index = data.unl_index[:0]
+    s = JointSettings(num_classes=C, n_seg=4, bt_size=4)
+    with pytest.raises(ValueError, match="pseudo-labeled slice"):
+        joint_batch(data, s, torch.Generator().manual_seed(0))
+    x, y = contrastive_batch(data.lab_img[:4], data.lab_lbl[:4], True, C,
+                             torch.Generator().manual_seed(0))
+    assert x.shape == (8, 1, H, W) and y.shape == (8, C, H, W)

@@ -36,19 +36,15 @@ from utils.dataset import (  # noqa: E402
     verify_inputs,
 )
 from utils.device import configure_backend, release_freed_memory, resolve_device  # noqa: E402
-from utils.joint_training import JointData, JointSettings, joint_iteration  # noqa: E402
-from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
+from utils.joint_training import JointSettings, build_joint_data, joint_iteration  # noqa: E402
+from utils.pseudo_labels import SURE_SOFTMAX, make_pseudo_labels  # noqa: E402
 from utils.run import (  # noqa: E402
     RunLog,
     load_checkpoint,
     save_config,
     seed_everything,
 )
-from utils.sampling import (  # noqa: E402
-    contrastive_index,
-    pair_layout,
-    slices_with_min_labels,
-)
+from utils.sampling import pair_layout  # noqa: E402
 from utils.training import (  # noqa: E402
     BestKeeper,
     NonFiniteGuard,
@@ -67,10 +63,11 @@ from utils.training import (  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(p)
-    p.add_argument("--data_aug", type=int, default=1, choices=(0, 1),
-                   help="augment the labeled Dice batch (METHOD §6)")
+    p.add_argument("--data_aug", type=int, default=0, choices=(0, 1),
+                   help="as in the original, only recorded (it named the output folder); the "
+                   "Dice batch is always augmented")
     p.add_argument("--temp_fac", type=float, default=0.1, help="temperature of the loss")
-    p.add_argument("--bbox_dim", type=int, default=100,
+    p.add_argument("--bbox_dim", type=int, default=150,
                    help="kept for command-line compatibility; the local loss uses whole slices")
     p.add_argument("--pretr_n_iter", type=int, default=None,
                    help="iterations of the baseline run to start from (checked against its "
@@ -95,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_iter_per_round", type=int, default=None,
                    help="iterations per round (default: init file; 5000 as in the paper); "
                    "--n_iter sets the same value")
+    p.add_argument("--crf", type=int, default=1, choices=(0, 1),
+                   help="1: refine pseudo-labels with the dense CRF (the original); 0: argmax")
     p.add_argument("--loss_reduction", default="original", choices=("original", "mean"),
                    help="'original': the released code's arithmetic (published numbers); "
                    "'mean': the paper's mean over pairs (see README)")
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     pool_ids = cfg.unlabeled_ids()
     n_rounds = args.n_rounds if args.n_rounds is not None else cfg.n_rounds
     n_iter = args.n_iter_per_round or args.n_iter or cfg.n_iter_per_round
-    pair_layout(args.bt_size)  # validates --bt_size before any work
+    pair_layout(args.bt_size, args.local_loss_exp_no == 1)  # validates --bt_size first
     seed = args.seed if args.seed is not None else args.ver
     device = resolve_device(args.device)
     configure_backend(device, args.low_memory)
@@ -146,8 +145,6 @@ def main(argv: list[str] | None = None) -> None:
     verify_inputs(cfg, labeled_ids + pool_ids, val_ids + cfg.test)
     lab_img, lab_lbl = load_slices(cfg, labeled_ids)
     lab_img, lab_lbl = lab_img.to(device), lab_lbl.to(device)
-    dice_index = slices_with_min_labels(lab_lbl, cfg.num_classes, cfg.min_labels_dice_slice)
-    lab_all_index, _ = contrastive_index(lab_lbl, cfg.num_classes)
     pool = {sid: load_slices(cfg, [sid]) for sid in pool_ids}
     keeper = BestKeeper(run_dir, load_eval_volumes(cfg, val_ids), cfg.num_classes, device)
 
@@ -167,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         num_classes=cfg.num_classes, n_seg=cfg.mtask_bs, bt_size=args.bt_size,
         no_of_pos_eles=args.no_of_pos_eles, temp_fac=args.temp_fac, lamda_local=args.lamda_local,
         inter_image=args.local_loss_exp_no == 1, loss_reduction=args.loss_reduction,
-        data_aug=bool(args.data_aug), rd_en=bool(args.rd_en), sigma=args.sigma,
+        rd_en=bool(args.rd_en), sigma=args.sigma,
         ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot))
     start_it = 0
     if state is not None:
@@ -193,25 +190,31 @@ def main(argv: list[str] | None = None) -> None:
             pseudo = make_pseudo_labels(
                 labeler, pool, cfg.num_classes, crf,
                 device, generator, bool(args.test_aug_overlap), args.test_f1_threshold,
-                progress=not args.no_progress)
-        unl_img, unl_lbl = pseudo.images.to(device), pseudo.labels.to(device)
-        unl_index, complete = contrastive_index(unl_lbl, cfg.num_classes)
-        if unl_index.numel() == 0:
+                progress=not args.no_progress, use_crf=bool(args.crf))
+        data, complete = build_joint_data(lab_img, lab_lbl, pseudo.images.to(device),
+                                          pseudo.labels.to(device), cfg.num_classes,
+                                          cfg.min_labels_dice_slice)
+        if data.unl_index.numel() == 0:
             raise ValueError(
                 f"round {rnd + 1}: the pseudo-labels hold no structure in any slice, so the "
                 f"contrastive term has nothing to work on; is the baseline {baseline_ckpt} "
                 "trained (see its test_results)?")
         msg = (f"round {rnd + 1}/{n_rounds}: pseudo-labels for {len(pseudo.kept)} volumes "
-               f"({len(pseudo.dropped)} dropped), {unl_index.numel()} slices with "
+               f"({len(pseudo.dropped)} dropped), {data.unl_index.numel()} slices with "
                + ("every class" if complete else "the most classes (none has every class)"))
+        if pseudo.unsure_foreground is not None:
+            msg += (f"; {pseudo.unsure_foreground:.1%} of predicted foreground pixels have max "
+                    f"softmax < {SURE_SOFTMAX}")
         if pseudo.dice_before_crf is not None:
             msg += (f"; pseudo-label Dice vs ground truth {pseudo.dice_before_crf:.4f} before CRF, "
-                    f"{pseudo.dice_after_crf:.4f} after")
+                    f"{pseudo.dice_after_crf:.4f} after" + ("" if args.crf else " (--crf 0)"))
         print(msg, flush=True)
         if start_it <= first_it:
             quality = {} if pseudo.dice_before_crf is None else {
                 "pseudo_dice_before_crf": pseudo.dice_before_crf,
                 "pseudo_dice_after_crf": pseudo.dice_after_crf}
+            if pseudo.unsure_foreground is not None:
+                quality["pseudo_unsure_foreground"] = pseudo.unsure_foreground
             log.log(first_it, round=rnd + 1, pseudo_kept=len(pseudo.kept), **quality)
 
         release_freed_memory()  # of the pseudo-labelling, before training grows the heap
@@ -219,8 +222,6 @@ def main(argv: list[str] | None = None) -> None:
         bar = tqdm(range(begin, first_it + n_iter), desc=f"joint round {rnd + 1}",
                    disable=args.no_progress, dynamic_ncols=True, initial=begin - first_it,
                    total=n_iter)
-        data = JointData(lab_img, lab_lbl, dice_index, lab_all_index, unl_img, unl_lbl,
-                         unl_index)
         for it in bar:
             loss, loss_seg, loss_lcl = joint_iteration(model, optimizer, data, settings,
                                                        dice_loss, generator, guard.ok, it)

@@ -335,29 +335,40 @@ def random_deformation(
     return torch.cat([images[:k], img_d], dim=0), torch.cat([labels_onehot[:k], lab_d], dim=0)
 
 
-def intensity_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random contrast / brightness per slice (METHOD §6 step 3).
-
-    The first N // 2 slices are multiplied by a contrast factor U(0.8, 1.2); the remaining
-    slices get an additive brightness shift U(-0.1, 0.1) (intensity units of the normalised
-    image). No clipping.
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """Contrast change about each image's own mean, as ``tf.image.adjust_contrast``.
 
     Args:
         images: (N, 1, H, W) float.
-        generator: CPU generator for all random draws.
+        factor: a scalar or (N,) contrast factors.
+
+    Returns:
+        (N, 1, H, W): (x - mean) * factor + mean, the mean over each image's pixels.
+    """
+    mean = images.mean(dim=(-2, -1), keepdim=True)
+    if isinstance(factor, torch.Tensor):
+        factor = factor.to(device=images.device, dtype=images.dtype).view(-1, 1, 1, 1)
+    return (images - mean) * factor + mean
+
+
+def intensity_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random contrast / brightness of the labeled batch (METHOD §6 step 3).
+
+    As the original's ``contrast_net``: one contrast factor U(0.8, 1.2) for the whole batch,
+    applied about each image's mean to the first N // 2 slices, and one brightness shift
+    U(-0.1, 0.1) (normalised intensity units) added to the remaining slices. No clipping.
+
+    Args:
+        images: (N, 1, H, W) float.
+        generator: CPU generator for all random draws (two per call).
 
     Returns:
         (N, 1, H, W) augmented images.
     """
-    n = images.shape[0]
-    half = n // 2
-    contrast = _uniform(half, 0.8, 1.2, generator)
-    shift = _uniform(n - half, -0.1, 0.1, generator)
-    factor = torch.cat([contrast, torch.ones(n - half, dtype=torch.float64)])
-    offset = torch.cat([torch.zeros(half, dtype=torch.float64), shift])
-    factor = host_to_device(factor, images.device).to(images.dtype).view(n, 1, 1, 1)
-    offset = host_to_device(offset, images.device).to(images.dtype).view(n, 1, 1, 1)
-    return images * factor + offset
+    half = images.shape[0] // 2
+    contrast = float(_uniform(1, 0.8, 1.2, generator))
+    shift = float(_uniform(1, -0.1, 0.1, generator))
+    return torch.cat([adjust_contrast(images[:half], contrast), images[half:] + shift])
 
 
 def augment_batch(
@@ -393,18 +404,20 @@ def augment_batch(
 
 
 def set_intensity_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Intensity augmentation shared by one contrastive set (METHOD §7.3).
+    """Intensity augmentation of one contrastive set (METHOD §7.3, the original's
+    ``brit_cont_net``).
 
-    One brightness shift U(-0.3, 0.3) for the whole set, then one contrast factor U(0.7, 1.3),
-    then clipping to [0, 1.5] (normalised intensity units).
+    One brightness shift U(-0.3, 0.3) for the whole set, then one contrast factor U(0.7, 1.3)
+    about each image's mean (``adjust_contrast``), then clipping to [0, 1.5] (normalised
+    intensity units). No spatial change, so two sets built from one slice stay pixel-aligned.
 
     Args:
         images: (N, 1, H, W) float, the images of one set.
-        generator: CPU generator for all random draws.
+        generator: CPU generator for all random draws (two per call).
 
     Returns:
         (N, 1, H, W) images with values in [0, 1.5].
     """
     shift = float(_uniform(1, -0.3, 0.3, generator))
     contrast = float(_uniform(1, 0.7, 1.3, generator))
-    return ((images + shift) * contrast).clamp(0.0, 1.5)
+    return adjust_contrast(images + shift, contrast).clamp(0.0, 1.5)

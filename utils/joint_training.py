@@ -1,9 +1,9 @@
 """One iteration of joint training (METHOD §7.3–7.4), as the trainer and the benchmark run it.
 
 Batch: 20 augmented labeled slices for the Dice term, then 2B contrastive slices (labeled and
-pseudo-labeled, pair layout of `utils.sampling.pair_layout`); all pass the shared
-encoder-decoder together; loss = Dice + λ · local contrastive loss; one Adam step unless the
-loss is not finite.
+pseudo-labeled, pair layout of `utils.sampling.pair_layout`, intensity changes only); all pass
+the shared encoder-decoder together; loss = Dice + λ · local contrastive loss; one Adam step
+unless the loss is not finite.
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ import torch.nn.functional as F
 
 from losses.local_contrastive import local_contrastive_loss, sample_positive_indices
 from utils.augment import augment_batch, to_onehot
-from utils.sampling import contrastive_batch, draw
+from utils.sampling import (
+    contrastive_batch,
+    contrastive_index,
+    pick_joint_slices,
+    slices_with_min_labels,
+)
 
 
 @dataclass
@@ -36,6 +41,24 @@ class JointData:
     unl_index: torch.Tensor
 
 
+def build_joint_data(
+    lab_img: torch.Tensor,
+    lab_lbl: torch.Tensor,
+    unl_img: torch.Tensor,
+    unl_lbl: torch.Tensor,
+    num_classes: int,
+    min_labels_dice: int,
+) -> tuple[JointData, bool]:
+    """The pools of one round with their slice indexes (``utils.sampling``); the flag says
+    whether the pseudo-labeled index holds slices with every class (else the fallback of
+    ``contrastive_index``). Images (N, 1, H, W), labels (N, H, W), on the training device."""
+    unl_index, complete = contrastive_index(unl_lbl, num_classes)
+    data = JointData(lab_img, lab_lbl,
+                     slices_with_min_labels(lab_lbl, num_classes, min_labels_dice),
+                     contrastive_index(lab_lbl, num_classes)[0], unl_img, unl_lbl, unl_index)
+    return data, complete
+
+
 @dataclass(frozen=True)
 class JointSettings:
     """The flags one iteration needs (names as on the command line)."""
@@ -48,7 +71,6 @@ class JointSettings:
     lamda_local: float = 0.1
     inter_image: bool = True  # --local_loss_exp_no 1
     loss_reduction: str = "original"
-    data_aug: bool = True
     rd_en: bool = True
     sigma: float = 5.0
     ri_en: bool = True
@@ -58,16 +80,24 @@ class JointSettings:
 def joint_batch(
     data: JointData, s: JointSettings, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images (20 + 2B, 1, H, W), Dice labels (20, C, H, W), contrastive labels (2B, C, H, W)
-    and positive-pixel indices (2B, C-1, P, 2)."""
-    idx = draw(data.dice_index, s.n_seg, generator, "labeled slice with enough labels")
-    x, y = data.lab_img[idx], to_onehot(data.lab_lbl[idx], s.num_classes)
-    if s.data_aug:
-        x, y = augment_batch(x, y, generator, rd_en=s.rd_en, sigma=s.sigma, ri_en=s.ri_en)
+    """One joint batch (METHOD §7.3), built as the original builds it.
+
+    Returns images (20 + 2B, 1, H, W): the augmented Dice slices, then the contrastive sets
+    (``utils.sampling.contrastive_batch``; pair i is images 20 + i and 20 + B + i); Dice labels
+    (20, C, H, W), soft after deformation; contrastive one-hot labels (2B, C, H, W); and
+    positive-pixel indices (2B, C-1, P, 2).
+    """
+    dice_i, lab_i, unl_i = pick_joint_slices(
+        data.lab_img.shape[0], data.dice_index, data.lab_index, data.unl_index, s.n_seg,
+        s.bt_size, generator)
+    # The original augments the Dice slices whatever --data_aug says (it only names the output).
+    x, y = augment_batch(data.lab_img[dice_i], to_onehot(data.lab_lbl[dice_i], s.num_classes),
+                         generator, rd_en=s.rd_en, sigma=s.sigma, ri_en=s.ri_en)
     if not s.en_1hot:
         y = F.one_hot(y.argmax(1), s.num_classes).permute(0, 3, 1, 2).float()
-    xc, yc = contrastive_batch(data.lab_img, data.lab_lbl, data.lab_index, data.unl_img,
-                               data.unl_lbl, data.unl_index, s.bt_size, s.num_classes, generator)
+    xc, yc = contrastive_batch(torch.cat([data.lab_img[lab_i], data.unl_img[unl_i]]),
+                               torch.cat([data.lab_lbl[lab_i], data.unl_lbl[unl_i]]),
+                               s.inter_image, s.num_classes, generator)
     pos_idx = sample_positive_indices(yc, s.no_of_pos_eles, generator)  # on yc's device
     images = torch.cat([x, xc]).contiguous(memory_format=torch.channels_last)
     return images, y, yc, pos_idx

@@ -25,7 +25,10 @@ class PseudoLabelRound:
 
     images: (N, 1, H, W) slices of the kept volumes; labels: (N, H, W) CRF-refined labels;
     kept: ids of the kept volumes; dice_before_crf / dice_after_crf: mean foreground Dice
-    against ground truth over kept volumes (None when no ground truth exists).
+    against ground truth over kept volumes (None when no ground truth exists); unsure_foreground:
+    share of the kept volumes' predicted foreground pixels (argmax before the CRF) whose max
+    softmax is below ``SURE_SOFTMAX`` (the CRF erodes a thin structure unless the network is
+    saturated up to its boundary).
     """
 
     images: torch.Tensor
@@ -35,6 +38,11 @@ class PseudoLabelRound:
     dice_before_crf: float | None = None
     dice_after_crf: float | None = None
     overlap: dict[str, float] = field(default_factory=dict)
+    unsure_foreground: float | None = None
+
+
+# A foreground pixel counts as sure when its max softmax reaches this.
+SURE_SOFTMAX = 0.99
 
 
 def _random_test_transform(n: int, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
@@ -88,16 +96,19 @@ def make_pseudo_labels(
     test_aug_overlap: bool = False,
     overlap_threshold: float = 0.9,
     progress: bool = True,
+    use_crf: bool = True,
 ) -> PseudoLabelRound:
     """Pseudo-label every pool volume.
 
     Args:
         volumes: id -> (images (Z, 1, H, W) cropped slices, ground truth (Z, H, W) or None).
+        use_crf: refine with the dense CRF (``--crf 1``, the original); else the argmax.
     """
     from tqdm import tqdm
 
     kept_img, kept_lbl, kept, dropped, overlap = [], [], [], [], {}
     dice_raw, dice_crf = [], []
+    n_fg = n_unsure = 0
     for sid, (images, gt) in tqdm(volumes.items(), desc="pseudo-labels", disable=not progress,
                                   leave=False):
         if test_aug_overlap:
@@ -106,13 +117,20 @@ def make_pseudo_labels(
                 dropped.append(sid)
                 continue
         probs = predict_slices(model, images, device)
-        labels = torch.from_numpy(crf_refine_volume(images[:, 0].numpy(), probs.cpu().numpy(),
-                                                    crf_params))
+        top, argmax = probs.max(1)
+        fg = argmax > 0
+        n_fg += int(fg.sum())
+        n_unsure += int((fg & (top < SURE_SOFTMAX)).sum())
+        if use_crf:
+            labels = torch.from_numpy(crf_refine_volume(images[:, 0].numpy(),
+                                                        probs.cpu().numpy(), crf_params))
+        else:
+            labels = argmax.cpu()
         kept_img.append(images)
         kept_lbl.append(labels)
         kept.append(sid)
         if gt is not None:
-            dice_raw.append(float(dice_per_class(probs.argmax(1).cpu(), gt, num_classes).mean()))
+            dice_raw.append(float(dice_per_class(argmax.cpu(), gt, num_classes).mean()))
             dice_crf.append(float(dice_per_class(labels, gt, num_classes).mean()))
     if not kept:
         raise ValueError(
@@ -127,4 +145,5 @@ def make_pseudo_labels(
         dice_before_crf=float(np.mean(dice_raw)) if dice_raw else None,
         dice_after_crf=float(np.mean(dice_crf)) if dice_crf else None,
         overlap=overlap,
+        unsure_foreground=n_unsure / n_fg if n_fg else None,
     )

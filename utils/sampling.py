@@ -1,14 +1,15 @@
-"""Batch construction for joint training (METHOD §7.3): slice indexes and the pair layout.
+"""Batch construction for joint training (METHOD §7.3): slice indexes, the slices of one
+batch and the contrastive pair layout.
 
 The indexes are computed once per pseudo-label round on the whole slice pool (one vectorised
-pass), so drawing a batch is a single ``torch.randint`` into them, never rejection sampling.
+pass), so picking a batch's slices is a few vectorised look-ups, never a Python loop.
 """
 
 from __future__ import annotations
 
 import torch
 
-from utils.augment import affine_augment, set_intensity_augment, to_onehot
+from utils.augment import set_intensity_augment, to_onehot
 from utils.device import host_to_device
 
 
@@ -49,14 +50,20 @@ def contrastive_index(labels: torch.Tensor, num_classes: int) -> tuple[torch.Ten
     return torch.nonzero(n_present == best).flatten(), False
 
 
-def pair_layout(batch_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+# The original draws 15 x mtask_bs labeled slices per iteration (``shuffle_minibatch``) and
+# takes the Dice and the contrastive slices from that one draw.
+LABELED_DRAW_FACTOR = 15
+
+
+def pair_layout(batch_pairs: int, inter_image: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Which of the picked slices form set 1 and set 2 of the contrastive batch.
 
     The picked slices are ``[L_0 .. L_{h-1}, U_0 .. U_{h-1}]`` (h = B/2 labeled, h unlabeled);
     the function returns index tensors ``first`` and ``second`` (B,) into that list, so pair i is
     (first[i], second[i]) and the network sees ``cat(picked[first], picked[second])``.
 
-    For B = 10 this is the published layout (METHOD §7.3)::
+    Inter-image variant (``--local_loss_exp_no 1``); for B = 10 this is the published layout
+    (METHOD §7.3)::
 
         (L0,L0) (L1,U1) (L2,L2) (L3,U3) (L4,U4) (U0,U0) (U0,U1) (U2,U2) (U2,U3) (U3,U4)
 
@@ -64,9 +71,14 @@ def pair_layout(batch_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
     same labeled slice twice when j is even and not the last, otherwise (L_j, U_j); in the
     second half, pair j is (U_{j - j mod 2}, U_j), except the last, which is (U_{h-2}, U_{h-1})
     (or (U_0, U_0) when h = 1).
+
+    Intra-image variant (``--local_loss_exp_no 0``): both sets hold the B picked slices in
+    order, so every pair is (slice, itself), as in the original.
     """
     if batch_pairs < 2 or batch_pairs % 2:
         raise ValueError(f"--bt_size={batch_pairs} must be an even number >= 2")
+    if not inter_image:
+        return torch.arange(batch_pairs), torch.arange(batch_pairs)
     h = batch_pairs // 2
     first, second = [], []
     for j in range(h):
@@ -86,37 +98,83 @@ def draw(index: torch.Tensor, n: int, generator: torch.Generator, what: str) -> 
     return index[host_to_device(pick, index.device)]
 
 
-def contrastive_batch(
-    lab_images: torch.Tensor,
-    lab_labels: torch.Tensor,
+def first_eligible(
+    sequence: torch.Tensor, eligible: torch.Tensor, k: int, generator: torch.Generator, what: str
+) -> torch.Tensor:
+    """The first ``k`` entries of ``sequence`` that are in ``eligible``, in order.
+
+    When fewer than ``k`` occur, the rest are drawn uniformly from ``eligible``: the eligible
+    entries of a longer uniform sequence would be exactly such draws. Where the original skipped
+    the iteration instead, this keeps every iteration.
+
+    Args:
+        sequence: (M,) slice numbers drawn uniformly with replacement.
+        eligible: (E,) slice numbers that qualify.
+    Returns:
+        (k,) slice numbers on ``eligible``'s device.
+    """
+    seq = sequence.to(eligible.device)
+    found = seq[torch.isin(seq, eligible)][:k]
+    if found.numel() < k:
+        found = torch.cat([found, draw(eligible, k - found.numel(), generator, what)])
+    return found
+
+
+def pick_joint_slices(
+    n_labeled: int,
+    dice_index: torch.Tensor,
     lab_index: torch.Tensor,
-    unl_images: torch.Tensor,
-    unl_labels: torch.Tensor,
     unl_index: torch.Tensor,
+    n_seg: int,
     batch_pairs: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The slices of one joint batch (METHOD §7.3), as the original picks them.
+
+    One draw of ``LABELED_DRAW_FACTOR * n_seg`` labeled slices, uniformly with replacement,
+    gives both the ``n_seg`` Dice slices (its first slices in ``dice_index``) and the B/2
+    labeled contrastive slices (its first slices in ``lab_index``); the B/2 pseudo-labeled
+    contrastive slices are drawn uniformly from ``unl_index``.
+
+    Args:
+        n_labeled: number of slices in the labeled pool.
+        dice_index, lab_index: labeled slices eligible for the Dice / contrastive term.
+        unl_index: pseudo-labeled slices eligible for the contrastive term.
+    Returns:
+        dice (n_seg,), labeled (B/2,) and unlabeled (B/2,) slice numbers into their pools.
+    """
+    if n_labeled == 0:
+        raise ValueError("no labeled slice is available to build a joint-training batch")
+    h = batch_pairs // 2
+    sequence = torch.randint(n_labeled, (LABELED_DRAW_FACTOR * n_seg,), generator=generator)
+    dice = first_eligible(sequence, dice_index, n_seg, generator,
+                          "labeled slice with enough labels")
+    lab = first_eligible(sequence, lab_index, h, generator, "labeled slice containing every class")
+    unl = draw(unl_index, h, generator, "pseudo-labeled slice containing every class")
+    return dice, lab, unl
+
+
+def contrastive_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    inter_image: bool,
     num_classes: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The 2B images of the contrastive term and their one-hot (pseudo-)labels.
 
     Args:
-        lab_images, unl_images: (N, 1, H, W) slice pools; lab_labels, unl_labels: (N, H, W).
-        lab_index, unl_index: slices that contain every class (`slices_with_all_classes`).
+        images: (B, 1, H, W) the picked slices ``[L_0 .. L_{h-1}, U_0 .. U_{h-1}]``: B/2
+            labeled, then B/2 pseudo-labeled; labels: (B, H, W) their ground truth / pseudo-labels.
+        inter_image: the pair layout (``pair_layout``).
     Returns:
         images (2B, 1, H, W) and labels_onehot (2B, C, H, W): set 1 then set 2, so images i and
-        B + i form pair i. Each set is augmented on its own: a per-slice affine choice of
-        METHOD §6 (so same-slice pairs differ by augmentation), then one brightness/contrast
-        draw for the whole set and clipping to [0, 1.5] (METHOD §7.3).
+        B + i form pair i. No spatial augmentation: each set gets one brightness and one
+        contrast draw of its own and clipping to [0, 1.5] (``set_intensity_augment``), so a
+        same-slice pair is pixel-aligned with identical labels.
     """
-    h = batch_pairs // 2
-    li = draw(lab_index, h, generator, "labeled slice containing every class")
-    ui = draw(unl_index, h, generator, "pseudo-labeled slice containing every class")
-    images = torch.cat([lab_images[li], unl_images[ui]])
-    onehot = to_onehot(torch.cat([lab_labels[li], unl_labels[ui]]), num_classes)
-    first, second = pair_layout(batch_pairs)
-    sets_img, sets_lbl = [], []
-    for idx in (first, second):
-        img, lbl = affine_augment(images[idx], onehot[idx], generator)
-        sets_img.append(set_intensity_augment(img, generator))
-        sets_lbl.append(lbl)
-    return torch.cat(sets_img), torch.cat(sets_lbl)
+    first, second = pair_layout(images.shape[0], inter_image)
+    onehot = to_onehot(labels, num_classes)
+    x1 = set_intensity_augment(images[first], generator)
+    x2 = set_intensity_augment(images[second], generator)
+    return torch.cat([x1, x2]), torch.cat([onehot[first], onehot[second]])
