@@ -148,8 +148,8 @@ def _off_centre_phantom(z: int = 2, size: int = 64) -> tuple[torch.Tensor, torch
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     cy, cx = 24.0, 40.0
     lab = torch.zeros(z, size, size, dtype=torch.long)
-    lab[:, ((yy - cy) / 7) ** 2 + ((xx - cx) / 11) ** 2 < 1] = 1
-    lab[:, (yy - cy - 1) ** 2 + (xx - cx - 5) ** 2 < 9] = 2
+    lab[:, ((yy - cy) / 8) ** 2 + ((xx - cx) / 12) ** 2 < 1] = 1
+    lab[:, (yy - cy - 1) ** 2 + (xx - cx - 5) ** 2 < 20] = 2
     return lab[:, None].float() / 2, lab
 
 
