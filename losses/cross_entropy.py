@@ -36,10 +36,14 @@ def weighted_cross_entropy_loss(
 ) -> torch.Tensor:
     """Weighted cross-entropy in the form of the original TF code.
 
-        loss = mean_{n,h,w} ( -sum_c w_c * y[n,c,h,w] * log softmax_c(logits[n,:,h,w]) )
+        loss = mean_{n,h,w} ( (sum_c w_c * y[n,c,h,w]) * (-sum_c y[n,c,h,w] * log p[n,c,h,w]) )
 
-    This is a plain mean over pixels (not normalised by the sum of the weights, unlike
-    ``torch.nn.functional.cross_entropy(weight=...)``). Soft labels are allowed.
+    with p = softmax over classes: each pixel's unweighted cross-entropy times a pixel weight
+    read off its label. This is a plain mean over pixels (not normalised by the sum of the
+    weights, unlike ``torch.nn.functional.cross_entropy(weight=...)``). For one-hot labels it
+    equals ``-w_k log p_k`` of the true class k; for soft (deformed) labels the weight and the
+    cross-entropy are two separate sums over classes, as in the original, not one sum of
+    ``w_c * y_c * log p_c``.
 
     Args:
         logits: (N, C, H, W) unnormalised scores.
@@ -60,7 +64,9 @@ def weighted_cross_entropy_loss(
         raise ValueError(f"weights shape {tuple(weights.shape)} != ({num_classes},)")
     # float32 log-softmax for stability under autocast.
     log_p = torch.log_softmax(logits.float(), dim=1)
+    y = labels_onehot.float()
     w = weights.to(device=logits.device, dtype=torch.float32)
     w = w.view(1, -1, *([1] * (logits.dim() - 2)))
-    per_pixel = -(w * labels_onehot.float() * log_p).sum(dim=1)
-    return per_pixel.mean()
+    pixel_weight = (w * y).sum(dim=1)
+    pixel_ce = -(y * log_p).sum(dim=1)
+    return (pixel_weight * pixel_ce).mean()

@@ -147,13 +147,38 @@ def test_weighted_ce_hand_worked() -> None:
     l1 = -0.9 * (1.0 - math.log(1.0 + math.e))
     expected = (l0 + l1) / 2
     assert weighted_cross_entropy_loss(logits, y).item() == pytest.approx(expected, rel=1e-6)
-    # Soft label on pixel 1: 0.25 background, 0.75 foreground.
+    # Soft label on pixel 1: 0.25 background, 0.75 foreground. As in the original, the pixel
+    # weight is 0.1 * 0.25 + 0.9 * 0.75 = 0.7, times the unweighted cross-entropy
+    # -(0.25 log p_0 + 0.75 log p_1); not -(0.1 * 0.25 log p_0 + 0.9 * 0.75 log p_1).
     y_soft = torch.tensor([[[[1.0, 0.25]], [[0.0, 0.75]]]])
-    l1_soft = -0.1 * 0.25 * (0.0 - math.log(1.0 + math.e)) - 0.9 * 0.75 * (
-        1.0 - math.log(1.0 + math.e)
-    )
+    log_p0, log_p1 = 0.0 - math.log(1.0 + math.e), 1.0 - math.log(1.0 + math.e)
+    l1_soft = -0.7 * (0.25 * log_p0 + 0.75 * log_p1)
     assert weighted_cross_entropy_loss(logits, y_soft).item() == pytest.approx(
         (l0 + l1_soft) / 2, rel=1e-6
+    )
+    per_class_form = -0.1 * 0.25 * log_p0 - 0.9 * 0.75 * log_p1
+    assert abs(l1_soft - per_class_form) > 0.1  # the two forms really differ here
+
+
+def test_weighted_ce_soft_labels_match_loop() -> None:
+    # Deformed labels are soft: per pixel, weight sum_c w_c y_c times -sum_c y_c log p_c.
+    gen = torch.Generator().manual_seed(1)
+    n, c, h, w = 2, 3, 4, 5
+    logits = torch.randn(n, c, h, w, generator=gen) * 2
+    y = torch.softmax(torch.randn(n, c, h, w, generator=gen) * 3, dim=1)
+    wts = torch.tensor([0.1, 0.45, 0.45])
+    total = 0.0
+    for i in range(n):
+        for a in range(h):
+            for b in range(w):
+                z = logits[i, :, a, b].double().tolist()
+                lse = math.log(sum(math.exp(v) for v in z))
+                yy = y[i, :, a, b].double().tolist()
+                weight = sum(float(wts[k]) * yy[k] for k in range(c))
+                ce = -sum(yy[k] * (z[k] - lse) for k in range(c))
+                total += weight * ce
+    assert weighted_cross_entropy_loss(logits, y, wts).item() == pytest.approx(
+        total / (n * h * w), rel=1e-5
     )
 
 

@@ -6,8 +6,16 @@ import pytest
 import torch
 
 import experiment_init
+from losses.dice import dice_per_class
+from utils.augment import AFF_FLIP, AFF_ROTATE, AFF_SCALE
 from utils.crf import CRFParams
-from utils.pseudo_labels import augmentation_overlap, make_pseudo_labels
+from utils.pseudo_labels import (
+    _warp,
+    augmentation_overlap,
+    draw_overlap_pair,
+    draw_overlap_transform,
+    make_pseudo_labels,
+)
 
 
 class NoisyOracle(torch.nn.Module):
@@ -113,3 +121,96 @@ def test_crf_off_gives_the_argmax_and_unsure_share_is_counted():
                                   crf_params_for("acdc"), torch.device("cpu"),
                                   torch.Generator().manual_seed(0), progress=False)
     assert not torch.equal(with_crf.labels.long(), gt)  # the CRF changes the unsure pixels
+
+
+# ------------------------------------------------------- test-time augmentation of the overlap
+
+
+def test_overlap_transform_draws_match_the_original():
+    # augment_3d_vol: one of rotation U(-30, 30), scaling round(U(0.9, 1.1), 2), left-right flip.
+    draws = [draw_overlap_transform(torch.Generator().manual_seed(s)) for s in range(600)]
+    counts = {c: sum(d.choice == c for d in draws) for c in (AFF_ROTATE, AFF_SCALE, AFF_FLIP)}
+    assert sum(counts.values()) == len(draws)
+    assert all(150 < n < 250 for n in counts.values())  # uniform over three: 200 +- 4 sigma
+    rots = torch.tensor([d.rot_deg for d in draws])
+    assert -30 <= rots.min() < -27 and 27 < rots.max() <= 30
+    scales = torch.tensor([d.scale for d in draws], dtype=torch.float64)
+    assert torch.equal(scales, torch.round(scales * 100) / 100)  # 2 decimals
+    assert scales.min() == pytest.approx(0.9) and scales.max() == pytest.approx(1.1)
+    # The flip is left-right (along W, numpy's fliplr of an (X, Y) slice) and always applied.
+    x = torch.rand(2, 1, 6, 7, generator=torch.Generator().manual_seed(0))
+    flip = next(d for d in draws if d.choice == AFF_FLIP)
+    torch.testing.assert_close(_warp(x, flip.matrix(2, 6, 7)), torch.flip(x, dims=[-1]))
+
+
+def test_overlap_pair_is_never_two_flips():
+    pairs = [draw_overlap_pair(torch.Generator().manual_seed(s)) for s in range(400)]
+    assert not any(a.choice == AFF_FLIP and b.choice == AFF_FLIP for a, b in pairs)
+    # Flips still occur in either position (1/3 of first draws; 2/9 of second ones).
+    assert sum(a.choice == AFF_FLIP for a, _ in pairs) > 100
+    assert sum(b.choice == AFF_FLIP for _, b in pairs) > 60
+
+
+def test_overlap_check_never_predicts_two_flipped_copies():
+    # Behaviour seen by the model: over many draws, never are both of its inputs the
+    # left-right flip of the volume (that pair agrees trivially, ~1 volume in 9 before).
+    images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    flipped = torch.flip(images, dims=[-1])
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inputs = []
+
+        def forward(self, x):
+            self.inputs.append(x.clone())
+            return torch.cat([x, 1 - x], 1)
+
+    n_one_flip = 0
+    for seed in range(60):
+        model = Recorder()
+        augmentation_overlap(model, images, 2, torch.device("cpu"),
+                             torch.Generator().manual_seed(seed))
+        assert len(model.inputs) == 2
+        is_flip = [torch.allclose(x, flipped, atol=1e-6) for x in model.inputs]
+        assert not all(is_flip), f"seed {seed}: both augmentations are the same flip"
+        n_one_flip += any(is_flip)
+    assert n_one_flip >= 10  # flips do happen, so the check above is not vacuous
+
+
+def _off_centre_phantom(z: int = 2, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """An asymmetric phantom about 12 pixels off the centre: an ellipse (class 1) holding a
+    small off-axis disk (class 2); flips and rotations move it visibly. Kept within 25 pixels
+    of the centre, so rotations up to 30 degrees and zooms up to 1.1 keep it in view."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    cy, cx = 24.0, 40.0
+    lab = torch.zeros(z, size, size, dtype=torch.long)
+    lab[:, ((yy - cy) / 8) ** 2 + ((xx - cx) / 12) ** 2 < 1] = 1
+    lab[:, (yy - cy - 1) ** 2 + (xx - cx - 5) ** 2 < 20] = 2
+    return lab[:, None].float() / 2, lab
+
+
+class _Threshold(torch.nn.Module):
+    """A pixel-wise segmenter of the phantom's intensities: equivariant to any warp."""
+
+    def forward(self, x):
+        return torch.cat([(0.25 - x) * 40, -((x - 0.5).abs()) * 40, (x - 0.75) * 40], 1)
+
+
+def test_overlap_maps_predictions_back_before_comparing():
+    # An equivariant segmenter agrees with itself under any pair of transforms once both
+    # predictions are mapped back; compared in the warped frames (or mapped back the wrong
+    # way) the off-centre phantom would not overlap for most pairs.
+    images, gt = _off_centre_phantom()
+    scores = [augmentation_overlap(_Threshold(), images, 3, torch.device("cpu"),
+                                   torch.Generator().manual_seed(s)) for s in range(12)]
+    assert min(scores) > 0.9, scores
+    # Reference: the same pairs compared without mapping back really disagree.
+    unmapped = []
+    for s in range(12):
+        preds = []
+        for t in draw_overlap_pair(torch.Generator().manual_seed(s)):
+            warped = _warp(images, t.matrix(images.shape[0], *images.shape[2:]))
+            preds.append(_Threshold()(warped).argmax(1))
+        unmapped.append(float(dice_per_class(preds[0], preds[1], 3).mean()))
+    assert sum(u < 0.8 for u in unmapped) >= 6, unmapped

@@ -45,15 +45,42 @@ class PseudoLabelRound:
 SURE_SOFTMAX = 0.99
 
 
-def _random_test_transform(n: int, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
-    """One (2, 3) affine per call, shared by all slices of a volume: rotation U(-30, 30) deg,
-    scaling U(0.9, 1.1) or a left-right flip (METHOD §7.2, test-time augmentation)."""
-    choice = [AFF_ROTATE, AFF_SCALE, AFF_FLIP][int(torch.randint(3, (1,), generator=generator))]
-    rot = torch.empty(1, dtype=torch.float64).uniform_(-30, 30, generator=generator)
-    scale = torch.empty(1, dtype=torch.float64).uniform_(0.9, 1.1, generator=generator)
-    theta = affine_matrices(torch.tensor([choice]), rot, scale, torch.tensor([True]),
-                            torch.zeros(1, dtype=torch.long), h, w)
-    return theta.expand(n, 2, 3)
+@dataclass(frozen=True)
+class OverlapTransform:
+    """One test-time augmentation of the overlap check (METHOD §7.2), shared by all slices of
+    a volume: ``choice`` is AFF_ROTATE, AFF_SCALE or AFF_FLIP (left-right, along W);
+    ``rot_deg`` (degrees) and ``scale`` (zoom factor) are used only by their own choice."""
+
+    choice: int
+    rot_deg: float
+    scale: float
+
+    def matrix(self, n: int, h: int, w: int) -> torch.Tensor:
+        """(n, 2, 3) ``affine_grid`` matrices of this transform for (n, 1, h, w) slices."""
+        theta = affine_matrices(torch.tensor([self.choice]),
+                                torch.tensor([self.rot_deg], dtype=torch.float64),
+                                torch.tensor([self.scale], dtype=torch.float64),
+                                torch.tensor([True]), torch.zeros(1, dtype=torch.long), h, w)
+        return theta.expand(n, 2, 3)
+
+
+def draw_overlap_transform(generator: torch.Generator) -> OverlapTransform:
+    """Rotation U(-30, 30) deg, scaling U(0.9, 1.1) rounded to 2 decimals, or a left-right flip,
+    one of the three uniformly, as the original's test-time augmentation. All three values are
+    drawn every time, so the generator advances by the same amount whatever the choice."""
+    choice = (AFF_ROTATE, AFF_SCALE, AFF_FLIP)[int(torch.randint(3, (1,), generator=generator))]
+    rot = float(torch.empty(1, dtype=torch.float64).uniform_(-30, 30, generator=generator))
+    scale = float(torch.empty(1, dtype=torch.float64).uniform_(0.9, 1.1, generator=generator))
+    return OverlapTransform(choice, rot, round(scale, 2))
+
+
+def draw_overlap_pair(generator: torch.Generator) -> tuple[OverlapTransform, OverlapTransform]:
+    """The two transforms of one overlap check. The second is redrawn while both are flips:
+    two flips see the same image, so their predictions would agree trivially."""
+    first, second = draw_overlap_transform(generator), draw_overlap_transform(generator)
+    while first.choice == AFF_FLIP and second.choice == AFF_FLIP:
+        second = draw_overlap_transform(generator)
+    return first, second
 
 
 def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -77,8 +104,8 @@ def augmentation_overlap(
     """Mean foreground Dice between the predictions of two random augmentations of a volume,
     each mapped back to the original frame. images: (Z, 1, H, W)."""
     preds = []
-    for _ in range(2):
-        theta = _random_test_transform(images.shape[0], *images.shape[2:], generator)
+    for transform in draw_overlap_pair(generator):
+        theta = transform.matrix(images.shape[0], *images.shape[2:])
         probs = predict_slices(model, _warp(images.to(device), theta), device)
         back = _warp(probs, _invert(theta))
         back[:, 0] += (back.sum(1) < 0.5).float()  # outside the warped view: background
