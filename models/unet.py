@@ -242,7 +242,11 @@ class JointUNet(UNet):
     def forward(
         self, x: torch.Tensor, n_seg: int | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """All images through encoder + decoder as one batch, then split between the heads.
+        """All images through encoder + decoder as one batch, then to the heads.
+
+        As in the original, the segmentation head's two ConvBNReLU see all N images (batch
+        statistics over the whole batch) and only its last conv is limited to the first
+        ``n_seg``; the projection head sees f of the last N - n_seg images.
 
         With ``n_seg`` None the model acts as a plain segmentation network and returns only the
         logits of all images (what evaluation and pseudo-labelling call).
@@ -259,8 +263,8 @@ class JointUNet(UNet):
             return super().forward(x)
         if not 0 <= n_seg <= x.shape[0]:
             raise ValueError(f"n_seg={n_seg} out of range for batch of {x.shape[0]}")
-        f_seg, f_con = self.features(x).split([n_seg, x.shape[0] - n_seg])
-        return self.seg_head(f_seg), self.proj_head(f_con)
+        f = self.features(x)
+        return self.seg_head(f, n_seg), self.proj_head(f[n_seg:])
 
     def load_encoder_decoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Copy only the ``encoder.`` and ``decoder.`` entries of a (UNet) state_dict.

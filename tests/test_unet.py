@@ -209,20 +209,6 @@ def test_load_encoder_decoder_missing_key() -> None:
         JointUNet(4).load_encoder_decoder(sd)
 
 
-def test_joint_shares_batch_norm_statistics() -> None:
-    """In training mode the trunk must normalise all images together, not per head."""
-    torch.manual_seed(0)
-    joint = JointUNet(3).train()
-    x = torch.randn(4, 1, 32, 32)
-    x[2:] += 3.0  # different statistics in the contrastive half
-    with torch.no_grad():
-        f_all = joint.features(x)
-        logits, _ = joint(x, n_seg=2)
-        f_alone = joint.features(x[:2])
-    torch.testing.assert_close(logits, joint.seg_head(f_all[:2]))
-    assert not torch.allclose(f_all[:2], f_alone, atol=1e-3)
-
-
 def test_channels_last_and_autocast() -> None:
     torch.manual_seed(0)
     model = UNet(3).eval()
@@ -262,35 +248,50 @@ def test_unet_overfits_single_image() -> None:
     assert losses[-1] < 0.1
 
 
-def _reference_logits(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """METHOD §4 written with torch.nn.functional from a state_dict, batch norm on batch
-    statistics (training mode): nearest x2 upsampling, pad right/bottom, 2x2 conv, concat
-    [up, skip]."""
+def _cbr(sd: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, conv: str = "0",
+         bn: str = "1") -> torch.Tensor:
+    """relu(batch_norm(conv(x))) from state_dict entries, batch norm on batch statistics
+    (training mode); a 2x2 conv gets nearest x2 upsampling and a right/bottom pad first."""
+    w = sd[f"{prefix}{conv}.weight"]
+    if w.shape[-1] == 2:
+        x = F.pad(F.interpolate(x, scale_factor=2.0, mode="nearest"), (0, 1, 0, 1))
+    x = F.conv2d(x, w, sd.get(f"{prefix}{conv}.bias"), padding=w.shape[-1] // 2 if
+                 w.shape[-1] == 3 else 0)
+    x = F.batch_norm(x, None, None, sd[f"{prefix}{bn}.weight"], sd[f"{prefix}{bn}.bias"],
+                     training=True, eps=1e-3)
+    return F.relu(x)
 
-    def cbr(prefix: str, x: torch.Tensor, conv: str = "0", bn: str = "1") -> torch.Tensor:
-        w = sd[f"{prefix}{conv}.weight"]
-        if w.shape[-1] == 2:
-            x = F.pad(F.interpolate(x, scale_factor=2.0, mode="nearest"), (0, 1, 0, 1))
-        x = F.conv2d(x, w, sd[f"{prefix}{conv}.bias"], padding=w.shape[-1] // 2 if
-                     w.shape[-1] == 3 else 0)
-        x = F.batch_norm(x, None, None, sd[f"{prefix}{bn}.weight"], sd[f"{prefix}{bn}.bias"],
-                         training=True, eps=1e-3)
-        return F.relu(x)
 
+def _reference_features(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """METHOD §4's encoder + decoder written with torch.nn.functional: 2x2 max-pools, up-conv
+    to the skip's width, concat [up, skip]. (N, 1, H, W) -> f (N, 16, H, W)."""
     skips = []
     for level in range(6):
         if level:
             x = F.max_pool2d(x, 2)
-        x = cbr(f"encoder.levels.{level}.1.", cbr(f"encoder.levels.{level}.0.", x))
+        x = _cbr(sd, f"encoder.levels.{level}.1.", _cbr(sd, f"encoder.levels.{level}.0.", x))
         skips.append(x)
     x = skips.pop()
     for step in range(5):
-        up = cbr(f"decoder.steps.{step}.up.", x, conv="conv", bn="bn")
-        x = cbr(f"decoder.steps.{step}.convs.0.", torch.cat([up, skips.pop()], dim=1))
+        up = _cbr(sd, f"decoder.steps.{step}.up.", x, conv="conv", bn="bn")
+        x = _cbr(sd, f"decoder.steps.{step}.convs.0.", torch.cat([up, skips.pop()], dim=1))
         if step < 4:
-            x = cbr(f"decoder.steps.{step}.convs.1.", x)
-    x = cbr("seg_head.convs.1.", cbr("seg_head.convs.0.", x))
-    return F.conv2d(x, sd["seg_head.out.weight"], padding=1)
+            x = _cbr(sd, f"decoder.steps.{step}.convs.1.", x)
+    return x
+
+
+def _reference_head_activation(sd: dict[str, torch.Tensor], f: torch.Tensor) -> torch.Tensor:
+    """The segmentation head's two conv + BN + ReLU on all of f."""
+    return _cbr(sd, "seg_head.convs.1.", _cbr(sd, "seg_head.convs.0.", f))
+
+
+def _perturbed_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Move every parameter off its initial value (non-zero biases and BN shifts, so that a
+    misplaced one would show); returns a copy of the state_dict before any forward."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def test_unet_matches_functional_reference() -> None:
@@ -298,10 +299,33 @@ def test_unet_matches_functional_reference() -> None:
     independent functional U-Net."""
     torch.manual_seed(4)
     model = UNet(3).double().train()
-    with torch.no_grad():  # non-zero biases and BN shifts, so a misplaced one would show
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    sd = _perturbed_params(model)
     x = torch.randn(2, 1, 64, 96, dtype=torch.float64)
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.testing.assert_close(model(x), _reference_logits(sd, x))
+    expected = F.conv2d(_reference_head_activation(sd, _reference_features(sd, x)),
+                        sd["seg_head.out.weight"], padding=1)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_joint_heads_see_the_batch_as_the_original() -> None:
+    """Training mode, float64: the segmentation head's conv + BN + ReLU layers run on all N
+    images (batch statistics and running averages over the whole batch), its last conv on
+    the first n_seg; the projection head on f of the last N - n_seg. The contrastive images
+    differ in statistics, so normalising the seg head over the first n_seg alone would show."""
+    torch.manual_seed(5)
+    joint = JointUNet(3).double().train()
+    sd = _perturbed_params(joint)
+    x = torch.randn(5, 1, 32, 64, dtype=torch.float64)
+    x[2:] = 2.0 * x[2:] + 3.0
+    logits, emb = joint(x, n_seg=2)
+    f = _reference_features(sd, x)
+    h = _reference_head_activation(sd, f)
+    torch.testing.assert_close(logits, F.conv2d(h[:2], sd["seg_head.out.weight"], padding=1))
+    z = F.conv2d(f[2:], sd["proj_head.net.0.weight"])
+    z = F.relu(F.batch_norm(z, None, None, sd["proj_head.net.1.weight"],
+                            sd["proj_head.net.1.bias"], training=True, eps=1e-3))
+    torch.testing.assert_close(emb, F.conv2d(z, sd["proj_head.net.3.weight"]))
+    # Running mean after one step from 0: momentum 0.01 times the batch mean of all 5 images.
+    y = F.conv2d(f, sd["seg_head.convs.0.0.weight"], sd["seg_head.convs.0.0.bias"], padding=1)
+    torch.testing.assert_close(joint.seg_head.convs[0][1].running_mean,
+                               0.01 * y.mean(dim=(0, 2, 3)))
 
