@@ -267,19 +267,27 @@ class JointUNet(UNet):
         return self.seg_head(f, n_seg), self.proj_head(f[n_seg:])
 
     def load_encoder_decoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Copy only the ``encoder.`` and ``decoder.`` entries of a (UNet) state_dict.
+        """Start from a baseline as the original does: copy the trainable ``encoder.`` and
+        ``decoder.`` parameters (conv weights and biases, batch-norm weight and bias) of a
+        (UNet) state_dict. The encoder/decoder batch-norm running statistics start fresh
+        (mean 0, variance 1, no batches tracked), and the heads are left as they are.
 
         Raises:
-            KeyError: if any encoder/decoder key of this model is missing from ``state_dict``.
+            KeyError: if any encoder/decoder parameter of this model is missing from
+                ``state_dict``.
         """
-        prefixes = ("encoder.", "decoder.")
-        own = {k for k in self.state_dict() if k.startswith(prefixes)}
-        missing = sorted(own - set(state_dict))
+        own = {k: p for k, p in self.named_parameters() if k.startswith(("encoder.", "decoder."))}
+        missing = sorted(set(own) - set(state_dict))
         if missing:
             raise KeyError(
-                f"state_dict lacks {len(missing)} encoder/decoder keys, e.g. {missing[:5]}"
+                f"state_dict lacks {len(missing)} encoder/decoder parameters, e.g. {missing[:5]}"
             )
-        self.load_state_dict({k: state_dict[k] for k in own}, strict=False)
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(state_dict[k])
+        for m in [*self.encoder.modules(), *self.decoder.modules()]:
+            if hasattr(m, "reset_running_stats"):  # the batch norms
+                m.reset_running_stats()
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -174,32 +174,45 @@ def test_convbnrelu_nonnegative_and_same_size() -> None:
     assert (out >= 0).all()
 
 
-def test_joint_loads_unet_weights_and_matches_features() -> None:
+def test_joint_starts_from_baseline_trainable_parameters_only() -> None:
+    """As the original's assign loop over the baseline's trainable variables (not 'seg_',
+    not 'cont_'): encoder/decoder conv weights, biases and batch-norm gamma/beta are the
+    baseline's; batch-norm running statistics and batch counts start fresh; the heads keep
+    what they had."""
     torch.manual_seed(0)
     unet = UNet(4)
-    # Perturb BN running stats so that a failed copy of buffers would be visible in eval mode.
-    for m in unet.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # gamma and beta off their initial 1 and 0
+        for m in unet.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.num_batches_tracked.fill_(7)
     torch.manual_seed(1)
     joint = JointUNet(4)
+    for m in joint.modules():  # statistics the joint network had before are not kept either
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.fill_(0.3)
+            m.num_batches_tracked.fill_(2)
+    before = {k: v.clone() for k, v in joint.state_dict().items()}
     joint.load_encoder_decoder(unet.state_dict())
-    for k, v in unet.state_dict().items():
-        if k.startswith(("encoder.", "decoder.")):
-            assert torch.equal(joint.state_dict()[k], v), k
-    # The seg head is not copied.
-    assert not torch.equal(joint.seg_head.out.weight, unet.seg_head.out.weight)
-    unet.eval()
-    joint.eval()
+    baseline = unet.state_dict()
+    for k, v in joint.state_dict().items():
+        if k.startswith(("seg_head.", "proj_head.")):
+            expected = before[k]
+        elif k.endswith(("running_mean", "num_batches_tracked")):
+            expected = torch.zeros_like(v)
+        elif k.endswith("running_var"):
+            expected = torch.ones_like(v)
+        else:
+            expected = baseline[k]
+        assert torch.equal(v, expected), k
+    # Training mode normalises with batch statistics: the shared features are the baseline's.
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(joint.features(x), unet.features(x), rtol=0, atol=0)
-        # Copying the seg head too makes the full logits identical.
-        joint.seg_head.load_state_dict(unet.seg_head.state_dict())
-        logits, emb = joint(x, n_seg=2)
-        torch.testing.assert_close(logits, unet(x[:2]), rtol=0, atol=0)
-        torch.testing.assert_close(emb, joint.proj_head(unet.features(x)[2:]))
+        torch.testing.assert_close(joint.train().features(x), unet.train().features(x),
+                                   rtol=0, atol=0)
 
 
 def test_load_encoder_decoder_missing_key() -> None:
