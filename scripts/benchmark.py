@@ -13,10 +13,12 @@ step is the trainer's own `utils.joint_training.joint_iteration`. ``--quick`` us
 of the crop area and fewer repeats (a smoke run that finishes in about two minutes on two CPU
 cores).
 
-``--reference`` times only the peer the issue measured on another machine: a plain PyTorch U-Net
-of the published shape (`PlainUNet`), 20 images, PyTorch's default settings (no
-`configure_backend`), in channels_last and in the default layout. Its ratio to the peer's
-2.0 s (figure ``machine_factor``) scales figures measured elsewhere to this machine.
+``--reference`` times only the peer the issue measured on another machine: the plain PyTorch
+U-Net of the published shape (`models.unet.UNet` without `models.cpu_training`), 20 images,
+PyTorch's default settings (no `configure_backend`), in channels_last and in the default
+layout. Its ratio to the peer's 2.0 s (figure ``machine_factor``) scales figures measured
+elsewhere to this machine. On CPU the other figures use the trainers' network:
+`models.cpu_training.install` on the same `JointUNet`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from torch import nn  # noqa: E402
 import experiment_init  # noqa: E402
 from losses.dice import soft_dice_loss  # noqa: E402
 from losses.local_contrastive import local_contrastive_loss, sample_positive_indices  # noqa: E402
-from models.unet import BN_EPS, BN_MOMENTUM, ENCODER_CHANNELS, FEATURE_CHANNELS, JointUNet  # noqa: E402
+from models import cpu_training  # noqa: E402
+from models.unet import JointUNet, UNet  # noqa: E402
 from utils.augment import to_onehot  # noqa: E402
 from utils.crf import CRFParams  # noqa: E402
 from utils.device import configure_backend, resolve_device  # noqa: E402
@@ -113,57 +116,6 @@ def loop_local_loss(emb: torch.Tensor, onehot: torch.Tensor, pos_idx: torch.Tens
 PEER_REFERENCE_STEP_S = 2.0
 
 
-def _plain_conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=0 if k == 2 else "same"),
-                         nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM),
-                         nn.ReLU(inplace=True))
-
-
-class PlainUNet(nn.Module):
-    """The published U-Net (METHOD section 4) written the plainest way: nearest x2 upsampling,
-    right/bottom pad and a 2x2 conv for each up-convolution, ``torch.cat`` of [up, skip].
-    The speed reference of ``--reference``; ``models.unet.UNet`` computes the same function
-    (tests/test_unet.py loads one's weights into the other), only faster.
-
-    Parameters are registered in the order of ``UNet``'s state_dict, so
-    ``load_state_dict(dict(zip(plain_keys, unet.state_dict().values())))`` transfers weights.
-    x (N, 1, H, W) -> logits (N, num_classes, H, W).
-    """
-
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        chans, prev = ENCODER_CHANNELS, 1
-        self.down = nn.ModuleList()
-        for ch in chans:
-            self.down.append(nn.Sequential(_plain_conv_bn_relu(prev, ch, 3),
-                                           _plain_conv_bn_relu(ch, ch, 3)))
-            prev = ch
-        self.steps = nn.ModuleList()  # (up-conv, convs after the concatenation) per level
-        for level in range(len(chans) - 2, -1, -1):
-            out = FEATURE_CHANNELS if level == 0 else chans[level]
-            convs = [_plain_conv_bn_relu(2 * chans[level], out, 3)]
-            if level > 0:
-                convs.append(_plain_conv_bn_relu(out, out, 3))
-            self.steps.append(nn.ModuleList([_plain_conv_bn_relu(prev, chans[level], 2),
-                                             nn.Sequential(*convs)]))
-            prev = out
-        self.head = nn.Sequential(_plain_conv_bn_relu(FEATURE_CHANNELS, FEATURE_CHANNELS, 3),
-                                  _plain_conv_bn_relu(FEATURE_CHANNELS, FEATURE_CHANNELS, 3),
-                                  nn.Conv2d(FEATURE_CHANNELS, num_classes, 3, padding="same",
-                                            bias=False))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, level in enumerate(self.down):
-            x = level(F.max_pool2d(x, 2) if i else x)
-            skips.append(x)
-        x = skips.pop()
-        for up, merge in self.steps:
-            x = F.pad(F.interpolate(x, scale_factor=2.0, mode="nearest"), (0, 1, 0, 1))
-            x = merge(torch.cat([up(x), skips.pop()], dim=1))
-        return self.head(x)
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for the GPU's queued work (device work is asynchronous); no-op on CPU."""
     if device.type == "cuda":
@@ -207,7 +159,7 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device,
 def reference_figures(cfg: experiment_init.ExperimentConfig, size: tuple[int, int], n: int,
                       repeats: int, device: torch.device, autocast: Callable[[], object],
                       report: Callable[[str, float, str], None]) -> float:
-    """Time one optimizer step (soft Dice, Adam) of `PlainUNet` on n x 1 x size synthetic
+    """Time one optimizer step (soft Dice, Adam) of the plain `UNet` on n x 1 x size synthetic
     slices, in channels_last (figure reference_unet_step) and in the default layout
     (reference_unet_step_nchw). Returns the channels_last seconds per step."""
     images, labels = synthetic_slices(n, size, cfg.num_classes, torch.Generator().manual_seed(0))
@@ -215,7 +167,7 @@ def reference_figures(cfg: experiment_init.ExperimentConfig, size: tuple[int, in
     seconds: dict[str, float] = {}
     for fig, layout in (("reference_unet_step", torch.channels_last),
                         ("reference_unet_step_nchw", torch.contiguous_format)):
-        ref = PlainUNet(cfg.num_classes).to(device, memory_format=layout)
+        ref = UNet(cfg.num_classes).to(device, memory_format=layout)
         opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
         x = images.to(device).contiguous(memory_format=layout)
 
@@ -243,8 +195,8 @@ def main() -> None:
     parser.add_argument("--low_memory", action="store_true",
                         help="as the trainers' --low_memory (glibc's default allocator on CPU)")
     parser.add_argument("--reference", action="store_true",
-                        help="time only PlainUNet, the peer measured on another machine, with "
-                             "PyTorch's default settings; prints machine_factor")
+                        help="time only the plain UNet, the peer measured on another machine, "
+                             "with PyTorch's default settings; prints machine_factor")
     args = parser.parse_args()
     t_imported = time.perf_counter()
     device = resolve_device(args.device)
@@ -289,6 +241,8 @@ def main() -> None:
     data, _ = build_joint_data(lab_img, lab_lbl, unl_img, unl_lbl, cfg.num_classes,
                                cfg.min_labels_dice_slice)
     model = JointUNet(cfg.num_classes).to(device, memory_format=torch.channels_last)
+    if device.type == "cpu":  # as the trainers
+        cpu_training.install(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     guard = NonFiniteGuard(max_consecutive=10)  # the trainer's check (one sync per step)
 

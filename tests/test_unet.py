@@ -1,4 +1,4 @@
-"""Tests for models/unet.py."""
+"""Tests for models/unet.py (the CPU forwards: tests/test_cpu_training.py)."""
 
 import math
 
@@ -11,16 +11,13 @@ from losses.dice import soft_dice_loss
 from models.unet import (
     ConvBNReLU,
     Decoder,
-    DecoderStep,
     Encoder,
     JointUNet,
     ProjectionHead,
     SegHead,
     UNet,
     UpConvBNReLU,
-    bn_relu_conv,
     count_parameters,
-    max_pool2x2,
 )
 
 
@@ -59,6 +56,33 @@ def test_parameter_counts() -> None:
     assert n_proj == 544
     joint = JointUNet(num_classes=4)
     assert count_parameters(joint) == n_unet + n_proj
+
+
+def _expected_keys() -> list[str]:
+    """The state_dict keys of the checkpoints written so far, in order."""
+    conv, bn = ["weight", "bias"], ["weight", "bias", "running_mean", "running_var",
+                                    "num_batches_tracked"]
+
+    def cbr(prefix: str, c: str = "0", b: str = "1") -> list[str]:
+        return [f"{prefix}{c}.{k}" for k in conv] + [f"{prefix}{b}.{k}" for k in bn]
+
+    keys = [k for level in range(6) for j in range(2) for k in cbr(f"encoder.levels.{level}.{j}.")]
+    for step in range(5):
+        keys += cbr(f"decoder.steps.{step}.up.", "conv", "bn")
+        for j in range(2 if step < 4 else 1):
+            keys += cbr(f"decoder.steps.{step}.convs.{j}.")
+    keys += cbr("seg_head.convs.0.") + cbr("seg_head.convs.1.") + ["seg_head.out.weight"]
+    return keys
+
+
+def test_state_dict_keys_unchanged() -> None:
+    """Old checkpoints load: the same keys, in the same order."""
+    assert list(UNet(4).state_dict()) == _expected_keys()
+    proj = ["proj_head.net.0.weight"] + [
+        f"proj_head.net.1.{k}"
+        for k in ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    ] + ["proj_head.net.3.weight"]
+    assert list(JointUNet(4).state_dict()) == _expected_keys() + proj
 
 
 def test_count_parameters_ignores_frozen() -> None:
@@ -144,186 +168,51 @@ def test_upconv_tf_same_padding() -> None:
     torch.testing.assert_close(out, expected)
 
 
-def test_upconv_matches_plain_upsample_then_conv() -> None:
-    """The sub-pixel formulation equals nearest x2 upsampling + right/bottom pad + 2x2 conv,
-    in value and in the gradients of input, weight and bias (float64, several channels)."""
-    torch.manual_seed(1)
-    up = UpConvBNReLU(5, 3).double()
-    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
-    with torch.no_grad():
-        up.conv.bias.normal_()
-    out = up.conv(F.pad(F.interpolate(x, scale_factor=2.0, mode="nearest"), (0, 1, 0, 1)))
-    expected = up.relu(up.bn(out))
-    g = torch.randn_like(expected)
-    grads_plain = torch.autograd.grad(expected, (x, up.conv.weight, up.conv.bias), g)
-    got = up(x)
-    assert got.shape == (2, 3, 12, 14)
-    torch.testing.assert_close(got, expected)
-    grads = torch.autograd.grad(got, (x, up.conv.weight, up.conv.bias), g)
-    for a, b in zip(grads, grads_plain, strict=True):
-        torch.testing.assert_close(a, b)
-
-
-def test_decoder_step_matches_concatenation() -> None:
-    """DecoderStep's two half-weight convs equal the conv of the concatenated [up, skip], in
-    value and in every gradient (float64)."""
-    torch.manual_seed(3)
-    step = DecoderStep(8, 4, 4, n_convs=2).double()
-    x = torch.randn(2, 8, 5, 6, dtype=torch.float64, requires_grad=True)
-    skip = torch.randn(2, 4, 10, 12, dtype=torch.float64, requires_grad=True)
-    with torch.no_grad():
-        step.convs[0][0].bias.normal_()
-    inputs = (x, skip, *step.parameters())
-    expected = step.convs(torch.cat([step.up(x), skip], dim=1))
-    g = torch.randn_like(expected)
-    grads_ref = torch.autograd.grad(expected, inputs, g)
-    got = step(x, skip)
-    torch.testing.assert_close(got, expected)
-    for a, b in zip(torch.autograd.grad(got, inputs, g), grads_ref, strict=True):
-        torch.testing.assert_close(a, b)
-
-
-def test_joint_split_gradients_match_slicing() -> None:
-    """Splitting the feature map between the heads gives the gradients of plain slicing."""
-    torch.manual_seed(2)
-    model = JointUNet(4).double()
-    x = torch.randn(4, 1, 32, 32, dtype=torch.float64)
-    logits, emb = model(x, 3)
-    loss = logits.square().mean() + emb.abs().mean()
-    g_split = torch.autograd.grad(loss, list(model.parameters()))
-    f = model.features(x)
-    loss_ref = model.seg_head(f[:3]).square().mean() + model.proj_head(f[3:]).abs().mean()
-    g_ref = torch.autograd.grad(loss_ref, list(model.parameters()))
-    for a, b in zip(g_split, g_ref, strict=True):
-        torch.testing.assert_close(a, b)
-
-
-def _saved_sizes(fn) -> tuple[torch.Tensor, list[int]]:
-    """``fn()``'s result and the numel of every tensor autograd saved while it ran (one entry
-    per storage, sorted)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.numel()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sorted(seen.values())
-
-
-@pytest.mark.parametrize("kernel, padding, pad_rb", [(3, 1, False), (1, 0, False), (2, 0, True)])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_bn_relu_conv_matches_layers(kernel, padding, pad_rb, channels_last) -> None:
-    """Training mode: bn_relu_conv gives the value, every gradient and the batch-norm running
-    statistics of BatchNorm2d + ReLU + pad + conv2d (float64), while keeping only its input,
-    not the activation, for backward."""
-    torch.manual_seed(5)
-    layers = [nn.BatchNorm2d(6, eps=1e-3, momentum=0.01).double() for _ in range(2)]
-    with torch.no_grad():
-        layers[0].weight.normal_()
-        layers[0].bias.normal_()
-        layers[0].running_mean.normal_()
-    layers[1].load_state_dict(layers[0].state_dict())
-    w = torch.randn(4, 6, kernel, kernel, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(3, 6, 9, 11, dtype=torch.float64) + 0.5
-    if channels_last:
-        y = y.contiguous(memory_format=torch.channels_last)
-    y.requires_grad_(True)
-
-    def plain():
-        z = F.relu(layers[1](y))
-        return F.conv2d(F.pad(z, (0, 1, 0, 1)) if pad_rb else z, w, b, padding=padding)
-
-    expected, saved_plain = _saved_sizes(plain)
-    got, saved = _saved_sizes(lambda: bn_relu_conv(y, layers[0], w, b, padding, pad_rb))
-    torch.testing.assert_close(got, expected)
-    g = torch.randn_like(expected)
-    inputs = (y, w, b, layers[0].weight, layers[0].bias)
-    inputs_ref = (y, w, b, layers[1].weight, layers[1].bias)
-    for a, ref in zip(torch.autograd.grad(got, inputs, g),
-                      torch.autograd.grad(expected, inputs_ref, g), strict=True):
-        torch.testing.assert_close(a, ref)
-    for key, ref in layers[1].state_dict().items():
-        torch.testing.assert_close(layers[0].state_dict()[key], ref, msg=key)
-    big = [n for n in saved if n >= y.numel()]
-    assert big == [y.numel()]  # the input only
-    assert len([n for n in saved_plain if n >= y.numel()]) >= 2  # autograd keeps the activation
-
-
-def test_bn_relu_conv_runs_layers_outside_training() -> None:
-    """In eval mode it is the plain composition with the running statistics; in training mode
-    without grad it still updates them, as nn.BatchNorm2d does."""
-    torch.manual_seed(6)
-    bn = nn.BatchNorm2d(3).eval()
-    with torch.no_grad():
-        bn.running_mean.normal_()
-    w = torch.randn(2, 3, 3, 3)
-    y = torch.randn(2, 3, 8, 8)
-    stats = bn.running_mean.clone()
-    torch.testing.assert_close(bn_relu_conv(y, bn, w, None, 1),
-                               F.conv2d(F.relu(bn(y)), w, None, padding=1))
-    bn.train()
-    with torch.no_grad():
-        out = bn_relu_conv(y, bn, w, None, 1)
-    assert out.shape == (2, 2, 8, 8)
-    assert not torch.equal(bn.running_mean, stats)  # no-grad training still updates, as nn does
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_max_pool2x2_matches_native_gradient_with_ties(channels_last) -> None:
-    """max_pool2x2 gives F.max_pool2d's value and gradient, also where a window holds its
-    maximum twice (the gradient goes to one of them), and saves no index tensor."""
-    torch.manual_seed(7)
-    x = torch.randn(2, 3, 8, 10, dtype=torch.float64).clamp_min(0)  # ReLU-like: tied zeros
-    x[:, :, 2, 2] = x[:, :, 3, 3] = 5.0  # a positive tie inside one window
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    expected, saved_ref = _saved_sizes(lambda: F.max_pool2d(x, 2))
-    got, saved = _saved_sizes(lambda: max_pool2x2(x))
-    torch.testing.assert_close(got, expected)
-    g = torch.randn_like(expected)
-    (grad,) = torch.autograd.grad(got, x, g)
-    (grad_ref,) = torch.autograd.grad(expected, x, g)
-    assert torch.equal(grad, grad_ref)
-    assert (grad[:, :, 2:4, 2:4] != 0).sum() == 2 * 3  # one entry per window, not both ties
-    assert saved == [x.numel()] and len(saved_ref) == 2
-
-
 def test_convbnrelu_nonnegative_and_same_size() -> None:
     out = ConvBNReLU(3, 8)(torch.randn(2, 3, 10, 12))
     assert out.shape == (2, 8, 10, 12)
     assert (out >= 0).all()
 
 
-def test_joint_loads_unet_weights_and_matches_features() -> None:
+def test_joint_starts_from_baseline_trainable_parameters_only() -> None:
+    """As the original's assign loop over the baseline's trainable variables (not 'seg_',
+    not 'cont_'): encoder/decoder conv weights, biases and batch-norm gamma/beta are the
+    baseline's; batch-norm running statistics and batch counts start fresh; the heads keep
+    what they had."""
     torch.manual_seed(0)
     unet = UNet(4)
-    # Perturb BN running stats so that a failed copy of buffers would be visible in eval mode.
-    for m in unet.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # gamma and beta off their initial 1 and 0
+        for m in unet.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.num_batches_tracked.fill_(7)
     torch.manual_seed(1)
     joint = JointUNet(4)
+    for m in joint.modules():  # statistics the joint network had before are not kept either
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.fill_(0.3)
+            m.num_batches_tracked.fill_(2)
+    before = {k: v.clone() for k, v in joint.state_dict().items()}
     joint.load_encoder_decoder(unet.state_dict())
-    for k, v in unet.state_dict().items():
-        if k.startswith(("encoder.", "decoder.")):
-            assert torch.equal(joint.state_dict()[k], v), k
-    # The seg head is not copied.
-    assert not torch.equal(joint.seg_head.out.weight, unet.seg_head.out.weight)
-    unet.eval()
-    joint.eval()
+    baseline = unet.state_dict()
+    for k, v in joint.state_dict().items():
+        if k.startswith(("seg_head.", "proj_head.")):
+            expected = before[k]
+        elif k.endswith(("running_mean", "num_batches_tracked")):
+            expected = torch.zeros_like(v)
+        elif k.endswith("running_var"):
+            expected = torch.ones_like(v)
+        else:
+            expected = baseline[k]
+        assert torch.equal(v, expected), k
+    # Training mode normalises with batch statistics: the shared features are the baseline's.
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(joint.features(x), unet.features(x), rtol=0, atol=0)
-        # Copying the seg head too makes the full logits identical.
-        joint.seg_head.load_state_dict(unet.seg_head.state_dict())
-        logits, emb = joint(x, n_seg=2)
-        torch.testing.assert_close(logits, unet(x[:2]), rtol=0, atol=0)
-        torch.testing.assert_close(emb, joint.proj_head(unet.features(x)[2:]))
+        torch.testing.assert_close(joint.train().features(x), unet.train().features(x),
+                                   rtol=0, atol=0)
 
 
 def test_load_encoder_decoder_missing_key() -> None:
@@ -331,20 +220,6 @@ def test_load_encoder_decoder_missing_key() -> None:
     del sd["decoder.steps.0.up.conv.bias"]
     with pytest.raises(KeyError, match="decoder.steps.0.up.conv.bias"):
         JointUNet(4).load_encoder_decoder(sd)
-
-
-def test_joint_shares_batch_norm_statistics() -> None:
-    """In training mode the trunk must normalise all images together, not per head."""
-    torch.manual_seed(0)
-    joint = JointUNet(3).train()
-    x = torch.randn(4, 1, 32, 32)
-    x[2:] += 3.0  # different statistics in the contrastive half
-    with torch.no_grad():
-        f_all = joint.features(x)
-        logits, _ = joint(x, n_seg=2)
-        f_alone = joint.features(x[:2])
-    torch.testing.assert_close(logits, joint.seg_head(f_all[:2]))
-    assert not torch.allclose(f_all[:2], f_alone, atol=1e-3)
 
 
 def test_channels_last_and_autocast() -> None:
@@ -386,28 +261,84 @@ def test_unet_overfits_single_image() -> None:
     assert losses[-1] < 0.1
 
 
-def test_unet_matches_plain_reference_unet() -> None:
-    """End to end, UNet (sub-pixel up-convolutions, split decoder convs) computes the function
-    of the benchmark's PlainUNet (upsample + pad + 2x2 conv, torch.cat) with the same weights:
-    logits and every parameter gradient (float64, training mode)."""
-    from scripts.benchmark import PlainUNet
+def _cbr(sd: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, conv: str = "0",
+         bn: str = "1") -> torch.Tensor:
+    """relu(batch_norm(conv(x))) from state_dict entries, batch norm on batch statistics
+    (training mode); a 2x2 conv gets nearest x2 upsampling and a right/bottom pad first."""
+    w = sd[f"{prefix}{conv}.weight"]
+    if w.shape[-1] == 2:
+        x = F.pad(F.interpolate(x, scale_factor=2.0, mode="nearest"), (0, 1, 0, 1))
+    x = F.conv2d(x, w, sd.get(f"{prefix}{conv}.bias"), padding=w.shape[-1] // 2 if
+                 w.shape[-1] == 3 else 0)
+    x = F.batch_norm(x, None, None, sd[f"{prefix}{bn}.weight"], sd[f"{prefix}{bn}.bias"],
+                     training=True, eps=1e-3)
+    return F.relu(x)
 
-    torch.manual_seed(4)
-    ours, plain = UNet(3).double(), PlainUNet(3).double()
-    ours_sd, plain_sd = ours.state_dict(), plain.state_dict()
-    assert [v.shape for v in ours_sd.values()] == [v.shape for v in plain_sd.values()]
-    with torch.no_grad():  # non-zero biases, so a misplaced bias would show
-        for p in ours.parameters():
+
+def _reference_features(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """METHOD §4's encoder + decoder written with torch.nn.functional: 2x2 max-pools, up-conv
+    to the skip's width, concat [up, skip]. (N, 1, H, W) -> f (N, 16, H, W)."""
+    skips = []
+    for level in range(6):
+        if level:
+            x = F.max_pool2d(x, 2)
+        x = _cbr(sd, f"encoder.levels.{level}.1.", _cbr(sd, f"encoder.levels.{level}.0.", x))
+        skips.append(x)
+    x = skips.pop()
+    for step in range(5):
+        up = _cbr(sd, f"decoder.steps.{step}.up.", x, conv="conv", bn="bn")
+        x = _cbr(sd, f"decoder.steps.{step}.convs.0.", torch.cat([up, skips.pop()], dim=1))
+        if step < 4:
+            x = _cbr(sd, f"decoder.steps.{step}.convs.1.", x)
+    return x
+
+
+def _reference_head_activation(sd: dict[str, torch.Tensor], f: torch.Tensor) -> torch.Tensor:
+    """The segmentation head's two conv + BN + ReLU on all of f."""
+    return _cbr(sd, "seg_head.convs.1.", _cbr(sd, "seg_head.convs.0.", f))
+
+
+def _perturbed_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Move every parameter off its initial value (non-zero biases and BN shifts, so that a
+    misplaced one would show); returns a copy of the state_dict before any forward."""
+    with torch.no_grad():
+        for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    # state_dict tensors share the parameters' storage: ours_sd holds the perturbed values
-    plain.load_state_dict(dict(zip(plain_sd, ours_sd.values(), strict=True)))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_unet_matches_functional_reference() -> None:
+    """Training mode, float64, parameters read by their state_dict keys: the logits of an
+    independent functional U-Net."""
+    torch.manual_seed(4)
+    model = UNet(3).double().train()
+    sd = _perturbed_params(model)
     x = torch.randn(2, 1, 64, 96, dtype=torch.float64)
-    out, ref = ours(x), plain(x)
-    torch.testing.assert_close(out, ref)
-    for (key, a), b in zip(ours.state_dict().items(), plain.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, msg=key)  # batch-norm running statistics
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, list(ours.parameters()), g)
-    grads_ref = torch.autograd.grad(ref, list(plain.parameters()), g)
-    for a, b in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(a, b)
+    expected = F.conv2d(_reference_head_activation(sd, _reference_features(sd, x)),
+                        sd["seg_head.out.weight"], padding=1)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_joint_heads_see_the_batch_as_the_original() -> None:
+    """Training mode, float64: the segmentation head's conv + BN + ReLU layers run on all N
+    images (batch statistics and running averages over the whole batch), its last conv on
+    the first n_seg; the projection head on f of the last N - n_seg. The contrastive images
+    differ in statistics, so normalising the seg head over the first n_seg alone would show."""
+    torch.manual_seed(5)
+    joint = JointUNet(3).double().train()
+    sd = _perturbed_params(joint)
+    x = torch.randn(5, 1, 32, 64, dtype=torch.float64)
+    x[2:] = 2.0 * x[2:] + 3.0
+    logits, emb = joint(x, n_seg=2)
+    f = _reference_features(sd, x)
+    h = _reference_head_activation(sd, f)
+    torch.testing.assert_close(logits, F.conv2d(h[:2], sd["seg_head.out.weight"], padding=1))
+    z = F.conv2d(f[2:], sd["proj_head.net.0.weight"])
+    z = F.relu(F.batch_norm(z, None, None, sd["proj_head.net.1.weight"],
+                            sd["proj_head.net.1.bias"], training=True, eps=1e-3))
+    torch.testing.assert_close(emb, F.conv2d(z, sd["proj_head.net.3.weight"]))
+    # Running mean after one step from 0: momentum 0.01 times the batch mean of all 5 images.
+    y = F.conv2d(f, sd["seg_head.convs.0.0.weight"], sd["seg_head.convs.0.0.bias"], padding=1)
+    torch.testing.assert_close(joint.seg_head.convs[0][1].running_mean,
+                               0.01 * y.mean(dim=(0, 2, 3)))
+

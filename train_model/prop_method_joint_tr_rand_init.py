@@ -27,6 +27,7 @@ from tqdm import tqdm  # noqa: E402
 
 import experiment_init  # noqa: E402
 from experiment_init import ConfigError  # noqa: E402
+from models import cpu_training  # noqa: E402
 from models.unet import JointUNet, UNet  # noqa: E402
 from utils.crf import CRFParams  # noqa: E402
 from utils.dataset import (  # noqa: E402
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     model = JointUNet(cfg.num_classes).to(device)
     model.load_encoder_decoder(baseline["model"])
     model = model.to(memory_format=torch.channels_last)
+    if device.type == "cpu":
+        cpu_training.install(model)  # same function and state_dict, less memory and time
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
     dice_loss = segmentation_loss(args.dsc_loss, cfg.num_classes)
     guard = NonFiniteGuard(args.max_bad_steps)
@@ -181,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             if rnd == 0:  # the first pseudo-labels come from the baseline network itself
                 labeler = UNet(cfg.num_classes).to(device)
+                if device.type == "cpu":
+                    cpu_training.install(labeler)
                 labeler.load_state_dict(baseline["model"])
             else:
                 best = load_checkpoint(keeper.path, device)

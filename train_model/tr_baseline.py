@@ -23,6 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import experiment_init  # noqa: E402
+from models import cpu_training  # noqa: E402
 from models.unet import UNet  # noqa: E402
 from utils.augment import augment_batch, to_onehot  # noqa: E402
 from utils.dataset import (  # noqa: E402
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     keeper = BestKeeper(run_dir, load_eval_volumes(cfg, val_ids), cfg.num_classes, device)
 
     model = UNet(cfg.num_classes).to(device, memory_format=torch.channels_last)
+    if device.type == "cpu":
+        cpu_training.install(model)  # same function and state_dict, less memory and time
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
     loss_fn = segmentation_loss(args.dsc_loss, cfg.num_classes)
     guard = NonFiniteGuard(args.max_bad_steps)
