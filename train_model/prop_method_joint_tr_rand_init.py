@@ -56,6 +56,7 @@ from utils.training import (  # noqa: E402
     baseline_dir,
     finish_run,
     open_run_dir,
+    resolve_flags,
     restore_progress,
     run_main,
     run_name,
@@ -85,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="kept for command-line compatibility; the original never used it")
     p.add_argument("--no_of_pos_eles", type=int, default=3,
                    help="sampled positive pixels per class and image (P)")
-    p.add_argument("--bt_size", type=int, default=10, help="contrastive pairs per batch (B)")
+    p.add_argument("--bt_size", type=int, default=None,
+                   help="contrastive pairs per batch (B), even (default: batch_size_ft of "
+                   "experiment_init/init_<dataset>.py, 10)")
     p.add_argument("--test_aug_overlap", type=int, default=0, choices=(0, 1),
                    help="keep only pool volumes whose two augmented predictions agree")
     p.add_argument("--test_f1_threshold", type=float, default=0.9,
@@ -119,12 +122,17 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     args = parse_args(argv)
     cfg = experiment_init.load(args.dataset, args.data_root, args.out_dir)
+    args = resolve_flags(args, cfg, lr_seg="lr", bt_size="batch_size_ft", n_rounds="n_rounds")
     labeled_ids = cfg.labeled_ids(args.no_of_tr_imgs, args.comb_tr_imgs)
     val_ids = cfg.val_ids(args.no_of_tr_imgs, args.comb_tr_imgs)
     pool_ids = cfg.unlabeled_ids()
-    n_rounds = args.n_rounds if args.n_rounds is not None else cfg.n_rounds
+    n_rounds = args.n_rounds
     n_iter = args.n_iter_per_round or args.n_iter or cfg.n_iter_per_round
-    pair_layout(args.bt_size)  # validates --bt_size before any work
+    try:
+        pair_layout(args.bt_size)  # validates --bt_size before any work
+    except ValueError as err:
+        raise ConfigError(f"{err} (its default is batch_size_ft of "
+                          f"experiment_init/init_{cfg.dataset}.py)") from err
     seed = args.seed if args.seed is not None else args.ver
     device = resolve_device(args.device)
     configure_backend(device, args.low_memory)

@@ -21,18 +21,18 @@ log = logging.getLogger(__name__)
 
 
 def ensure_demo_data(cfg: ExperimentConfig) -> None:
-    """Generate the synthetic demo dataset when ``--dataset demo`` finds none (or a partial one)."""
-    if cfg.dataset != "demo":
+    """Generate a synthetic dataset (one whose init file sets ``demo_n_patients`` and
+    ``demo_seed``, like ``demo``) when none, a partial one or one of other settings is found."""
+    if cfg.demo_n_patients is None or cfg.demo_seed is None:
         return
     from utils.demo_data import demo_dataset_complete, make_demo_dataset
 
-    if demo_dataset_complete(cfg.data_path_tr):
-        return
-    n = int(cfg.extra.get("demo_n_patients", 32))
+    n = cfg.demo_n_patients
     ids = [f"{i:03d}" for i in range(1, n + 1)]
+    if demo_dataset_complete(cfg.data_path_tr, seed=cfg.demo_seed, patient_ids=ids):
+        return
     print(f"demo data not found in {cfg.data_path_tr}: generating {n} patients", flush=True)
-    make_demo_dataset(cfg.data_path_tr, ids, seed=int(cfg.extra.get("demo_seed", 0)),
-                      overwrite=True)
+    make_demo_dataset(cfg.data_path_tr, ids, seed=cfg.demo_seed, overwrite=True)
 
 
 def verify_inputs(cfg: ExperimentConfig, train_ids: list[str], eval_ids: list[str]) -> None:

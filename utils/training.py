@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from experiment_init import ConfigError, ExperimentConfig
+from experiment_init import ConfigError, ExperimentConfig, datasets
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
 from utils.dataset import load_eval_volumes
@@ -33,10 +33,12 @@ from utils.run import (
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags of the original baseline (METHOD §9) plus device, seed and paths."""
     p = parser
-    p.add_argument("--dataset", default="acdc", help="acdc | prostate_md | mmwhs | demo")
+    p.add_argument("--dataset", default="acdc",
+                   help=f"one of {', '.join(datasets())} (experiment_init/init_<name>.py)")
     p.add_argument("--no_of_tr_imgs", default="tr1", help="labeled set size: tr1, tr2, tr8, ...")
     p.add_argument("--comb_tr_imgs", default="c1", help="combination of the labeled set: c1..c5")
-    p.add_argument("--lr_seg", type=float, default=0.001, help="Adam learning rate")
+    p.add_argument("--lr_seg", type=float, default=None,
+                   help="Adam learning rate (default: lr of experiment_init/init_<dataset>.py)")
     p.add_argument("--ver", type=int, default=0, help="version (repeat) number of the run")
     p.add_argument("--dsc_loss", type=int, default=2, choices=(0, 1, 2),
                    help="0 weighted cross-entropy, 1 Dice w/o background, 2 Dice with background")
@@ -68,6 +70,19 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--low_memory", action="store_true",
                    help="CPU: return freed tensor memory to the OS after use (peak RSS of a "
                         "joint ACDC run ~1 GB lower, steps ~35%% slower)")
+
+
+def resolve_flags(
+    args: argparse.Namespace, cfg: ExperimentConfig, **settings: str
+) -> argparse.Namespace:
+    """``args`` with each flag in ``settings`` that was not given (None) set to the init-file
+    setting named for it, e.g. ``resolve_flags(args, cfg, lr_seg="lr")``. The result is what
+    the run uses and what its config.yaml and checkpoints record."""
+    resolved = dict(vars(args))
+    for flag, setting in settings.items():
+        if resolved[flag] is None:
+            resolved[flag] = getattr(cfg, setting)
+    return argparse.Namespace(**resolved)
 
 
 def run_name(args: argparse.Namespace) -> str:
