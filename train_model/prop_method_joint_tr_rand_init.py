@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,7 +37,7 @@ from utils.dataset import (  # noqa: E402
 )
 from utils.device import configure_backend, release_freed_memory, resolve_device  # noqa: E402
 from utils.joint_training import JointData, JointSettings, joint_iteration  # noqa: E402
-from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
+from utils.pseudo_labels import PseudoLabelRound, make_pseudo_labels  # noqa: E402
 from utils.run import (  # noqa: E402
     RunLog,
     load_checkpoint,
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_backend(device, args.low_memory)
     generator = seed_everything(seed)
     baseline_ckpt = find_baseline(cfg, args)
+    baseline = load_checkpoint(baseline_ckpt, device)  # refused here if it is not plain data
     run_dir = cfg.srt_dir / cfg.dataset / "joint" / run_name(args) / args.loss_reduction
     state = open_run_dir(run_dir, args)
     if state is None:
@@ -159,7 +160,6 @@ def main(argv: list[str] | None = None) -> None:
     pool = {sid: load_slices(cfg, [sid]) for sid in pool_ids}
     keeper = BestKeeper(run_dir, load_eval_volumes(cfg, val_ids), cfg.num_classes, device)
 
-    baseline = load_checkpoint(baseline_ckpt, device)
     if args.pretr_n_iter is not None:
         print(f"starting from {baseline_ckpt} (best of its run; --pretr_n_iter "
               f"{args.pretr_n_iter})", flush=True)
@@ -187,8 +187,10 @@ def main(argv: list[str] | None = None) -> None:
         if first_it + n_iter <= start_it:
             continue  # finished before the interruption
         if state is not None and state["round"] == rnd:
-            pseudo = state["pseudo"]  # resumed inside this round: the same pseudo-labels
-            pseudo.images = torch.cat([pool[sid][0] for sid in pseudo.kept])
+            # resumed inside this round: the same pseudo-labels
+            pseudo = PseudoLabelRound(
+                images=torch.cat([pool[sid][0] for sid in state["pseudo"]["kept"]]),
+                **state["pseudo"])
         else:
             if rnd == 0:  # the first pseudo-labels come from the baseline network itself
                 labeler = UNet(cfg.num_classes).to(device)
@@ -241,8 +243,10 @@ def main(argv: list[str] | None = None) -> None:
                 bar.set_postfix(dice=f"{loss_seg.item():.3f}", lcl=f"{loss_lcl.item():.3f}",
                                 val=f"{val:.3f}", best=f"{keeper.best_score:.3f}")
             if (it + 1) % args.ckpt_every == 0 or last:
-                # pseudo-labels without their images (those are re-read from the pool)
-                kept = replace(pseudo, images=torch.empty(0), labels=pseudo.labels.cpu())
+                # pseudo-labels as plain data, without their images (re-read from the pool)
+                kept = {f.name: getattr(pseudo, f.name) for f in fields(pseudo)
+                        if f.name != "images"}
+                kept["labels"] = pseudo.labels.cpu()
                 save_progress(run_dir, args, it, model, optimizer, keeper, guard, log,
                               generator, round=rnd, pseudo=kept)
     finish_run(model, keeper, guard, log, cfg, run_dir, device, not args.no_progress, start)

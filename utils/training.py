@@ -22,6 +22,7 @@ from utils.device import release_freed_memory
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
 from utils.io import DataError
 from utils.run import (
+    RunDirError,
     RunLog,
     load_checkpoint,
     restore_rng_state,
@@ -305,7 +306,8 @@ def run_main(main: Callable[[], None]) -> None:
         print(str(done), flush=True)
         print(f"run directory: {done.run_dir}", flush=True)
         sys.exit(0)
-    except (ConfigError, DataError, FileNotFoundError, FloatingPointError, ValueError) as err:
+    except (ConfigError, DataError, RunDirError, FileNotFoundError, FloatingPointError,
+            ValueError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
