@@ -232,6 +232,9 @@ def _check(values: dict[str, Any], shown: str) -> None:
         if values[name] % 32:
             raise ConfigError(f"{shown}: {name} = {values[name]} must be a multiple of 32 (the "
                               "U-Net pools five times)")
+    if values["num_classes"] < 2:
+        raise ConfigError(f"{shown}: num_classes = {values['num_classes']} must be at least 2 "
+                          "(background and one structure)")
     if len(values["struct_name"]) != values["num_classes"] - 1:
         raise ConfigError(f"{shown}: struct_name has {len(values['struct_name'])} names but "
                           f"num_classes - 1 = {values['num_classes'] - 1}")

@@ -88,6 +88,8 @@ def test_an_edited_value_takes_effect(edited_config):
      r"'target_resolution' = \(1, 2, 3\) should be of type tuple\[float, float\]"),
     ({"crf_params": "crf_params = dict(g_sxy='5')"}, r"'crf_params' = .* should be of type dict"),
     ({"demo_seed": ""}, r"set both or neither"),
+    ({"num_classes": "num_classes = 1", "struct_name": "struct_name = []"},
+     r"num_classes = 1 must be at least 2"),
     ({"lr": "lr = 1 / 0"}, r"init_demo.py cannot be read: ZeroDivisionError"),
 ])
 def test_bad_init_files_are_errors_naming_file_and_setting(edited_config, edit, message):

@@ -18,12 +18,17 @@ import experiment_init
 from experiment_init import ConfigError
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
+from utils.device import resolve_device
+from utils.io import DataError
+from utils.run import RunDirError
 from utils.training import (
     NonFiniteGuard,
     RunFinished,
+    TrainingStopped,
     add_common_flags,
     open_run_dir,
     resolve_flags,
+    run_main,
     segmentation_loss,
 )
 
@@ -39,7 +44,7 @@ def test_guard_skips_and_counts_then_stops():
     assert guard.total == 2 and guard.consecutive == 0
     assert not guard.ok(torch.tensor(math.nan), 4)
     assert not guard.ok(torch.tensor(math.nan), 5)
-    with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses up to "
+    with pytest.raises(TrainingStopped, match="3 consecutive non-finite losses up to "
                        "iteration 6.*best checkpoint"):
         guard.ok(torch.tensor(-math.inf), 6)
 
@@ -54,7 +59,7 @@ def test_run_directory_is_never_silently_replaced(tmp_path):
     run = tmp_path / "run"
     assert open_run_dir(run, _args()) is None and run.is_dir()
     (run / "config.yaml").write_text("x")
-    with pytest.raises(ConfigError, match="--resume to continue it, --overwrite to replace it"):
+    with pytest.raises(RunDirError, match="--resume to continue it, --overwrite to replace it"):
         open_run_dir(run, _args())
     assert open_run_dir(run, _args("--overwrite")) is None
     assert not (run / "config.yaml").exists()
@@ -118,6 +123,36 @@ def test_an_edited_init_file_reaches_the_run(edited_config, tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="--bt_size=3 must be an even number.*batch_size_ft of "
                        "experiment_init/init_tiny.py"):
         joint.main(common)
+
+
+@pytest.mark.parametrize("error", [ConfigError("--x=1 is bad"), DataError("a.nii: unreadable"),
+                                   RunDirError("run: exists"), TrainingStopped("diverged")])
+def test_run_main_reports_the_projects_errors_in_one_line(error, capsys):
+    def main() -> None:
+        raise error
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(main)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: {error}\n"
+
+
+@pytest.mark.parametrize("error", [ValueError("bug"), FileNotFoundError("bug"),
+                                   FloatingPointError("bug"), KeyError("bug")])
+def test_run_main_lets_programming_errors_keep_their_traceback(error):
+    def main() -> None:
+        raise error
+
+    with pytest.raises(type(error)):
+        run_main(main)
+
+
+def test_user_errors_of_flags_are_project_errors():
+    with pytest.raises(ConfigError, match="--device='gpu': choose auto, cpu or cuda"):
+        resolve_device("gpu")
+    with pytest.raises(SystemExit) as stop:  # argparse's own one-line usage error
+        _args("--ckpt_every", "0")
+    assert stop.value.code == 2
 
 
 def test_segmentation_loss_choice():

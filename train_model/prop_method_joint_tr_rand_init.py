@@ -39,6 +39,7 @@ from utils.device import configure_backend, release_freed_memory, resolve_device
 from utils.joint_training import JointData, JointSettings, joint_iteration  # noqa: E402
 from utils.pseudo_labels import PseudoLabelRound, make_pseudo_labels  # noqa: E402
 from utils.run import (  # noqa: E402
+    RunDirError,
     RunLog,
     load_checkpoint,
     save_config,
@@ -52,10 +53,12 @@ from utils.sampling import (  # noqa: E402
 from utils.training import (  # noqa: E402
     BestKeeper,
     NonFiniteGuard,
+    TrainingStopped,
     add_common_flags,
     baseline_dir,
     finish_run,
     open_run_dir,
+    positive_int,
     resolve_flags,
     restore_progress,
     run_main,
@@ -84,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lamda_local", type=float, default=0.1, help="weight λ of the local loss")
     p.add_argument("--no_of_neg_eles", type=int, default=3,
                    help="kept for command-line compatibility; the original never used it")
-    p.add_argument("--no_of_pos_eles", type=int, default=3,
+    p.add_argument("--no_of_pos_eles", type=positive_int, default=3,
                    help="sampled positive pixels per class and image (P)")
     p.add_argument("--bt_size", type=int, default=None,
                    help="contrastive pairs per batch (B), even (default: batch_size_ft of "
@@ -110,7 +113,7 @@ def find_baseline(cfg: experiment_init.ExperimentConfig, args: argparse.Namespac
     base = Path(args.pretr_dir) if args.pretr_dir else baseline_dir(cfg, args)
     path = base / "checkpoints" / "best.pt"
     if not path.is_file():
-        raise ConfigError(
+        raise RunDirError(
             f"{path}: baseline checkpoint not found; run train_model/tr_baseline.py with the same "
             f"--dataset {cfg.dataset} --no_of_tr_imgs {args.no_of_tr_imgs} --comb_tr_imgs "
             f"{args.comb_tr_imgs} --ver {args.ver} first, or pass --pretr_dir"
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         unl_img, unl_lbl = pseudo.images.to(device), pseudo.labels.to(device)
         unl_index, complete = contrastive_index(unl_lbl, cfg.num_classes)
         if unl_index.numel() == 0:
-            raise ValueError(
+            raise TrainingStopped(
                 f"round {rnd + 1}: the pseudo-labels hold no structure in any slice, so the "
                 f"contrastive term has nothing to work on; is the baseline {baseline_ckpt} "
                 "trained (see its test_results)?")

@@ -14,7 +14,7 @@ import torch
 from experiment_init import ExperimentConfig
 from utils.evaluation import EvalVolume, prepare_eval_volume
 from utils.integrity import require_valid
-from utils.io import cropped_paths, read_cropped, read_raw_volume, write_cropped
+from utils.io import DataError, cropped_paths, read_cropped, read_raw_volume, write_cropped
 from utils.preprocess import to_target
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def load_slices(
     for sid in subject_ids:
         img, lbl = read_cropped(cfg.data_path_tr_cropped, sid)
         if img.shape[:2] != cfg.crop_size:
-            raise ValueError(
+            raise DataError(
                 f"{cropped_paths(cfg.data_path_tr_cropped, sid)[0]}: in-plane size "
                 f"{img.shape[:2]} differs from the configured crop {cfg.crop_size}; rerun "
                 "scripts/create_cropped_imgs.py --overwrite"
@@ -86,7 +86,7 @@ def load_slices(
     img_t = torch.from_numpy(np.ascontiguousarray(np.concatenate(images)))[:, None]
     lbl_t = torch.from_numpy(np.ascontiguousarray(np.concatenate(labels)))
     if int(lbl_t.max()) >= cfg.num_classes or int(lbl_t.min()) < 0:
-        raise ValueError(
+        raise DataError(
             f"labels of {subject_ids} hold values outside 0..{cfg.num_classes - 1}; check "
             f"num_classes in experiment_init/init_{cfg.dataset}.py"
         )
