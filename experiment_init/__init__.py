@@ -1,8 +1,19 @@
 """The one place where experiment configuration is read.
 
-`load(dataset, ...)` imports ``init_<dataset>.py`` (geometry, classes, hyper-parameters) and
+`load(dataset, ...)` reads ``init_<dataset>.py`` (geometry, classes, hyper-parameters) and
 ``data_cfg_<dataset>.py`` (patient splits), applies path overrides and validates the result.
-Nothing else in the project imports those modules directly.
+Nothing else in the project reads those files.
+
+The datasets are the ``init_<name>.py`` files present here (`datasets()`); a new dataset needs
+its two files and nothing else in this package. The settings of an init file are the fields of
+`ExperimentConfig` not marked as coming from elsewhere: each one without a default must be set,
+each value must have the field's type, and any other name in the file is an error naming the
+file and the name. So every value a user edits takes effect; five of them are the defaults of
+trainer flags, which override them when given (the resolved value is what ``config.yaml``
+records under ``flags``):
+
+    lr -> --lr_seg    n_iter -> --n_iter (baseline)    n_iter_per_round -> --n_iter_per_round
+    n_rounds -> --n_rounds    batch_size_ft -> --bt_size
 
 Path resolution (first match wins):
 - data folder of a dataset: ``--data_root DIR`` > ``$LCL_DATA_ROOT/<dataset>`` >
@@ -14,37 +25,30 @@ Path resolution (first match wins):
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
-from dataclasses import dataclass, field
+import types
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ("acdc", "prostate_md", "mmwhs", "demo")
+CONFIG_DIR = Path(__file__).resolve().parent
 DATA_LAYOUTS = ("acdc", "decathlon", "mmwhs")
 
-_REQUIRED = {
-    "img_size_x": int,
-    "img_size_y": int,
-    "num_classes": int,
-    "target_resolution": (tuple, list),
-    "struct_name": (list, tuple),
-    "lr": float,
-    "batch_size": int,
-    "mtask_bs": int,
-    "val_step_update": int,
-    "n_iter": int,
-    "n_iter_per_round": int,
-    "n_rounds": int,
-    "min_labels_dice_slice": int,
-    "crf_params": dict,
-    "data_layout": str,
-    "data_path_tr": str,
-    "data_path_tr_cropped": str,
-    "srt_dir": str,
+# Names of the original's init files that have no effect here, with the reason given to a
+# user who sets them.
+_NOT_SETTINGS = {
+    "dataset_name": "the dataset's name is the file's, init_<name>.py",
+    "num_channels": "the network reads single-channel images (the readers keep one image "
+                    "channel, T2 for prostate_md), so no other value could take effect",
+    "interp_val": "the decoder always upsamples nearest-neighbour, the original's interp_val = 1 "
+                  "(METHOD §4); preprocessing is bilinear for images, nearest for labels",
 }
+
+# Marks the fields that do not come from the init file.
+_FROM_NAME = {"source": "the --dataset name"}
+_FROM_SPLITS = {"source": "data_cfg_<dataset>.py"}
 
 
 class ConfigError(ValueError):
@@ -55,7 +59,7 @@ class ConfigError(ValueError):
 class ExperimentConfig:
     """Resolved settings of one dataset: everything a trainer needs besides its flags."""
 
-    dataset: str
+    dataset: str = field(metadata=_FROM_NAME)
     img_size_x: int
     img_size_y: int
     num_classes: int
@@ -64,22 +68,26 @@ class ExperimentConfig:
     lr: float
     batch_size: int
     mtask_bs: int
+    batch_size_ft: int
     val_step_update: int
     n_iter: int
     n_iter_per_round: int
     n_rounds: int
     min_labels_dice_slice: int
-    crf_params: dict[str, float]
+    crf_params: dict[str, int | float]
     data_layout: str
     data_path_tr: Path
     data_path_tr_cropped: Path
     srt_dir: Path
-    labeled: dict[str, list[str]]
-    validation: dict[str, list[str]]
-    test: list[str]
-    unlabeled_pool: str
-    upper_bound: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    labeled: dict[str, list[str]] = field(metadata=_FROM_SPLITS)
+    validation: dict[str, list[str]] = field(metadata=_FROM_SPLITS)
+    test: list[str] = field(metadata=_FROM_SPLITS)
+    unlabeled_pool: str = field(metadata=_FROM_SPLITS)
+    upper_bound: str = field(metadata=_FROM_SPLITS)
+    # A synthetic dataset: generated (utils.demo_data) when missing, with this many patients
+    # from this seed.
+    demo_n_patients: int | None = None
+    demo_seed: int | None = None
 
     @property
     def crop_size(self) -> tuple[int, int]:
@@ -120,74 +128,167 @@ class ExperimentConfig:
         return out
 
 
-def _import(name: str) -> ModuleType:
-    return importlib.import_module(f"experiment_init.{name}")
+def init_settings() -> dict[str, Any]:
+    """The settings of an init file: name -> type of the `ExperimentConfig` field."""
+    hints = get_type_hints(ExperimentConfig)
+    return {f.name: hints[f.name] for f in fields(ExperimentConfig) if not f.metadata}
 
 
-def _check_ids(dataset: str, splits: ModuleType) -> None:
+def datasets(config_dir: Path | None = None) -> tuple[str, ...]:
+    """The configured datasets: ``<name>`` of every ``init_<name>.py``, sorted."""
+    folder = config_dir or CONFIG_DIR
+    return tuple(sorted(p.stem.removeprefix("init_") for p in folder.glob("init_*.py")))
+
+
+def _shown(path: Path) -> str:
+    """``path`` as error messages name it: relative to the repository when inside it."""
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def _read(path: Path) -> types.ModuleType:
+    """Execute a configuration file afresh (never a cached import: edits take effect)."""
+    if not path.is_file():
+        raise ConfigError(f"{_shown(path)} not found; every dataset needs init_<name>.py and "
+                          "data_cfg_<name>.py in experiment_init/")
+    spec = importlib.util.spec_from_file_location(f"experiment_init.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's file: whatever fails in it is a configuration error
+        raise ConfigError(f"{_shown(path)} cannot be read: {type(err).__name__}: {err}") from err
+    return module
+
+
+def _describe(hint: Any) -> str:
+    if hint is Path:
+        return "a path string"
+    name = getattr(hint, "__name__", None)
+    return name if name and get_origin(hint) is None else str(hint).replace("pathlib.", "")
+
+
+def _typed(value: Any, hint: Any) -> Any:
+    """``value`` converted to the field type ``hint``; raises TypeError when it does not fit."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is types.UnionType:
+        for arg in args:
+            if arg is type(None) and value is None:
+                return None
+            if arg is not type(None):
+                try:
+                    return _typed(value, arg)
+                except TypeError:
+                    pass
+        raise TypeError
+    if isinstance(value, bool):  # a bool is an int to Python, never to a setting
+        raise TypeError
+    if hint is float and isinstance(value, int | float):
+        return float(value)
+    if hint is Path and isinstance(value, str):
+        return value  # resolved against the data folder or the repository by `load`
+    if origin is tuple and isinstance(value, list | tuple):
+        if args[-1] is Ellipsis:
+            return tuple(_typed(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise TypeError
+        return tuple(_typed(v, a) for v, a in zip(value, args))
+    if origin is dict and isinstance(value, dict):
+        return {_typed(k, args[0]): _typed(v, args[1]) for k, v in value.items()}
+    if origin is None and isinstance(value, hint):
+        return value
+    raise TypeError
+
+
+def _settings(init: types.ModuleType, shown: str) -> dict[str, Any]:
+    """The validated settings of one init module (``shown``: its name in messages)."""
+    expected = init_settings()
+    given = {k: v for k, v in vars(init).items()
+             if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+    for name in given:
+        if name in _NOT_SETTINGS:
+            raise ConfigError(f"{shown}: '{name}' is not a setting: {_NOT_SETTINGS[name]}; "
+                              "delete the line")
+        if name not in expected:
+            raise ConfigError(f"{shown}: unknown setting '{name}'; rename or delete it (the "
+                              f"settings are {', '.join(expected)})")
+    values: dict[str, Any] = {}
+    optional = {f.name for f in fields(ExperimentConfig)
+                if f.default is not MISSING or f.default_factory is not MISSING}
+    for name, hint in expected.items():
+        if name not in given:
+            if name in optional:
+                continue
+            raise ConfigError(f"{shown} lacks the setting '{name}'")
+        try:
+            values[name] = _typed(given[name], hint)
+        except TypeError:
+            raise ConfigError(f"{shown}: '{name}' = {given[name]!r} should be of type "
+                              f"{_describe(hint)}") from None
+    return values
+
+
+def _check(values: dict[str, Any], shown: str) -> None:
+    """Consistency of settings that are each of the right type."""
+    for name in ("img_size_x", "img_size_y"):
+        if values[name] % 32:
+            raise ConfigError(f"{shown}: {name} = {values[name]} must be a multiple of 32 (the "
+                              "U-Net pools five times)")
+    if values["num_classes"] < 2:
+        raise ConfigError(f"{shown}: num_classes = {values['num_classes']} must be at least 2 "
+                          "(background and one structure)")
+    if len(values["struct_name"]) != values["num_classes"] - 1:
+        raise ConfigError(f"{shown}: struct_name has {len(values['struct_name'])} names but "
+                          f"num_classes - 1 = {values['num_classes'] - 1}")
+    if values["data_layout"] not in DATA_LAYOUTS:
+        raise ConfigError(f"{shown}: data_layout '{values['data_layout']}' is not one of "
+                          f"{', '.join(DATA_LAYOUTS)}")
+    if ("demo_seed" in values) != ("demo_n_patients" in values):
+        raise ConfigError(f"{shown}: demo_n_patients and demo_seed describe a synthetic dataset "
+                          "together; set both or neither")
+
+
+def _check_ids(shown: str, splits: types.ModuleType) -> None:
     for part in ("labeled", "validation"):
         table = getattr(splits, part, None)
         if not isinstance(table, dict) or not table:
-            raise ConfigError(f"experiment_init/data_cfg_{dataset}.py: '{part}' must be a dict")
+            raise ConfigError(f"{shown}: '{part}' must be a dict")
         for key, ids in table.items():
             if not ids or not all(isinstance(i, str) for i in ids):
-                raise ConfigError(
-                    f"experiment_init/data_cfg_{dataset}.py: {part}['{key}'] must be a non-empty "
-                    f"list of id strings, got {ids!r}"
-                )
+                raise ConfigError(f"{shown}: {part}['{key}'] must be a non-empty list of id "
+                                  f"strings, got {ids!r}")
+    for name in ("test", "unlabeled_pool", "upper_bound"):
+        if not hasattr(splits, name):
+            raise ConfigError(f"{shown} lacks '{name}'")
     if splits.unlabeled_pool not in splits.labeled:
-        raise ConfigError(
-            f"experiment_init/data_cfg_{dataset}.py: unlabeled_pool '{splits.unlabeled_pool}' "
-            "is not a key of 'labeled'"
-        )
+        raise ConfigError(f"{shown}: unlabeled_pool '{splits.unlabeled_pool}' is not a key of "
+                          "'labeled'")
 
 
 def load(
     dataset: str,
     data_root: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
+    config_dir: Path | None = None,
 ) -> ExperimentConfig:
     """Read, override and validate the settings of ``dataset``.
 
     Args:
-        dataset: one of DATASETS.
+        dataset: one of `datasets()`.
         data_root: the dataset's data folder (holds ``raw/`` and ``cropped/``); overrides
             ``$LCL_DATA_ROOT``.
         out_dir: output root for runs; overrides ``$LCL_RUNS_ROOT``.
+        config_dir: the folder of the configuration files (default: this package's).
     """
-    if dataset not in DATASETS:
-        raise ConfigError(f"--dataset={dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
-    init = _import(f"init_{dataset}")
-    splits = _import(f"data_cfg_{dataset}")
-    values: dict[str, Any] = {}
-    for name, typ in _REQUIRED.items():
-        if not hasattr(init, name):
-            raise ConfigError(f"experiment_init/init_{dataset}.py lacks the setting '{name}'")
-        value = getattr(init, name)
-        if typ is float and isinstance(value, int):
-            value = float(value)
-        if not isinstance(value, typ):
-            raise ConfigError(
-                f"experiment_init/init_{dataset}.py: '{name}' = {value!r} should be of type {typ}"
-            )
-        values[name] = value
-    for name in ("img_size_x", "img_size_y"):
-        if values[name] % 32:
-            raise ConfigError(
-                f"experiment_init/init_{dataset}.py: {name} = {values[name]} must be a multiple "
-                "of 32 (the U-Net pools five times)"
-            )
-    if len(values["struct_name"]) != values["num_classes"] - 1:
-        raise ConfigError(
-            f"experiment_init/init_{dataset}.py: struct_name has {len(values['struct_name'])} "
-            f"names but num_classes - 1 = {values['num_classes'] - 1}"
-        )
-    if values["data_layout"] not in DATA_LAYOUTS:
-        raise ConfigError(
-            f"experiment_init/init_{dataset}.py: data_layout '{values['data_layout']}' is not one "
-            f"of {', '.join(DATA_LAYOUTS)}"
-        )
-    _check_ids(dataset, splits)
+    folder = config_dir or CONFIG_DIR
+    known = datasets(folder)
+    if dataset not in known:
+        raise ConfigError(f"--dataset={dataset!r} is unknown; choose one of {', '.join(known)} "
+                          f"(each is an init_<name>.py in {_shown(folder)})")
+    init_path = folder / f"init_{dataset}.py"
+    splits_path = folder / f"data_cfg_{dataset}.py"
+    values = _settings(_read(init_path), _shown(init_path))
+    _check(values, _shown(init_path))
+    splits = _read(splits_path)
+    _check_ids(_shown(splits_path), splits)
 
     if data_root is not None:
         data_dir = Path(data_root)
@@ -204,14 +305,6 @@ def load(
     values["data_path_tr"] = data_dir / values["data_path_tr"]
     values["data_path_tr_cropped"] = data_dir / values["data_path_tr_cropped"]
     values["srt_dir"] = runs
-    values["target_resolution"] = tuple(float(v) for v in values["target_resolution"])
-    values["struct_name"] = tuple(values["struct_name"])
-    extra = {
-        k: getattr(init, k)
-        for k in dir(init)
-        if not k.startswith("_") and k not in values and k != "dataset_name"
-        and isinstance(getattr(init, k), int | float | str | list | tuple)
-    }
     return ExperimentConfig(
         dataset=dataset,
         labeled={k: list(v) for k, v in splits.labeled.items()},
@@ -219,6 +312,5 @@ def load(
         test=list(splits.test),
         unlabeled_pool=splits.unlabeled_pool,
         upper_bound=splits.upper_bound,
-        extra=extra,
         **values,
     )

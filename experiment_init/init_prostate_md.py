@@ -1,32 +1,30 @@
 """Settings for Decathlon Task05 prostate (T2 channel): geometry, classes, paths, training.
 
-Edit freely; the names keep the meaning they had in the original code. Paths are relative to
+Edit freely: every name here takes effect (a flag given on the command line overrides
+the five that are flag defaults) and any other name is an error, see experiment_init/__init__.py.
+The names keep the meaning they had in the original code. Paths are relative to
 the repository unless you set ``LCL_DATA_ROOT`` / ``LCL_RUNS_ROOT`` or pass ``--data_root`` /
 ``--out_dir`` (see README, "Where data and outputs live").
 """
 
-dataset_name = "prostate_md"
-
 # Geometry after preprocessing (METHOD §2): crop size in pixels, in-plane target spacing in mm.
 img_size_x = 192
 img_size_y = 192
-num_channels = 1
 target_resolution = (0.625, 0.625)
-interp_val = 1  # bilinear for images (labels always nearest)
 
 # Classes (0 = background).
 num_classes = 3
 struct_name = ["pz", "tz"]
 
 # Optimisation.
-lr = 0.001
+lr = 0.001  # Adam learning rate (--lr_seg default)
 batch_size = 20  # slices per supervised batch (METHOD §6)
 mtask_bs = 20  # labeled slices for the Dice term of a joint batch (METHOD §7)
-batch_size_ft = 20
+batch_size_ft = 10  # contrastive pairs B per joint batch (--bt_size default)
 val_step_update = 50  # validate every this many iterations
 n_iter = 5001  # baseline iterations (tr_baseline.py --n_iter default)
-n_iter_per_round = 5000  # joint training iterations per self-training round
-n_rounds = 3
+n_iter_per_round = 5000  # joint iterations per self-training round (--n_iter_per_round default)
+n_rounds = 3  # self-training rounds (--n_rounds default)
 
 # Joint-training batch construction: labeled Dice slices need at least this many labels.
 min_labels_dice_slice = 2

@@ -1,4 +1,5 @@
-"""Dice loss for training and hard Dice score for validation (METHOD §5)."""
+"""Soft Dice loss for training (METHOD §5); the hard Dice of evaluation is
+`utils.evaluation.dice_per_class`."""
 
 from __future__ import annotations
 
@@ -41,31 +42,3 @@ def soft_dice_loss(
         dice = dice[:, 1:]
     return 1.0 - dice.mean()
 
-
-def dice_per_class(
-    pred_labels: torch.Tensor, true_labels: torch.Tensor, num_classes: int
-) -> torch.Tensor:
-    """Hard Dice of each foreground class over the whole label map.
-
-    Args:
-        pred_labels: integer label map of any shape, e.g. (N, H, W) or (X, Y, Z).
-        true_labels: integer label map of the same shape.
-        num_classes: C, including background 0.
-
-    Returns:
-        float64 tensor (C - 1,): Dice of classes 1..C-1, pooled over all voxels. A class absent
-        from both maps scores 1.0; present in exactly one, 0.0.
-    """
-    if pred_labels.shape != true_labels.shape:
-        raise ValueError(
-            f"pred {tuple(pred_labels.shape)} and true {tuple(true_labels.shape)} differ"
-        )
-    classes = torch.arange(1, num_classes, device=pred_labels.device)
-    # (C-1, V) boolean masks; counts in int64 so large volumes cannot overflow.
-    pred = pred_labels.reshape(1, -1) == classes[:, None]
-    true = true_labels.reshape(1, -1).to(pred_labels.device) == classes[:, None]
-    inter = (pred & true).sum(dim=1).double()
-    total = pred.sum(dim=1).double() + true.sum(dim=1).double()
-    both_empty = total == 0
-    dice = 2.0 * inter / torch.where(both_empty, torch.ones_like(total), total)
-    return torch.where(both_empty, torch.ones_like(dice), dice)

@@ -51,8 +51,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from utils.device import host_to_device
-
 __all__ = ["local_contrastive_loss", "sample_positive_indices"]
 
 _REDUCTIONS = ("mean", "original")
@@ -114,7 +112,7 @@ def sample_positive_indices(
     u = torch.rand(
         (*masks.shape[:2], n_pos), generator=generator, dtype=torch.float64, device=rand_device
     )
-    u = host_to_device(u, device)
+    u = u.to(device)
     rank = torch.floor(u * counts).to(torch.int64)
     # u * count can round up to count itself; keep the rank inside [0, count-1].
     rank = torch.minimum(rank, (counts - 1).clamp(min=0))

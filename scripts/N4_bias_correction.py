@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from experiment_init import ConfigError  # noqa: E402
 from utils.io import DataError, atomic_path, load_nifti, save_nifti  # noqa: E402
 from utils.preprocess import n4_bias_correction  # noqa: E402
 from utils.training import run_main  # noqa: E402
@@ -58,7 +59,7 @@ def main() -> None:
     if not args.input.is_dir():
         raise DataError(f"{args.input}: no such file or folder")
     if args.output.resolve() == args.input.resolve():
-        raise ValueError("output folder must differ from the input folder (originals are kept)")
+        raise ConfigError("output folder must differ from the input folder (originals are kept)")
     files = sorted(p for p in args.input.rglob("*") if p.is_file())
     for src in tqdm(files, desc="N4"):
         dst = args.output / src.relative_to(args.input)

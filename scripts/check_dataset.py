@@ -24,7 +24,8 @@ from utils.training import run_main  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, help="acdc | prostate_md | mmwhs | demo")
+    parser.add_argument("--dataset", required=True,
+                        help=f"one of {', '.join(experiment_init.datasets())}")
     parser.add_argument("--data_root", default=None, help="dataset folder holding raw/")
     args = parser.parse_args()
     cfg = experiment_init.load(args.dataset, args.data_root)

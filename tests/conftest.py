@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+
+from experiment_init import CONFIG_DIR
 
 
 def blob_volume(shape=(40, 36, 5), seed=0, num_classes=4) -> tuple[np.ndarray, np.ndarray]:
@@ -62,9 +66,35 @@ def demo_env(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("demo_session")
     cfg = load("demo", data_root=root / "data" / "demo")
-    n = int(cfg.extra["demo_n_patients"])
-    make_demo_dataset(cfg.data_path_tr, [f"{i:03d}" for i in range(1, n + 1)],
-                      seed=int(cfg.extra["demo_seed"]))
+    n = cfg.demo_n_patients
+    make_demo_dataset(cfg.data_path_tr, [f"{i:03d}" for i in range(1, n + 1)], seed=cfg.demo_seed)
     env = dict(os.environ)
     env.update(LCL_DATA_ROOT=str(root / "data"), LCL_RUNS_ROOT=str(root / "runs"))
     return env
+
+
+@pytest.fixture
+def edited_config(tmp_path: Path) -> Callable[..., Path]:
+    """``make(name="demo", **edits)`` -> a configuration folder (one per test) holding
+    ``init_<name>.py`` / ``data_cfg_<name>.py``: copies of the demo's with each
+    ``setting="new line"`` of ``edits`` replacing that setting's line (``""`` deletes it; a
+    setting the file lacks is appended). Calling it again edits the files already there."""
+    folder = tmp_path / "experiment_init"
+
+    def make(name: str = "demo", **edits: str) -> Path:
+        folder.mkdir(exist_ok=True)
+        init = folder / f"init_{name}.py"
+        if not init.is_file():
+            shutil.copy(CONFIG_DIR / "data_cfg_demo.py", folder / f"data_cfg_{name}.py")
+            shutil.copy(CONFIG_DIR / "init_demo.py", init)
+        lines = init.read_text().splitlines()
+        for setting, line in edits.items():
+            at = [i for i, s in enumerate(lines) if s.split("=")[0].strip() == setting]
+            if at:
+                lines[at[0]] = line
+            else:
+                lines.append(line)
+        init.write_text("\n".join(lines) + "\n")
+        return folder
+
+    return make

@@ -8,7 +8,7 @@ import experiment_init
 from experiment_init import REPO_ROOT, ConfigError
 
 
-@pytest.mark.parametrize("dataset", experiment_init.DATASETS)
+@pytest.mark.parametrize("dataset", experiment_init.datasets())
 def test_every_dataset_loads_and_is_consistent(dataset):
     cfg = experiment_init.load(dataset)
     assert len(cfg.struct_name) == cfg.num_classes - 1
@@ -27,6 +27,8 @@ def test_published_numbers():
     assert experiment_init.load("mmwhs").crop_size == (160, 160)
     assert experiment_init.load("prostate_md").labeled["trall"][:2] == ["000", "001"]
     assert len(acdc.labeled[acdc.unlabeled_pool]) == 52
+    for name in experiment_init.datasets():  # the original's B, its --bt_size default
+        assert experiment_init.load(name).batch_size_ft == 10
 
 
 def test_unknown_labeled_set_lists_the_valid_ones():
@@ -48,3 +50,51 @@ def test_path_overrides(tmp_path, monkeypatch):
     assert cfg.srt_dir == tmp_path / "runs"
     cfg = experiment_init.load("demo", data_root=tmp_path / "mine", out_dir=tmp_path / "o")
     assert cfg.data_path_tr == tmp_path / "mine" / "raw" and cfg.srt_dir == tmp_path / "o"
+
+
+def test_datasets_are_the_init_files_present(edited_config):
+    assert experiment_init.datasets() == ("acdc", "demo", "mmwhs", "prostate_md")
+    folder = edited_config("tiny", img_size_x="img_size_x = 32")
+    assert experiment_init.datasets(folder) == ("tiny",)
+    cfg = experiment_init.load("tiny", config_dir=folder)
+    assert cfg.dataset == "tiny" and cfg.crop_size == (32, 64)
+    with pytest.raises(ConfigError, match=r"--dataset='demo' is unknown; choose one of tiny"):
+        experiment_init.load("demo", config_dir=folder)
+
+
+def test_an_edited_value_takes_effect(edited_config):
+    folder = edited_config(lr="lr = 5e-4", batch_size_ft="batch_size_ft = 4",
+                           crf_params="crf_params = dict(g_sxy=3, n_iter=5)",
+                           target_resolution="target_resolution = [2, 2.5]")
+    cfg = experiment_init.load("demo", config_dir=folder)
+    assert cfg.lr == 5e-4 and cfg.batch_size_ft == 4
+    assert cfg.crf_params == {"g_sxy": 3, "n_iter": 5}
+    assert cfg.target_resolution == (2.0, 2.5) and isinstance(cfg.target_resolution[0], float)
+    # the file is read again at every load: an edit between two loads is seen
+    edited_config(lr="lr = 0.25")
+    assert experiment_init.load("demo", config_dir=folder).lr == 0.25
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"lr_sed": "lr_sed = 0.1"}, r"init_demo.py: unknown setting 'lr_sed'; rename or delete it "
+     r"\(the settings are img_size_x, .*batch_size_ft"),
+    ({"interp_val": "interp_val = 1"}, r"init_demo.py: 'interp_val' is not a setting: the "
+     r"decoder always upsamples nearest-neighbour.*delete the line"),
+    ({"num_channels": "num_channels = 3"}, r"'num_channels' is not a setting: .*single-channel"),
+    ({"lr": ""}, r"init_demo.py lacks the setting 'lr'"),
+    ({"batch_size_ft": "batch_size_ft = '10'"}, r"'batch_size_ft' = '10' should be of type int"),
+    ({"n_rounds": "n_rounds = True"}, r"'n_rounds' = True should be of type int"),
+    ({"target_resolution": "target_resolution = (1, 2, 3)"},
+     r"'target_resolution' = \(1, 2, 3\) should be of type tuple\[float, float\]"),
+    ({"crf_params": "crf_params = dict(g_sxy='5')"}, r"'crf_params' = .* should be of type dict"),
+    ({"demo_seed": ""}, r"set both or neither"),
+    ({"num_classes": "num_classes = 1", "struct_name": "struct_name = []"},
+     r"num_classes = 1 must be at least 2"),
+    ({"lr": "lr = 1 / 0"}, r"init_demo.py cannot be read: ZeroDivisionError"),
+])
+def test_bad_init_files_are_errors_naming_file_and_setting(edited_config, edit, message):
+    folder = edited_config(**edit)
+    with pytest.raises(ConfigError, match=message) as err:
+        experiment_init.load("demo", config_dir=folder)
+    assert str(folder / "init_demo.py") in str(err.value)
+

@@ -1,4 +1,4 @@
-"""Metrics against medpy and an independent distance computation; test-result files."""
+"""Metrics against numpy, medpy and an independent distance computation; test-result files."""
 
 from __future__ import annotations
 
@@ -13,12 +13,52 @@ from scipy import ndimage
 
 from utils.evaluation import (
     EvalVolume,
+    dice_per_class,
     evaluate_test_set,
     structure_metrics,
     summarize,
 )
 from utils.io import read_raw_volume
 from utils.preprocess import to_target
+
+# ---------------------------------------------------------------- hard Dice
+
+
+def _dice_numpy_loop(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
+    out = []
+    for c in range(1, num_classes):
+        p = pred == c
+        t = true == c
+        if p.sum() == 0 and t.sum() == 0:
+            out.append(1.0)
+        elif p.sum() == 0 or t.sum() == 0:
+            out.append(0.0)
+        else:
+            out.append(2.0 * np.logical_and(p, t).sum() / (p.sum() + t.sum()))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16), (8, 9, 5)])
+def test_dice_per_class_matches_numpy(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(0)
+    num_classes = 5
+    pred = rng.integers(0, 4, size=shape)  # class 4 never predicted
+    true = rng.integers(0, 4, size=shape)
+    true[true == 3] = 4  # class 3 only in pred, class 4 only in true
+    num_classes = 6  # class 5 absent from both
+    got = dice_per_class(torch.from_numpy(pred), torch.from_numpy(true), num_classes)
+    expected = _dice_numpy_loop(pred, true, num_classes)
+    assert got.shape == (num_classes - 1,)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    np.testing.assert_array_equal(got.numpy()[2:], [0.0, 0.0, 1.0])
+    assert 0.0 < got[0] < 1.0
+
+
+def test_dice_per_class_hand_worked() -> None:
+    pred = torch.tensor([[1, 1, 0, 2]])
+    true = torch.tensor([[1, 0, 0, 0]])
+    got = dice_per_class(pred, true, 3)
+    torch.testing.assert_close(got, torch.tensor([2 * 1 / 3, 0.0], dtype=torch.float64))
 
 
 def _surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:

@@ -1,14 +1,15 @@
-"""Tests for losses/dice.py and losses/cross_entropy.py."""
+"""Tests for losses/dice.py and losses/cross_entropy.py, and the layering of losses/."""
 
+import ast
 import math
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from losses.cross_entropy import class_weights, weighted_cross_entropy_loss
-from losses.dice import dice_per_class, soft_dice_loss
+from losses.dice import soft_dice_loss
 
 # ---------------------------------------------------------------- soft Dice
 
@@ -82,46 +83,6 @@ def test_soft_dice_float32_under_autocast() -> None:
 def test_soft_dice_shape_mismatch() -> None:
     with pytest.raises(ValueError):
         soft_dice_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4))
-
-
-# ---------------------------------------------------------------- hard Dice
-
-
-def _dice_numpy_loop(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
-    out = []
-    for c in range(1, num_classes):
-        p = pred == c
-        t = true == c
-        if p.sum() == 0 and t.sum() == 0:
-            out.append(1.0)
-        elif p.sum() == 0 or t.sum() == 0:
-            out.append(0.0)
-        else:
-            out.append(2.0 * np.logical_and(p, t).sum() / (p.sum() + t.sum()))
-    return np.array(out)
-
-
-@pytest.mark.parametrize("shape", [(2, 16, 16), (8, 9, 5)])
-def test_dice_per_class_matches_numpy(shape: tuple[int, ...]) -> None:
-    rng = np.random.default_rng(0)
-    num_classes = 5
-    pred = rng.integers(0, 4, size=shape)  # class 4 never predicted
-    true = rng.integers(0, 4, size=shape)
-    true[true == 3] = 4  # class 3 only in pred, class 4 only in true
-    num_classes = 6  # class 5 absent from both
-    got = dice_per_class(torch.from_numpy(pred), torch.from_numpy(true), num_classes)
-    expected = _dice_numpy_loop(pred, true, num_classes)
-    assert got.shape == (num_classes - 1,)
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
-    np.testing.assert_array_equal(got.numpy()[2:], [0.0, 0.0, 1.0])
-    assert 0.0 < got[0] < 1.0
-
-
-def test_dice_per_class_hand_worked() -> None:
-    pred = torch.tensor([[1, 1, 0, 2]])
-    true = torch.tensor([[1, 0, 0, 0]])
-    got = dice_per_class(pred, true, 3)
-    torch.testing.assert_close(got, torch.tensor([2 * 1 / 3, 0.0], dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- weighted cross-entropy
@@ -212,3 +173,21 @@ def test_weighted_ce_matches_loop_and_not_torch_normalised() -> None:
 def test_weighted_ce_bad_weights() -> None:
     with pytest.raises(ValueError):
         weighted_cross_entropy_loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2), torch.ones(2))
+
+
+# ---------------------------------------------------------------- layering
+
+
+def test_losses_import_nothing_from_utils() -> None:
+    """losses/ holds functions of tensors below utils/ (which imports them), never above it."""
+    files = sorted((Path(__file__).resolve().parents[1] / "losses").glob("*.py"))
+    assert len(files) >= 3
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not [n for n in names if n.split(".")[0] == "utils"], (path.name, names)

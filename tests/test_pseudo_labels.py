@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import experiment_init
-from losses.dice import dice_per_class
 from utils.augment import AFF_FLIP, AFF_ROTATE, AFF_SCALE
 from utils.crf import CRFParams
+from utils.evaluation import dice_per_class
 from utils.pseudo_labels import (
     _warp,
     augmentation_overlap,

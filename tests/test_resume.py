@@ -1,15 +1,31 @@
-"""Kill a training run with SIGKILL after a periodic checkpoint, resume it, and compare."""
+"""Kill a training run with SIGKILL after a periodic checkpoint, resume it, and compare;
+checkpoints are data: every random state survives a weights-only round trip, and a checkpoint
+that would run code when unpickled is refused before it can."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+
+from utils.run import (
+    RunDirError,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+)
+from utils.training import add_common_flags, open_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--dataset", "demo", "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1", "--ver", "7",
@@ -40,7 +56,7 @@ def test_killed_baseline_resumes_to_the_same_weights(tmp_path, demo_env):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert last.is_file()
-    killed_at = torch.load(last, weights_only=False)["iteration"]
+    killed_at = torch.load(last, weights_only=True)["iteration"]
     assert killed_at < 35  # killed mid-run, after the first periodic checkpoint
 
     again = _run(_cmd(out, "--resume"), demo_env)
@@ -52,8 +68,8 @@ def test_killed_baseline_resumes_to_the_same_weights(tmp_path, demo_env):
     assert rows[-1].startswith("35,")  # the full iteration count
 
     # With every random state restored, CPU training continues exactly as it would have.
-    a = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(last, weights_only=False)
+    a = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(last, weights_only=True)
     assert a["iteration"] == b["iteration"] == 35
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
@@ -102,22 +118,85 @@ def test_killed_joint_run_resumes_within_its_round(tmp_path, demo_env):
     while proc.poll() is None and time.time() < deadline:  # wait for a checkpoint in round 2
         if last.is_file():
             try:
-                if torch.load(last, weights_only=False)["round"] == 1:
+                if torch.load(last, weights_only=True)["round"] == 1:
                     break
             except (EOFError, RuntimeError):  # never torn (atomic), but be safe
                 pass
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    state = torch.load(last, weights_only=False)
+    state = torch.load(last, weights_only=True)
     assert state["round"] == 1 and state["iteration"] < 15
     again = subprocess.run([*joint, "--out_dir", str(out), "--resume"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr
     assert "round 1/2" not in again.stdout  # round 1 is not redone
     assert (last.parents[1] / "test_results" / "summary.json").is_file()
-    a = torch.load(whole_dir / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(last, weights_only=False)
-    assert torch.equal(a["pseudo"].labels, b["pseudo"].labels)
+    a = torch.load(whole_dir / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert torch.equal(a["pseudo"]["labels"], b["pseudo"]["labels"])
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def _draws(generator: torch.Generator) -> list[float]:
+    return [random.random(), float(np.random.rand()), float(torch.rand(1)),
+            float(torch.rand(1, generator=generator)), float(np.random.normal())]
+
+
+def test_random_states_survive_a_weights_only_checkpoint(tmp_path):
+    generator = seed_everything(3)
+    _draws(generator)  # its last draw leaves numpy a cached gaussian, part of numpy's state
+    save_checkpoint(tmp_path / "c.pt", {"rng": rng_state(generator)})
+    want = _draws(generator)
+    other = seed_everything(4)
+    restore_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"], other)
+    assert _draws(other) == want
+
+
+class _Payload:
+    """Unpickling this calls open(path, "w"): a checkpoint that creates a file when loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def _malicious(path: Path, target: Path) -> Path:
+    save_checkpoint(path, {"model": {"w": torch.zeros(1)}, "iteration": 3,
+                           "payload": _Payload(target)})
+    return path
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    target = tmp_path / "created_by_unpickling"
+    bad = _malicious(tmp_path / "best.pt", target)
+    with pytest.raises(RunDirError, match=r"best.pt: refused, .*could run arbitrary code "
+                       r"\(.*io.open"):
+        load_checkpoint(bad)
+    assert not target.exists()
+    # --resume reads last.pt the same way
+    run = tmp_path / "run"
+    _malicious(run / "checkpoints" / "last.pt", target)
+    parser = argparse.ArgumentParser()
+    add_common_flags(parser)
+    with pytest.raises(RunDirError, match="last.pt: refused"):
+        open_run_dir(run, parser.parse_args(["--resume"]))
+    assert not target.exists()
+    # the payload is real: a full unpickling creates the file
+    torch.load(bad, weights_only=False)
+    assert target.exists()
+
+
+def test_joint_trainer_refuses_a_pretr_dir_checkpoint_that_would_run_code(tmp_path):
+    target = tmp_path / "created_by_unpickling"
+    _malicious(tmp_path / "base" / "checkpoints" / "best.pt", target)
+    proc = subprocess.run(
+        [sys.executable, "train_model/prop_method_joint_tr_rand_init.py", "--dataset", "demo",
+         "--pretr_dir", str(tmp_path / "base"), "--out_dir", str(tmp_path / "o"),
+         "--no_progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "best.pt: refused" in proc.stderr
+    assert not target.exists() and not (tmp_path / "o").exists()  # refused before any run dir

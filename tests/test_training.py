@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import subprocess
@@ -11,17 +12,27 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+import experiment_init
 from experiment_init import ConfigError
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
+from utils.device import resolve_device
+from utils.io import DataError
+from utils.run import RunDirError
 from utils.training import (
     NonFiniteGuard,
     RunFinished,
+    TrainingStopped,
     add_common_flags,
     open_run_dir,
+    resolve_flags,
+    run_main,
     segmentation_loss,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_guard_skips_and_counts_then_stops():
@@ -33,7 +44,7 @@ def test_guard_skips_and_counts_then_stops():
     assert guard.total == 2 and guard.consecutive == 0
     assert not guard.ok(torch.tensor(math.nan), 4)
     assert not guard.ok(torch.tensor(math.nan), 5)
-    with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses up to "
+    with pytest.raises(TrainingStopped, match="3 consecutive non-finite losses up to "
                        "iteration 6.*best checkpoint"):
         guard.ok(torch.tensor(-math.inf), 6)
 
@@ -48,7 +59,7 @@ def test_run_directory_is_never_silently_replaced(tmp_path):
     run = tmp_path / "run"
     assert open_run_dir(run, _args()) is None and run.is_dir()
     (run / "config.yaml").write_text("x")
-    with pytest.raises(ConfigError, match="--resume to continue it, --overwrite to replace it"):
+    with pytest.raises(RunDirError, match="--resume to continue it, --overwrite to replace it"):
         open_run_dir(run, _args())
     assert open_run_dir(run, _args("--overwrite")) is None
     assert not (run / "config.yaml").exists()
@@ -58,6 +69,90 @@ def test_run_directory_is_never_silently_replaced(tmp_path):
     (run / "test_results" / "summary.json").write_text("{}")
     with pytest.raises(RunFinished):
         open_run_dir(run, _args("--resume"))
+
+
+def test_flags_not_given_take_the_init_file_settings():
+    cfg = experiment_init.load("demo")
+    cfg = type(cfg)(**{**cfg.__dict__, "lr": 0.25, "batch_size_ft": 6})
+    args = resolve_flags(_args(), cfg, lr_seg="lr", n_iter="n_iter")
+    assert args.lr_seg == 0.25 and args.n_iter == cfg.n_iter
+    args = resolve_flags(_args("--lr_seg", "0.5", "--n_iter", "0"), cfg, lr_seg="lr",
+                         n_iter="n_iter")
+    assert args.lr_seg == 0.5 and args.n_iter == 0  # a flag given, even 0, wins
+    assert _args().lr_seg is None  # the parser itself has no second default
+
+
+TINY_SPLITS = """
+labeled = {"tr1_c1": ["001"], "pool": ["001", "002"]}
+validation = {"tr1_c1": ["002"]}
+test = ["003"]
+unlabeled_pool = "pool"
+upper_bound = "pool"
+"""
+
+
+def _trainer(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "train_model" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_edited_init_file_reaches_the_run(edited_config, tmp_path, monkeypatch):
+    """lr edited in the init file is the optimizer's rate and config.yaml's lr_seg; --lr_seg
+    overrides it (both trainers resolve through resolve_flags; the joint one is checked through
+    batch_size_ft, which reaches --bt_size's check)."""
+    folder = edited_config("tiny", lr="lr = 0.0005", n_iter="n_iter = 1",
+                           img_size_x="img_size_x = 32", img_size_y="img_size_y = 32",
+                           batch_size="batch_size = 2", demo_n_patients="demo_n_patients = 3",
+                           batch_size_ft="batch_size_ft = 3")
+    (folder / "data_cfg_tiny.py").write_text(TINY_SPLITS)
+    monkeypatch.setattr(experiment_init, "CONFIG_DIR", folder)
+    common = ["--dataset", "tiny", "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1",
+              "--data_root", str(tmp_path / "data"), "--out_dir", str(tmp_path / "runs"),
+              "--device", "cpu", "--no_progress", "--low_memory"]
+    baseline = _trainer("tr_baseline")
+    for extra, lr in (([], 0.0005), (["--lr_seg", "0.002", "--ver", "1"], 0.002)):
+        baseline.main([*common, *extra])
+        run = tmp_path / "runs" / "tiny" / "baseline" / f"tr1_c1_v{len(extra) // 3}"
+        flags = yaml.safe_load((run / "config.yaml").read_text())["flags"]
+        assert flags["lr_seg"] == lr and flags["n_iter"] == 1
+        best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+        assert best["optimizer"]["param_groups"][0]["lr"] == lr
+    joint = _trainer("prop_method_joint_tr_rand_init")
+    with pytest.raises(ConfigError, match="--bt_size=3 must be an even number.*batch_size_ft of "
+                       "experiment_init/init_tiny.py"):
+        joint.main(common)
+
+
+@pytest.mark.parametrize("error", [ConfigError("--x=1 is bad"), DataError("a.nii: unreadable"),
+                                   RunDirError("run: exists"), TrainingStopped("diverged")])
+def test_run_main_reports_the_projects_errors_in_one_line(error, capsys):
+    def main() -> None:
+        raise error
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(main)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: {error}\n"
+
+
+@pytest.mark.parametrize("error", [ValueError("bug"), FileNotFoundError("bug"),
+                                   FloatingPointError("bug"), KeyError("bug")])
+def test_run_main_lets_programming_errors_keep_their_traceback(error):
+    def main() -> None:
+        raise error
+
+    with pytest.raises(type(error)):
+        run_main(main)
+
+
+def test_user_errors_of_flags_are_project_errors():
+    with pytest.raises(ConfigError, match="--device='gpu': choose auto, cpu or cuda"):
+        resolve_device("gpu")
+    with pytest.raises(SystemExit) as stop:  # argparse's own one-line usage error
+        _args("--ckpt_every", "0")
+    assert stop.value.code == 2
 
 
 def test_segmentation_loss_choice():

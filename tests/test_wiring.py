@@ -146,7 +146,8 @@ def test_test_set_metrics_in_mm_and_undefined_distances_not_counted(tmp_path):
 
 
 def _conv_bn(c_in: int, c_out: int) -> list[torch.nn.Module]:
-    return [torch.nn.Conv2d(c_in, c_out, 3, padding=1), torch.nn.BatchNorm2d(c_out),
+    # No conv bias: batch norm removes it, so its gradient would be rounding noise only.
+    return [torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c_out),
             torch.nn.ReLU()]
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,8 +38,13 @@ from utils.dataset import (  # noqa: E402
 )
 from utils.device import configure_backend, release_freed_memory, resolve_device  # noqa: E402
 from utils.joint_training import JointSettings, build_joint_data, joint_iteration  # noqa: E402
-from utils.pseudo_labels import SURE_SOFTMAX, make_pseudo_labels  # noqa: E402
+from utils.pseudo_labels import (  # noqa: E402
+    SURE_SOFTMAX,
+    PseudoLabelRound,
+    make_pseudo_labels,
+)
 from utils.run import (  # noqa: E402
+    RunDirError,
     RunLog,
     load_checkpoint,
     save_config,
@@ -49,10 +54,13 @@ from utils.sampling import pair_layout  # noqa: E402
 from utils.training import (  # noqa: E402
     BestKeeper,
     NonFiniteGuard,
+    TrainingStopped,
     add_common_flags,
     baseline_dir,
     finish_run,
     open_run_dir,
+    positive_int,
+    resolve_flags,
     restore_progress,
     run_main,
     run_name,
@@ -81,9 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lamda_local", type=float, default=0.1, help="weight λ of the local loss")
     p.add_argument("--no_of_neg_eles", type=int, default=3,
                    help="kept for command-line compatibility; the original never used it")
-    p.add_argument("--no_of_pos_eles", type=int, default=3,
+    p.add_argument("--no_of_pos_eles", type=positive_int, default=3,
                    help="sampled positive pixels per class and image (P)")
-    p.add_argument("--bt_size", type=int, default=10, help="contrastive pairs per batch (B)")
+    p.add_argument("--bt_size", type=int, default=None,
+                   help="contrastive pairs per batch (B), even (default: batch_size_ft of "
+                   "experiment_init/init_<dataset>.py, 10)")
     p.add_argument("--test_aug_overlap", type=int, default=0, choices=(0, 1),
                    help="keep only pool volumes whose two augmented predictions agree")
     p.add_argument("--test_f1_threshold", type=float, default=0.9,
@@ -107,7 +117,7 @@ def find_baseline(cfg: experiment_init.ExperimentConfig, args: argparse.Namespac
     base = Path(args.pretr_dir) if args.pretr_dir else baseline_dir(cfg, args)
     path = base / "checkpoints" / "best.pt"
     if not path.is_file():
-        raise ConfigError(
+        raise RunDirError(
             f"{path}: baseline checkpoint not found; run train_model/tr_baseline.py with the same "
             f"--dataset {cfg.dataset} --no_of_tr_imgs {args.no_of_tr_imgs} --comb_tr_imgs "
             f"{args.comb_tr_imgs} --ver {args.ver} first, or pass --pretr_dir"
@@ -119,17 +129,23 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     args = parse_args(argv)
     cfg = experiment_init.load(args.dataset, args.data_root, args.out_dir)
+    args = resolve_flags(args, cfg, lr_seg="lr", bt_size="batch_size_ft", n_rounds="n_rounds")
     labeled_ids = cfg.labeled_ids(args.no_of_tr_imgs, args.comb_tr_imgs)
     val_ids = cfg.val_ids(args.no_of_tr_imgs, args.comb_tr_imgs)
     pool_ids = cfg.unlabeled_ids()
-    n_rounds = args.n_rounds if args.n_rounds is not None else cfg.n_rounds
+    n_rounds = args.n_rounds
     n_iter = args.n_iter_per_round or args.n_iter or cfg.n_iter_per_round
-    pair_layout(args.bt_size, args.local_loss_exp_no == 1)  # validates --bt_size first
+    try:
+        pair_layout(args.bt_size, args.local_loss_exp_no == 1)  # validates --bt_size first
+    except ValueError as err:
+        raise ConfigError(f"{err} (its default is batch_size_ft of "
+                          f"experiment_init/init_{cfg.dataset}.py)") from err
     seed = args.seed if args.seed is not None else args.ver
     device = resolve_device(args.device)
     configure_backend(device, args.low_memory)
     generator = seed_everything(seed)
     baseline_ckpt = find_baseline(cfg, args)
+    baseline = load_checkpoint(baseline_ckpt, device)  # refused here if it is not plain data
     run_dir = cfg.srt_dir / cfg.dataset / "joint" / run_name(args) / args.loss_reduction
     state = open_run_dir(run_dir, args)
     if state is None:
@@ -149,7 +165,6 @@ def main(argv: list[str] | None = None) -> None:
     pool = {sid: load_slices(cfg, [sid]) for sid in pool_ids}
     keeper = BestKeeper(run_dir, load_eval_volumes(cfg, val_ids), cfg.num_classes, device)
 
-    baseline = load_checkpoint(baseline_ckpt, device)
     if args.pretr_n_iter is not None:
         print(f"starting from {baseline_ckpt} (best of its run; --pretr_n_iter "
               f"{args.pretr_n_iter})", flush=True)
@@ -179,8 +194,10 @@ def main(argv: list[str] | None = None) -> None:
         if first_it + n_iter <= start_it:
             continue  # finished before the interruption
         if state is not None and state["round"] == rnd:
-            pseudo = state["pseudo"]  # resumed inside this round: the same pseudo-labels
-            pseudo.images = torch.cat([pool[sid][0] for sid in pseudo.kept])
+            # resumed inside this round: the same pseudo-labels
+            pseudo = PseudoLabelRound(
+                images=torch.cat([pool[sid][0] for sid in state["pseudo"]["kept"]]),
+                **state["pseudo"])
         else:
             if rnd == 0:  # the first pseudo-labels come from the baseline network itself
                 labeler = UNet(cfg.num_classes).to(device)
@@ -200,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                                           pseudo.labels.to(device), cfg.num_classes,
                                           cfg.min_labels_dice_slice)
         if data.unl_index.numel() == 0:
-            raise ValueError(
+            raise TrainingStopped(
                 f"round {rnd + 1}: the pseudo-labels hold no structure in any slice, so the "
                 f"contrastive term has nothing to work on; is the baseline {baseline_ckpt} "
                 "trained (see its test_results)?")
@@ -239,8 +256,10 @@ def main(argv: list[str] | None = None) -> None:
                 bar.set_postfix(dice=f"{loss_seg.item():.3f}", lcl=f"{loss_lcl.item():.3f}",
                                 val=f"{val:.3f}", best=f"{keeper.best_score:.3f}")
             if (it + 1) % args.ckpt_every == 0 or last:
-                # pseudo-labels without their images (those are re-read from the pool)
-                kept = replace(pseudo, images=torch.empty(0), labels=pseudo.labels.cpu())
+                # pseudo-labels as plain data, without their images (re-read from the pool)
+                kept = {f.name: getattr(pseudo, f.name) for f in fields(pseudo)
+                        if f.name != "images"}
+                kept["labels"] = pseudo.labels.cpu()
                 save_progress(run_dir, args, it, model, optimizer, keeper, guard, log,
                               generator, round=rnd, pseudo=kept)
     finish_run(model, keeper, guard, log, cfg, run_dir, device, not args.no_progress, start)

@@ -46,6 +46,7 @@ from utils.training import (  # noqa: E402
     baseline_dir,
     finish_run,
     open_run_dir,
+    resolve_flags,
     restore_progress,
     run_main,
     save_progress,
@@ -65,9 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     args = parse_args(argv)
     cfg = experiment_init.load(args.dataset, args.data_root, args.out_dir)
+    args = resolve_flags(args, cfg, lr_seg="lr", n_iter="n_iter")
     labeled_ids = cfg.labeled_ids(args.no_of_tr_imgs, args.comb_tr_imgs)
     val_ids = cfg.val_ids(args.no_of_tr_imgs, args.comb_tr_imgs)
-    n_iter = args.n_iter if args.n_iter is not None else cfg.n_iter
+    n_iter = args.n_iter
     seed = args.seed if args.seed is not None else args.ver
     device = resolve_device(args.device)
     configure_backend(device, args.low_memory)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = baseline_dir(cfg, args)
     state = open_run_dir(run_dir, args)
     if state is None:
-        save_config(run_dir, {"trainer": "tr_baseline", "flags": {**vars(args), "n_iter": n_iter,
+        save_config(run_dir, {"trainer": "tr_baseline", "flags": {**vars(args),
                               "seed": seed, "device": str(device)}, "config": cfg.to_dict(),
                               "labeled_ids": labeled_ids, "val_ids": val_ids,
                               "test_ids": cfg.test})

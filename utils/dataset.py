@@ -14,25 +14,25 @@ import torch
 from experiment_init import ExperimentConfig
 from utils.evaluation import EvalVolume, prepare_eval_volume
 from utils.integrity import require_valid
-from utils.io import cropped_paths, read_cropped, read_raw_volume, write_cropped
+from utils.io import DataError, cropped_paths, read_cropped, read_raw_volume, write_cropped
 from utils.preprocess import to_target
 
 log = logging.getLogger(__name__)
 
 
 def ensure_demo_data(cfg: ExperimentConfig) -> None:
-    """Generate the synthetic demo dataset when ``--dataset demo`` finds none (or a partial one)."""
-    if cfg.dataset != "demo":
+    """Generate a synthetic dataset (one whose init file sets ``demo_n_patients`` and
+    ``demo_seed``, like ``demo``) when none, a partial one or one of other settings is found."""
+    if cfg.demo_n_patients is None or cfg.demo_seed is None:
         return
     from utils.demo_data import demo_dataset_complete, make_demo_dataset
 
-    if demo_dataset_complete(cfg.data_path_tr):
-        return
-    n = int(cfg.extra.get("demo_n_patients", 32))
+    n = cfg.demo_n_patients
     ids = [f"{i:03d}" for i in range(1, n + 1)]
+    if demo_dataset_complete(cfg.data_path_tr, seed=cfg.demo_seed, patient_ids=ids):
+        return
     print(f"demo data not found in {cfg.data_path_tr}: generating {n} patients", flush=True)
-    make_demo_dataset(cfg.data_path_tr, ids, seed=int(cfg.extra.get("demo_seed", 0)),
-                      overwrite=True)
+    make_demo_dataset(cfg.data_path_tr, ids, seed=cfg.demo_seed, overwrite=True)
 
 
 def verify_inputs(cfg: ExperimentConfig, train_ids: list[str], eval_ids: list[str]) -> None:
@@ -76,7 +76,7 @@ def load_slices(
     for sid in subject_ids:
         img, lbl = read_cropped(cfg.data_path_tr_cropped, sid)
         if img.shape[:2] != cfg.crop_size:
-            raise ValueError(
+            raise DataError(
                 f"{cropped_paths(cfg.data_path_tr_cropped, sid)[0]}: in-plane size "
                 f"{img.shape[:2]} differs from the configured crop {cfg.crop_size}; rerun "
                 "scripts/create_cropped_imgs.py --overwrite"
@@ -86,7 +86,7 @@ def load_slices(
     img_t = torch.from_numpy(np.ascontiguousarray(np.concatenate(images)))[:, None]
     lbl_t = torch.from_numpy(np.ascontiguousarray(np.concatenate(labels)))
     if int(lbl_t.max()) >= cfg.num_classes or int(lbl_t.min()) < 0:
-        raise ValueError(
+        raise DataError(
             f"labels of {subject_ids} hold values outside 0..{cfg.num_classes - 1}; check "
             f"num_classes in experiment_init/init_{cfg.dataset}.py"
         )

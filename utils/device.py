@@ -6,16 +6,18 @@ import ctypes
 
 import torch
 
+from experiment_init import ConfigError
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA GPU is visible; "
+        raise ConfigError("--device cuda was requested but no CUDA GPU is visible; "
                          "use --device auto")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device={name!r}: choose auto, cpu or cuda")
+        raise ConfigError(f"--device={name!r}: choose auto, cpu or cuda")
     return torch.device(name)
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from losses.dice import dice_per_class
 from utils.io import Volume, atomic_path, read_raw_volume, save_nifti, write_text_atomic
 from utils.preprocess import Geometry, to_native, to_target
 
@@ -72,6 +71,35 @@ def predict_native(
     """Predicted label map of one subject in its native (X, Y, Z) grid (uint8)."""
     probs = to_native(predict_probs(model, ev.image_c, device), ev.geometry)
     return probs.argmax(1).permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+
+
+def dice_per_class(
+    pred_labels: torch.Tensor, true_labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Hard Dice of each foreground class over the whole label map.
+
+    Args:
+        pred_labels: integer label map of any shape, e.g. (N, H, W) or (X, Y, Z).
+        true_labels: integer label map of the same shape.
+        num_classes: C, including background 0.
+
+    Returns:
+        float64 tensor (C - 1,): Dice of classes 1..C-1, pooled over all voxels. A class absent
+        from both maps scores 1.0; present in exactly one, 0.0.
+    """
+    if pred_labels.shape != true_labels.shape:
+        raise ValueError(
+            f"pred {tuple(pred_labels.shape)} and true {tuple(true_labels.shape)} differ"
+        )
+    classes = torch.arange(1, num_classes, device=pred_labels.device)
+    # (C-1, V) boolean masks; counts in int64 so large volumes cannot overflow.
+    pred = pred_labels.reshape(1, -1) == classes[:, None]
+    true = true_labels.reshape(1, -1).to(pred_labels.device) == classes[:, None]
+    inter = (pred & true).sum(dim=1).double()
+    total = pred.sum(dim=1).double() + true.sum(dim=1).double()
+    both_empty = total == 0
+    dice = 2.0 * inter / torch.where(both_empty, torch.ones_like(total), total)
+    return torch.where(both_empty, torch.ones_like(dice), dice)
 
 
 def structure_metrics(

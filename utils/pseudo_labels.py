@@ -13,10 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from losses.dice import dice_per_class
 from utils.augment import AFF_FLIP, AFF_ROTATE, AFF_SCALE, affine_matrices
 from utils.crf import CRFParams, crf_refine_volume
-from utils.evaluation import predict_slices
+from utils.evaluation import dice_per_class, predict_slices
 
 
 @dataclass

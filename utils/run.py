@@ -9,6 +9,10 @@ Layout of a run directory::
     checkpoints/best.pt    best-validation weights (+ optimizer), written atomically
     checkpoints/last.pt    periodic checkpoint for --resume
     test_results/          summary.json, per-subject predictions and metrics
+
+Checkpoints hold data only (tensors, numbers, strings, lists, dicts): they are read with
+``torch.load(weights_only=True)``, which cannot run code, so a checkpoint from elsewhere
+(--pretr_dir) is safe to open.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import csv
 import io
 import math
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,10 @@ import yaml
 from utils.io import atomic_path, write_text_atomic
 
 
+class RunDirError(RuntimeError):
+    """A run directory or checkpoint that cannot be used as asked."""
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a CPU generator for the augmentation draws."""
     random.seed(seed)
@@ -37,8 +46,11 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Every random-number state a run draws from, for an exact resume."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every random-number state a run draws from, for an exact resume, as plain data
+    (tuples, lists, numbers, tensors) that a weights-only checkpoint holds."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [name, keys.tolist(), pos, has_gauss, cached],
              "torch": torch.get_rng_state(), "generator": generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -47,7 +59,8 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
@@ -65,9 +78,24 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint's contents, read as data only: one that would need arbitrary unpickling
+    (which can run any code) is refused with RunDirError, as is a missing or unreadable one."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location=device, weights_only=False)
+        raise RunDirError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a page of advice; its one line about this file names the object.
+        found = [ln for ln in str(err).splitlines() if "WeightsUnpickler error: " in ln]
+        what = found[0].split("WeightsUnpickler error: ")[1].split(". Please")[0] if found else ""
+        raise RunDirError(
+            f"{path}: refused, the checkpoint holds objects other than tensors and plain values "
+            f"and loading them could run arbitrary code ({what or 'not weights-only'}); use a "
+            "checkpoint written by this code"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise RunDirError(f"{path}: not a readable PyTorch checkpoint ({err}); it may be "
+                          "truncated or of another format") from None
 
 
 class RunLog:

@@ -1,5 +1,10 @@
 """Pieces both trainers share: common flags, run directory, the segmentation loss choice,
 validate-and-keep-best, final test evaluation and clean one-line errors.
+
+The project's own errors, each a user-facing stop that `run_main` reports in one line:
+`experiment_init.ConfigError` (settings and flags), `utils.io.DataError` (data files),
+`utils.run.RunDirError` (run directories and checkpoints) and `TrainingStopped` (a run that
+cannot go on). Any other exception is a programming error and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 
 import torch
 
-from experiment_init import ConfigError, ExperimentConfig
+from experiment_init import ConfigError, ExperimentConfig, datasets
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
 from utils.dataset import load_eval_volumes
@@ -22,6 +27,7 @@ from utils.device import release_freed_memory
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
 from utils.io import DataError
 from utils.run import (
+    RunDirError,
     RunLog,
     load_checkpoint,
     restore_rng_state,
@@ -33,10 +39,12 @@ from utils.run import (
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags of the original baseline (METHOD §9) plus device, seed and paths."""
     p = parser
-    p.add_argument("--dataset", default="acdc", help="acdc | prostate_md | mmwhs | demo")
+    p.add_argument("--dataset", default="acdc",
+                   help=f"one of {', '.join(datasets())} (experiment_init/init_<name>.py)")
     p.add_argument("--no_of_tr_imgs", default="tr1", help="labeled set size: tr1, tr2, tr8, ...")
     p.add_argument("--comb_tr_imgs", default="c1", help="combination of the labeled set: c1..c5")
-    p.add_argument("--lr_seg", type=float, default=0.001, help="Adam learning rate")
+    p.add_argument("--lr_seg", type=float, default=None,
+                   help="Adam learning rate (default: lr of experiment_init/init_<dataset>.py)")
     p.add_argument("--ver", type=int, default=0, help="version (repeat) number of the run")
     p.add_argument("--dsc_loss", type=int, default=2, choices=(0, 1, 2),
                    help="0 weighted cross-entropy, 1 Dice w/o background, 2 Dice with background")
@@ -62,12 +70,25 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                    help="replace an existing run directory of the same settings")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last periodic checkpoint")
-    p.add_argument("--ckpt_every", type=int, default=200,
+    p.add_argument("--ckpt_every", type=positive_int, default=200,
                    help="iterations between periodic checkpoints (for --resume)")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     p.add_argument("--low_memory", action="store_true",
                    help="CPU: return freed tensor memory to the OS after use (peak RSS of a "
                         "joint ACDC run ~1 GB lower, steps ~35%% slower)")
+
+
+def resolve_flags(
+    args: argparse.Namespace, cfg: ExperimentConfig, **settings: str
+) -> argparse.Namespace:
+    """``args`` with each flag in ``settings`` that was not given (None) set to the init-file
+    setting named for it, e.g. ``resolve_flags(args, cfg, lr_seg="lr")``. The result is what
+    the run uses and what its config.yaml and checkpoints record."""
+    resolved = dict(vars(args))
+    for flag, setting in settings.items():
+        if resolved[flag] is None:
+            resolved[flag] = getattr(cfg, setting)
+    return argparse.Namespace(**resolved)
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -77,6 +98,18 @@ def run_name(args: argparse.Namespace) -> str:
 
 def baseline_dir(cfg: ExperimentConfig, args: argparse.Namespace) -> Path:
     return cfg.srt_dir / cfg.dataset / "baseline" / run_name(args)
+
+
+class TrainingStopped(RuntimeError):
+    """A run that cannot go on: too many non-finite losses in a row, nothing to train on."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
 
 
 # Flags that may differ between an interrupted run and its resumption.
@@ -109,13 +142,13 @@ def open_run_dir(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | No
             diff = {k: (before.get(k), v) for k, v in flags.items() if before.get(k) != v}
             if diff:
                 listed = ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-                raise ConfigError(f"{run_dir}: --resume with flags other than the interrupted "
+                raise RunDirError(f"{run_dir}: --resume with flags other than the interrupted "
                                   f"run's ({listed}); resume with the original flags")
             return state
         shutil.rmtree(run_dir)  # interrupted before its first checkpoint: nothing to keep
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not args.overwrite:
-            raise ConfigError(
+            raise RunDirError(
                 f"{run_dir}: a run with these settings exists; pass --resume to continue it, "
                 "--overwrite to replace it, or change --ver"
             )
@@ -275,7 +308,7 @@ class NonFiniteGuard:
         self.total += 1
         self.consecutive += 1
         if self.consecutive >= self.max_consecutive:
-            raise FloatingPointError(
+            raise TrainingStopped(
                 f"{self.consecutive} consecutive non-finite losses up to iteration {iteration}; "
                 "stopping (the best checkpoint so far is kept). Lower --lr_seg or check the data."
             )
@@ -283,14 +316,15 @@ class NonFiniteGuard:
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run a trainer's main; expected failures end with one line on stderr and exit status 2."""
+    """Run a script's main: the project's own errors end with one line on stderr and exit
+    status 2; any other exception (a programming error) propagates with its traceback."""
     try:
         main()
     except RunFinished as done:
         print(str(done), flush=True)
         print(f"run directory: {done.run_dir}", flush=True)
         sys.exit(0)
-    except (ConfigError, DataError, FileNotFoundError, FloatingPointError, ValueError) as err:
+    except (ConfigError, DataError, RunDirError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
