@@ -68,3 +68,20 @@ def demo_env(tmp_path_factory) -> dict[str, str]:
     env = dict(os.environ)
     env.update(LCL_DATA_ROOT=str(root / "data"), LCL_RUNS_ROOT=str(root / "runs"))
     return env
+
+
+@pytest.fixture
+def load_script():
+    """``load_script("sweep")``: the module of scripts/sweep.py, importable for its functions."""
+    import importlib.util
+    import sys
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+        return module
+
+    return load
