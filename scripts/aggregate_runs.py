@@ -67,10 +67,14 @@ class Run:
 
 @dataclass(frozen=True)
 class Problem:
-    """A run (or an expected run) that is not in the table, and why."""
+    """A run (or an expected run) that is not in the table, and why.
+
+    ``where``: (dataset, method, tr, unit) when its config.yaml says so.
+    """
 
     path: Path
     what: str
+    where: tuple[str, str, str, tuple[str, int, int]] | None = None
 
 
 def natural_key(text: str) -> list:
@@ -98,11 +102,13 @@ def read_run(config_path: Path) -> Run | Problem:
         return Problem(run_dir, f"unreadable config.yaml ({type(err).__name__}: {err})")
     seed = flags.get("seed")
     seed = ident["ver"] if seed is None else int(seed)
+    method = method_of(trainer, flags)
+    where = (ident["dataset"], method, ident["tr"], (ident["comb"], ident["ver"], seed))
     summary_path = run_dir / "test_results" / "summary.json"
     if not summary_path.is_file():
         resumable = (run_dir / "checkpoints" / "last.pt").is_file()
         return Problem(run_dir, "unfinished or failed: no test_results/summary.json"
-                       + ("; rerun with --resume to continue it" if resumable else ""))
+                       + ("; rerun with --resume to continue it" if resumable else ""), where)
     try:
         summary = json.loads(summary_path.read_text())
         per_structure = summary["per_structure"]
@@ -110,10 +116,11 @@ def read_run(config_path: Path) -> Run | Problem:
         hd = [float(m["hd95"]) for m in per_structure.values() if m.get("hd95") is not None]
         mean_dice = float(summary["mean_dice"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        return Problem(run_dir, f"failed: unreadable summary.json ({type(err).__name__}: {err})")
+        return Problem(run_dir, f"failed: unreadable summary.json ({type(err).__name__}: {err})",
+                       where)
     if not math.isfinite(mean_dice):
-        return Problem(run_dir, f"failed: mean Dice {mean_dice}")
-    return Run(run_dir, method=method_of(trainer, flags), seed=seed, dice=dice,
+        return Problem(run_dir, f"failed: mean Dice {mean_dice}", where)
+    return Run(run_dir, method=method, seed=seed, dice=dice,
                mean_dice=mean_dice, hd95=float(np.mean(hd)) if hd else math.nan, flags=flags,
                **ident)
 
@@ -129,21 +136,15 @@ def collect(root: Path) -> tuple[list[Run], list[Problem]]:
         item = read_run(path)
         if isinstance(item, Run):
             runs.append(item)
-            cells[item.dataset, item.method, item.tr].add(item.unit)
-            seen[item.dataset, item.tr].add(item.unit)
+            where = (item.dataset, item.method, item.tr, item.unit)
         else:
             problems.append(item)
-            try:  # its unit is expected of the other methods, and not missing for its own
-                config = yaml.safe_load(path.read_text())
-                flags = config["flags"]
-                seed = flags.get("seed")
-                unit = (flags["comb_tr_imgs"], int(flags["ver"]),
-                        int(flags["ver"] if seed is None else seed))
-                cells[flags["dataset"], method_of(config["trainer"], flags),
-                      flags["no_of_tr_imgs"]].add(unit)
-                seen[flags["dataset"], flags["no_of_tr_imgs"]].add(unit)
-            except Exception:  # an unreadable config is listed already
-                pass
+            where = item.where
+        # a listed problem's unit is expected of the other methods, not missing for its own
+        if where is not None:
+            dataset, method, tr, unit = where
+            cells[dataset, method, tr].add(unit)
+            seen[dataset, tr].add(unit)
     for (dataset, method, tr), units in sorted(cells.items()):
         for comb, ver, seed in sorted(seen[dataset, tr] - units):
             problems.append(Problem(root / dataset, f"missing: {method} {tr} {comb} ver {ver} "
@@ -255,6 +256,10 @@ def fmt_num(value: float, spec: str) -> str:
     return "–" if not math.isfinite(value) else format(value, spec)
 
 
+def csv_num(value: float, spec: str) -> str:
+    return "" if not math.isfinite(value) else format(value, spec)
+
+
 def markdown(rows: Sequence[Row], problems: Sequence[Problem]) -> str:
     out = []
     for dataset in dict.fromkeys(r.dataset for r in rows):
@@ -308,10 +313,9 @@ def csv_text(rows: Sequence[Row]) -> str:
         for m in metrics:
             key = {"hd95_mm": "hd95"}.get(m, m.removeprefix("dice_") if m != "mean_dice" else m)
             mean, std, _ = r.stats.get(key, (math.nan, math.nan, 0))
-            values += [fmt_num(mean, ".6f").replace("–", ""), fmt_num(std, ".6f").replace("–", "")]
+            values += [csv_num(mean, ".6f"), csv_num(std, ".6f")]
         writer.writerow([r.dataset, r.method, r.tr, r.stats["mean_dice"][2], r.n_runs, *values,
-                         *(fmt_num(v, ".6g").replace("–", "") for v in (r.diff, r.p)),
-                         r.n_pairs])
+                         csv_num(r.diff, ".6g"), csv_num(r.p, ".6g"), r.n_pairs])
     return buf.getvalue()
 
 

@@ -56,16 +56,12 @@ VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 OWN_FLAGS = ("ver", "seed", "resume", "tag")
 
 
-def natural_key(text: str) -> list:
-    """'tr8' < 'tr52', 'c2' < 'c10'."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
 def valid_grid(labeled: dict[str, list[str]],
                validation: dict[str, list[str]]) -> dict[str, list[str]]:
-    """{tr: [comb, ...]} of every ``<tr>_<comb>`` key present in both split tables."""
+    """{tr: [comb, ...]} of every ``<tr>_<comb>`` key present in both split tables, in the
+    order of the data_cfg file."""
     grid: dict[str, list[str]] = {}
-    for key in sorted(labeled, key=natural_key):
+    for key in labeled:
         match = re.fullmatch(r"(tr[^_]+)_(c[^_]+)", key)
         if match and key in validation:
             grid.setdefault(match[1], []).append(match[2])
