@@ -98,3 +98,20 @@ def edited_config(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return make
+
+
+@pytest.fixture
+def load_script():
+    """``load_script("sweep")``: the module of scripts/sweep.py, importable for its functions."""
+    import importlib.util
+    import sys
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,22 +10,15 @@ import pytest
 import experiment_init
 from utils.dataset import load_slices
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "show_joint_batch.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("show_joint_batch", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("variant", [1, 0])
-def test_show_joint_batch_writes_what_the_loss_sees(tmp_path, demo_env, variant):
+def test_show_joint_batch_writes_what_the_loss_sees(tmp_path, demo_env, load_script,
+                                                    variant):
     data_root = str(Path(demo_env["LCL_DATA_ROOT"]) / "demo")
     out = tmp_path / "out"
-    _script().main(["--dataset", "demo", "--local_loss_exp_no", str(variant), "--seed", "3",
-                    "--data_root", data_root, "--out", str(out), "--bt_size", "6"])
+    load_script("show_joint_batch").main([
+        "--dataset", "demo", "--local_loss_exp_no", str(variant), "--seed", "3",
+        "--data_root", data_root, "--out", str(out), "--bt_size", "6"])
     z = np.load(out / "joint_batch.npz")
     cfg = experiment_init.load("demo", data_root)
     n_seg, b, h, w = cfg.mtask_bs, 6, *cfg.crop_size

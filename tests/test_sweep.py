@@ -1,0 +1,216 @@
+"""scripts/sweep.py: the grid, jobs.txt, the job array's requeue, the local workers, and a real
+sweep on a one-node SLURM cluster (scripts/slurm_local.sh; select with ``-m slurm``)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import experiment_init
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "sweep.py"
+
+
+@pytest.fixture
+def sweep(load_script):
+    return load_script("sweep")
+
+
+def _lines(sweep_dir: Path) -> list[list[str]]:
+    return [shlex.split(line) for line in (sweep_dir / "jobs.txt").read_text().splitlines()]
+
+
+def test_grid_is_every_combination_with_a_validation_list(sweep):
+    cfg = experiment_init.load("acdc")
+    grid = sweep.valid_grid(cfg.labeled, cfg.validation)
+    assert grid == {"tr1": ["c1", "c2", "c3", "c4", "c5"], "tr2": ["c1", "c2", "c3", "c4", "c5"],
+                    "tr8": ["c1", "c2", "c3"]}
+    assert sweep.valid_grid({"tr1_c1": ["1"], "tr1_c2": ["2"]}, {"tr1_c2": ["3"]}) == {
+        "tr1": ["c2"]}
+    assert sweep.select_cells(grid, "acdc", ["tr8", "tr1"], ["c3"]) == [("tr8", "c3"),
+                                                                         ("tr1", "c3")]
+    assert len(sweep.select_cells(grid, "acdc", None, ["all"])) == 13
+    with pytest.raises(experiment_init.ConfigError, match="tr8: c1 c2 c3") as err:
+        sweep.select_cells(grid, "acdc", ["tr1", "tr8"], ["c4"])
+    assert "--comb c4 does not exist for tr8" in str(err.value)
+    with pytest.raises(experiment_init.ConfigError, match="--tr tr52: .*tr2: c1 c2 c3 c4 c5"):
+        sweep.select_cells(grid, "acdc", ["tr52"], None)
+
+
+def test_jobs_txt_one_resumable_command_per_run(tmp_path, capsys, sweep):
+    (tmp_path / "s" / "status").mkdir(parents=True)
+    (tmp_path / "s" / "status" / "1.rc").write_text("0\n")  # of an earlier jobs.txt
+    sweep.main(["--dataset", "acdc", "--tr", "tr2", "--comb", "c1", "c3", "--seeds", "0", "4",
+                "--backend", "local", "--dry_run", "--sweep_dir", str(tmp_path / "s"),
+                "--", "--n_iter", "20", "--device", "cpu"])
+    lines = _lines(tmp_path / "s")
+    assert [(a[3], a[4], a[a.index("--ver") + 1]) for a in lines] == [
+        ("tr2", "c1", "0"), ("tr2", "c1", "4"), ("tr2", "c3", "0"), ("tr2", "c3", "4")]
+    for argv in lines:
+        assert argv[0] == f"PYTHON={sys.executable}" and argv[1] == "bash"
+        assert argv[2] == str(REPO / "pseudo_lbl_rand_init.sh") and argv[5] == "acdc"
+        assert "--resume" in argv and argv[-4:] == ["--n_iter", "20", "--device", "cpu"]
+        assert "--tag" not in argv and "flock" not in argv  # no variants: nothing shared
+    assert "4 runs (2 cells x 2 seeds x 1 variants)" in capsys.readouterr().out
+    assert not list((tmp_path / "s" / "status").iterdir())
+
+
+def test_variants_add_tagged_lines_that_share_a_lock_per_unit(tmp_path, sweep):
+    sweep.main(["--dataset", "demo", "--tr", "tr1", "--comb", "c1", "c2", "--backend", "slurm",
+                "--variant", 'mean=--loss_reduction mean', "--variant", "lam=--lamda_local 0.5",
+                "--max_running", "3", "--slurm", "--time=1:00:00 --cpus-per-task=1",
+                "--dry_run", "--sweep_dir", str(tmp_path / "s")])
+    lines = _lines(tmp_path / "s")
+    assert len(lines) == 6
+    tags = [a[a.index("--tag") + 1] if "--tag" in a else None for a in lines]
+    assert tags == [None, "mean", "lam"] * 2
+    assert lines[1][-4:] == ["--loss_reduction", "mean", "--tag", "mean"]
+    locks = [a[a.index("flock") + 1] for a in lines]
+    assert len(set(locks[:3])) == 1 and len(set(locks[3:])) == 1 and locks[0] != locks[3]
+    sbatch = (tmp_path / "s" / "sweep.sbatch").read_text()
+    for option in ("--array=1-6%3", "--requeue", "--signal=B:USR1@120",
+                   f"--output={tmp_path / 's'}/logs/%a.log"):
+        assert f"#SBATCH {option}\n" in sbatch
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--", "--ver", "3"], "--ver is set by the sweep"),
+    (["--variant", "x=--seed 2"], "--variant x: --seed is set by the sweep"),
+    (["--variant", "bad name=--crf 0"], "NAME made of"),
+    (["--variant", "a=--crf 0", "--variant", "a=--crf 1"], "names must differ"),
+])
+def test_bad_requests_are_errors(tmp_path, argv, message, sweep):
+    with pytest.raises(experiment_init.ConfigError, match=message):
+        sweep.main(["--dataset", "demo", "--backend", "local", "--dry_run", "--sweep_dir",
+                    str(tmp_path), *argv])
+
+
+def test_array_task_requeues_itself_on_usr1_and_keeps_the_lines_status(tmp_path, sweep):
+    sweep_dir = tmp_path / "s"
+    (sweep_dir / "status").mkdir(parents=True)
+    (sweep_dir / "jobs.txt").write_text("exit 9\nsleep 2; echo line two; exit 3\n")
+    script = sweep_dir / "sweep.sbatch"
+    script.write_text(sweep.sbatch_script(sweep_dir, 2, None, "demo"))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.txt\n')
+    (fake / "scontrol").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID="2",
+               SLURM_ARRAY_JOB_ID="77")
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=30)[0]
+    assert (tmp_path / "scontrol.txt").read_text() == "requeue 77_2\n"
+    assert "line two" in out and "requeueing 77_2" in out
+    # the line's own status, not the interrupted wait's 128 + 10
+    assert proc.returncode == 3
+    assert (sweep_dir / "status" / "2.rc").read_text() == "3\n"
+
+
+def test_local_workers_get_their_own_gpu_and_a_share_of_the_threads(tmp_path, sweep):
+    sweep_dir = tmp_path / "s"
+    for sub in ("logs", "status"):
+        (sweep_dir / sub).mkdir(parents=True)
+    record = tmp_path / "record"
+    now = 'echo "$CUDA_VISIBLE_DEVICES $OMP_NUM_THREADS $(date +%s.%N)'
+    command = (now + ' start" >> {r}; sleep 0.5; ' + now + ' end" >> {r}; '
+               'echo "output of {n}"; exit {rc}')
+    jobs = [sweep.Job("tr1", f"c{n}", 0, None, command.format(r=record, n=n, rc=n % 2))
+            for n in range(1, 6)]
+    failed = sweep.run_local(jobs, sweep_dir, workers=2, gpus=["3", "5"], cpus=7)
+    assert [(number, rc) for number, _, rc in failed] == [(1, 1), (3, 1), (5, 1)]
+    for n in range(1, 6):
+        assert (sweep_dir / "status" / f"{n}.rc").read_text() == f"{n % 2}\n"
+        assert (sweep_dir / "logs" / f"{n}.log").read_text() == f"output of {n}\n"
+    events = [line.split() for line in record.read_text().splitlines()]
+    assert {(gpu, threads) for gpu, threads, _, _ in events} == {("3", "3"), ("5", "3")}
+    # never two runs on one GPU at once: per GPU, starts and ends alternate in time
+    for gpu in ("3", "5"):
+        kinds = [k for g, _, _, k in sorted(events, key=lambda e: float(e[2])) if g == gpu]
+        assert kinds == ["start", "end"] * (len(kinds) // 2)
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, sweep):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,7")
+    assert sweep.visible_gpus() == ["2", "7"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sweep.visible_gpus() == []
+    assert sweep.worker_env(1, [], 4)["CUDA_VISIBLE_DEVICES"] == ""  # inherited, no GPU
+    env = sweep.worker_env(3, ["2", "7"], 4)
+    assert env["CUDA_VISIBLE_DEVICES"] == "7" and env["OMP_NUM_THREADS"] == "4"
+
+
+def test_local_backend_preprocesses_once_and_lists_failed_runs(tmp_path, demo_env):
+    """A flag the trainers reject makes every run fail fast: exit 1 with the logs listed."""
+    env = dict(demo_env, CUDA_VISIBLE_DEVICES="")
+    sweep_dir = tmp_path / "s"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dataset", "demo", "--tr", "tr1", "--comb", "c1", "c2",
+         "--backend", "local", "--workers", "2", "--sweep_dir", str(sweep_dir), "--",
+         "--lr_seg", "fast"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "preprocessing:" in proc.stdout and "subjects written to" in proc.stdout
+    assert "[2/2] FAILED (exit 2): line " in proc.stdout
+    for n, comb in ((1, "c1"), (2, "c2")):
+        log = sweep_dir / "logs" / f"{n}.log"
+        assert f"line {n} (tr1/{comb} seed 0 default): exit 2, log {log}" in proc.stderr
+        assert "invalid float value: 'fast'" in log.read_text()
+    cropped = experiment_init.load("demo", Path(demo_env["LCL_DATA_ROOT"]) / "demo")
+    assert len(list(cropped.data_path_tr_cropped.iterdir())) == 20
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> None:
+    """The one-node cluster of scripts/slurm_local.sh (started here if .ci/run did not)."""
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm_local.sh")],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == 3:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slurm
+def test_sweep_on_slurm_then_aggregate(tmp_path, demo_env, slurm_cluster):
+    """Two array tasks (tr1 c1, c2) with tiny schedules, polled through their status files."""
+    sweep_dir = tmp_path / "sweep"
+    submit = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dataset", "demo", "--tr", "tr1", "--comb", "c1", "c2",
+         "--backend", "slurm", "--max_running", "2", "--sweep_dir", str(sweep_dir),
+         "--slurm", "--cpus-per-task=1", "--", "--n_iter", "20", "--n_iter_per_round", "10",
+         "--n_rounds", "1", "--device", "cpu"],
+        env=demo_env, capture_output=True, text=True, timeout=300)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = submit.stdout.split("submitted job array ")[1].split()[0]
+    status = [sweep_dir / "status" / f"{n}.rc" for n in (1, 2)]
+    deadline = time.time() + 400
+    while not all(s.is_file() for s in status) and time.time() < deadline:
+        time.sleep(2)
+    if not all(s.is_file() for s in status):
+        subprocess.run(["scancel", job_id], check=False)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted((sweep_dir / "logs").glob("*.log")))
+    assert all(s.is_file() for s in status), "tasks did not finish in time:\n" + logs
+    assert [s.read_text() for s in status] == ["0\n", "0\n"], logs
+
+    runs_root = Path(demo_env["LCL_RUNS_ROOT"])
+    agg = subprocess.run([sys.executable, str(REPO / "scripts" / "aggregate_runs.py"),
+                          str(runs_root / "demo"), "--out", str(tmp_path / "t.csv")],
+                         capture_output=True, text=True, timeout=120)
+    assert agg.returncode == 0, agg.stderr
+    assert "| baseline | tr1 | " in agg.stdout and "| joint original | tr1 | " in agg.stdout
+    assert agg.stdout.count("| 2 (2) |") == 2 and "Not in the table: none" in agg.stdout
+
+    # a rerun of a line is cheap: both steps find their finished run and exit 0
+    line = (sweep_dir / "jobs.txt").read_text().splitlines()[0]
+    rerun = subprocess.run(["bash", "-c", line], env=demo_env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.count("has finished already") == 2
