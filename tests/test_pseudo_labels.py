@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import experiment_init
+from experiment_init import ConfigError
 from utils.augment import AFF_FLIP, AFF_ROTATE, AFF_SCALE
 from utils.crf import CRFParams
 from utils.evaluation import dice_per_class
@@ -77,7 +78,7 @@ def test_augmentation_overlap_selects_consistent_volumes():
             return torch.randn(x.shape[0], 3, *x.shape[2:])
 
     assert augmentation_overlap(Noise(), images, 3, torch.device("cpu"), gen) < 0.6
-    with pytest.raises(ValueError, match="test_f1_threshold"):
+    with pytest.raises(ConfigError, match="test_f1_threshold"):
         make_pseudo_labels(Noise(), {"001": (images, gt)}, 3, crf_params_for("acdc"),
                            torch.device("cpu"), gen, test_aug_overlap=True, progress=False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from utils.io import DataError
 from utils.joint_training import JointData, JointSettings, joint_batch
 from utils.sampling import (
     LABELED_DRAW_FACTOR,
@@ -209,7 +210,7 @@ def test_first_eligible_keeps_order_and_fills_from_the_eligible():
     seq = torch.tensor([4, 2, 9, 2, 7, 1])
     assert first_eligible(seq, torch.tensor([2, 7]), 3, gen, "x").tolist() == [2, 2, 7]
     assert first_eligible(seq, torch.tensor([5]), 2, gen, "x").tolist() == [5, 5]
-    with pytest.raises(ValueError, match="no x"):
+    with pytest.raises(DataError, match="no x"):
         first_eligible(seq, torch.tensor([], dtype=torch.long), 2, gen, "x")
     assert LABELED_DRAW_FACTOR == 15
 
@@ -218,7 +219,7 @@ def test_contrastive_batch_rejects_an_empty_pool():
     data = _data()
     data.unl_index = data.unl_index[:0]
     s = JointSettings(num_classes=C, n_seg=4, bt_size=4)
-    with pytest.raises(ValueError, match="pseudo-labeled slice"):
+    with pytest.raises(DataError, match="pseudo-labeled slice"):
         joint_batch(data, s, torch.Generator().manual_seed(0))
     x, y = contrastive_batch(data.lab_img[:4], data.lab_lbl[:4], True, C,
                              torch.Generator().manual_seed(0))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from experiment_init import ConfigError
 from utils.augment import AFF_FLIP, AFF_ROTATE, AFF_SCALE, affine_matrices
 from utils.crf import CRFParams, crf_refine_volume
 from utils.evaluation import dice_per_class, predict_slices
@@ -159,7 +160,7 @@ def make_pseudo_labels(
             dice_raw.append(float(dice_per_class(argmax.cpu(), gt, num_classes).mean()))
             dice_crf.append(float(dice_per_class(labels, gt, num_classes).mean()))
     if not kept:
-        raise ValueError(
+        raise ConfigError(
             f"no unlabeled volume passed the augmentation-overlap test (threshold "
             f"{overlap_threshold}); lower --test_f1_threshold or use --test_aug_overlap 0"
         )

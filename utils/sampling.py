@@ -11,6 +11,7 @@ import torch
 
 from utils.augment import set_intensity_augment, to_onehot
 from utils.device import host_to_device
+from utils.io import DataError
 
 
 def labels_present(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -93,7 +94,8 @@ def pair_layout(batch_pairs: int, inter_image: bool = True) -> tuple[torch.Tenso
 def draw(index: torch.Tensor, n: int, generator: torch.Generator, what: str) -> torch.Tensor:
     """``n`` entries of ``index`` drawn uniformly with replacement."""
     if index.numel() == 0:
-        raise ValueError(f"no {what} is available to build a joint-training batch")
+        raise DataError(f"no {what} is available to build a joint-training batch; check the "
+                        "labels of the labeled volumes and num_classes of the init file")
     pick = torch.randint(index.numel(), (n,), generator=generator)
     return index[host_to_device(pick, index.device)]
 
@@ -144,7 +146,7 @@ def pick_joint_slices(
         dice (n_seg,), labeled (B/2,) and unlabeled (B/2,) slice numbers into their pools.
     """
     if n_labeled == 0:
-        raise ValueError("no labeled slice is available to build a joint-training batch")
+        raise DataError("no labeled slice is available to build a joint-training batch")
     h = batch_pairs // 2
     sequence = torch.randint(n_labeled, (LABELED_DRAW_FACTOR * n_seg,), generator=generator)
     dice = first_eligible(sequence, dice_index, n_seg, generator,
