@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from utils.flags import add_flags
 from utils.run import (
     RunDirError,
     load_checkpoint,
@@ -25,7 +26,7 @@ from utils.run import (
     save_checkpoint,
     seed_everything,
 )
-from utils.training import add_common_flags, open_run_dir
+from utils.training import open_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--dataset", "demo", "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1", "--ver", "7",
@@ -181,7 +182,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     run = tmp_path / "run"
     _malicious(run / "checkpoints" / "last.pt", target)
     parser = argparse.ArgumentParser()
-    add_common_flags(parser)
+    add_flags(parser)
     with pytest.raises(RunDirError, match="last.pt: refused"):
         open_run_dir(run, parser.parse_args(["--resume"]))
     assert not target.exists()

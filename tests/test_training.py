@@ -19,15 +19,14 @@ from experiment_init import ConfigError
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
 from utils.device import resolve_device
+from utils.flags import add_flags, resolve_flags
 from utils.io import DataError
 from utils.run import RunDirError
 from utils.training import (
     NonFiniteGuard,
     RunFinished,
     TrainingStopped,
-    add_common_flags,
     open_run_dir,
-    resolve_flags,
     run_main,
     segmentation_loss,
 )
@@ -51,7 +50,7 @@ def test_guard_skips_and_counts_then_stops():
 
 def _args(*flags: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_common_flags(parser)
+    add_flags(parser)
     return parser.parse_args(list(flags))
 
 
