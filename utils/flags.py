@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from experiment_init import ExperimentConfig, datasets, load
+from experiment_init import ConfigError, ExperimentConfig, datasets, load
 
 BASELINE = "baseline"
 JOINT = "joint"
@@ -88,10 +88,14 @@ FLAGS: tuple[Flag, ...] = (
     _both("data_root", default=None,
           help="dataset folder holding raw/ and cropped/ (default data/<dataset>)"),
     _both("out_dir", default=None, help="output root (default runs/)"),
+    _both("tag", default=None,
+          help="variant name: the run goes to <out_dir>/<dataset>/<step>/<tag>/..., apart "
+          "from the default runs (the joint step then starts from the baseline of the same tag)"),
     _both("overwrite", resume_free=True, action="store_true",
           help="replace an existing run directory of the same settings"),
     _both("resume", resume_free=True, action="store_true",
-          help="continue an interrupted run from its last periodic checkpoint"),
+          help="continue an interrupted run from its last periodic checkpoint (a run not "
+          "started yet starts, a finished one is left as it is)"),
     _both("ckpt_every", resume_free=True, type=positive_int, default=200,
           help="iterations between periodic checkpoints (for --resume)"),
     _both("no_progress", resume_free=True, action="store_true", help="hide progress bars"),
@@ -110,7 +114,7 @@ FLAGS: tuple[Flag, ...] = (
            "default: the dataset's baseline n_iter)"),
     _joint("pretr_dir", default=None,
            help="baseline run directory to start from (default: the baseline of the same "
-           "dataset/tr/comb/ver/seed under the output root)"),
+           "dataset/tag/tr/comb/ver/seed under the output root)"),
     _joint("local_loss_exp_no", type=int, default=1, choices=(0, 1),
            help="1 inter-image (default), 0 intra-image local contrastive loss"),
     _joint("lamda_local", type=float, default=0.1, help="weight λ of the local loss"),
@@ -177,12 +181,22 @@ def resolve_flags(
     return argparse.Namespace(**resolved)
 
 
+def check_tag(tag: str | None) -> None:
+    """A --tag is one directory name: not empty, no path separator, not '.' or '..'."""
+    if tag is None:
+        return
+    if tag.strip() == "" or tag in (".", "..") or any(c in tag for c in "/\\\0"):
+        raise ConfigError(f"--tag={tag!r}: a tag names one directory; use a non-empty name "
+                          "without path separators, other than '.' and '..'")
+
+
 def parse_flags(
     step: str, argv: list[str] | None = None, description: str | None = None
 ) -> tuple[argparse.Namespace, ExperimentConfig]:
     """Parse one step's command line, read its dataset's configuration and resolve the flags
     whose default is an init-file setting (`INIT_FILE_DEFAULTS`)."""
     args = parser(step, description).parse_args(argv)
+    check_tag(args.tag)
     cfg = load(args.dataset, args.data_root, args.out_dir)
     if step == JOINT and args.n_iter_per_round is None:
         args.n_iter_per_round = args.n_iter  # the original's name of the same setting

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from experiment_init import ConfigError, ExperimentConfig
@@ -31,6 +32,7 @@ from utils.device import configure_backend, release_freed_memory, resolve_device
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
 from utils.flags import BASELINE, JOINT, RESUME_FREE_FLAGS
 from utils.io import DataError
+from utils.provenance import now, session
 from utils.run import (
     RunDirError,
     RunLog,
@@ -64,9 +66,9 @@ def run_name(args: argparse.Namespace) -> str:
 
 
 def run_directory(cfg: ExperimentConfig, args: argparse.Namespace, step: str) -> Path:
-    """``<out>/<dataset>/<step>/<tr>_<comb>_v<ver>[_seed<seed>]``, the joint step's in a
-    sub-folder per ``--loss_reduction``."""
-    path = cfg.srt_dir / cfg.dataset / step / run_name(args)
+    """``<out>/<dataset>/<step>/[<tag>/]<tr>_<comb>_v<ver>[_seed<seed>]``, the joint step's in
+    a sub-folder per ``--loss_reduction``."""
+    path = cfg.srt_dir / cfg.dataset / step / (args.tag or "") / run_name(args)
     return path / args.loss_reduction if step == JOINT else path
 
 
@@ -196,14 +198,14 @@ class Run:
     generator of every augmentation and sampling draw), ``run_dir``, ``ids`` (labeled_ids,
     val_ids, [pool_ids,] test_ids), ``state`` (the interrupted run's last.pt, or None),
     ``start_iteration`` (the first iteration to run, set by `resume`), ``keeper``, ``guard``,
-    ``log``.
+    ``log``, ``record`` (what config.yaml holds).
     """
 
     def __init__(self, args: argparse.Namespace, cfg: ExperimentConfig, device: torch.device,
                  generator: torch.Generator, run_dir: Path, ids: dict[str, list[str]],
-                 state: dict[str, Any] | None) -> None:
+                 state: dict[str, Any] | None, record: dict[str, Any]) -> None:
         self.args, self.cfg, self.device, self.generator = args, cfg, device, generator
-        self.run_dir, self.ids, self.state = run_dir, ids, state
+        self.run_dir, self.ids, self.state, self.record = run_dir, ids, state, record
         self.start_iteration = 0
         self.started = time.time()
         self.keeper = BestKeeper(run_dir, load_eval_volumes(cfg, ids["val_ids"]),
@@ -276,8 +278,9 @@ class Run:
         })
 
     def finish(self, model: torch.nn.Module) -> dict:
-        """Close the logs, test the best checkpoint, print the results; the last line printed
-        is ``run directory: <path>`` (the outputs contract)."""
+        """Close the logs, test the best checkpoint, record the end time in config.yaml, print
+        the results; the last line printed is ``run directory: <path>`` (the outputs
+        contract)."""
         self.log.close()
         print(f"best validation Dice {self.keeper.best_score:.4f} at iteration "
               f"{self.keeper.best_iteration}; {self.guard.total} non-finite steps skipped",
@@ -287,6 +290,8 @@ class Run:
                                     self.cfg.num_classes, self.cfg.struct_name,
                                     self.run_dir / "test_results", self.device,
                                     not self.args.no_progress)
+        self.record["provenance"]["ended"] = now()
+        save_config(self.run_dir, self.record)
         parts = [f"{k} {v['dice']:.3f}" for k, v in summary["per_structure"].items()]
         print(f"test: mean Dice {summary['mean_dice']:.4f} ({', '.join(parts)})", flush=True)
         print(f"elapsed: {time.time() - self.started:.1f} s", flush=True)
@@ -301,7 +306,8 @@ def start_run(
 
     Seeds every random source, picks the device, opens the run directory (or finds the
     interrupted run's state for --resume), writes config.yaml (resolved flags, the
-    ``recorded`` extras among them, the configuration and the ids), prints the run's first
+    ``recorded`` extras among them, the configuration, the ids and the provenance; a resumed
+    run adds its own provenance under ``provenance.resumed``), prints the run's first
     line (``<step> <dataset> <tr>/<comb>: labeled [...], <plan> on <device>``), checks every
     input volume, and loads the validation volumes. Training starts after `Run.resume`.
     """
@@ -318,13 +324,19 @@ def start_run(
     state = open_run_dir(run_dir, args)
     if state is None:
         flags = {**vars(args), "seed": seed, "device": str(device), **recorded}
-        save_config(run_dir, {"trainer": TRAINERS[step], "flags": flags,
-                              "config": cfg.to_dict(), **ids})
+        record = {"trainer": TRAINERS[step], "flags": flags, "config": cfg.to_dict(), **ids,
+                  "provenance": {**session(device), "ended": None}}
+    else:
+        written = run_dir / "config.yaml"
+        record = yaml.safe_load(written.read_text()) if written.is_file() else {}
+        record.setdefault("provenance", {"ended": None}).setdefault("resumed", []).append(
+            session(device))
+    save_config(run_dir, record)
     print(f"{step} {cfg.dataset} {args.no_of_tr_imgs}/{args.comb_tr_imgs}: labeled "
           f"{ids['labeled_ids']}, {plan} on {device}", flush=True)
     ensure_demo_data(cfg)
     verify_inputs(cfg, ids["labeled_ids"] + ids.get("pool_ids", []), ids["val_ids"] + cfg.test)
-    return Run(args, cfg, device, generator, run_dir, ids, state)
+    return Run(args, cfg, device, generator, run_dir, ids, state, record)
 
 
 def run_main(main: Callable[[], None]) -> None:
