@@ -71,6 +71,7 @@ def self_train(
             continue  # finished before the interruption
         pseudo = resumed_pseudo_labels(run.state, index, pool)
         if pseudo is None:
+            run.stop_if_requested(iterations.start - 1)  # last.pt holds it: labelling is redone
             network = baseline_network(baseline, run) if index == 0 else \
                 restore_best(run, model, optimizer)
             pseudo = label_pool(network, pool, labelling, run)

@@ -6,7 +6,9 @@ the best checkpoint (`Run.finish`).
 The project's own errors, each a user-facing stop that `run_main` reports in one line:
 `experiment_init.ConfigError` (settings and flags), `utils.io.DataError` (data files),
 `utils.run.RunDirError` (run directories and checkpoints) and `TrainingStopped` (a run that
-cannot go on). Any other exception is a programming error and keeps its traceback.
+cannot go on). Any other exception is a programming error and keeps its traceback. A run
+stopped by SIGTERM or SIGUSR1 (`utils.preemption`) exits with status 75 after writing its
+periodic checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from utils.device import configure_backend, release_freed_memory, resolve_device
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
 from utils.flags import BASELINE, JOINT, RESUME_FREE_FLAGS
 from utils.io import DataError
+from utils.preemption import PREEMPTED_EXIT, Preempted, StopRequests, requeue
 from utils.provenance import now, session
 from utils.run import (
     RunDirError,
@@ -198,7 +201,8 @@ class Run:
     generator of every augmentation and sampling draw), ``run_dir``, ``ids`` (labeled_ids,
     val_ids, [pool_ids,] test_ids), ``state`` (the interrupted run's last.pt, or None),
     ``start_iteration`` (the first iteration to run, set by `resume`), ``keeper``, ``guard``,
-    ``log``, ``record`` (what config.yaml holds).
+    ``log``, ``record`` (what config.yaml holds), ``stop`` (SIGTERM/SIGUSR1 received, from
+    here until `finish`).
     """
 
     def __init__(self, args: argparse.Namespace, cfg: ExperimentConfig, device: torch.device,
@@ -207,7 +211,10 @@ class Run:
         self.args, self.cfg, self.device, self.generator = args, cfg, device, generator
         self.run_dir, self.ids, self.state, self.record = run_dir, ids, state, record
         self.start_iteration = 0
+        self.saved_iteration = -1  # the iteration checkpoints/last.pt holds
         self.started = time.time()
+        self.stop = StopRequests()
+        self.stop.install()
         self.keeper = BestKeeper(run_dir, load_eval_volumes(cfg, ids["val_ids"]),
                                  cfg.num_classes, device)
         self.guard = NonFiniteGuard(args.max_bad_steps)
@@ -224,7 +231,8 @@ class Run:
         self.keeper.best_score, self.keeper.best_iteration = s["best_score"], s["best_iteration"]
         self.guard.total, self.guard.consecutive = s["bad_total"], s["bad_consecutive"]
         restore_rng_state(s["rng"], self.generator)
-        self.start_iteration = int(s["iteration"]) + 1
+        self.saved_iteration = int(s["iteration"])
+        self.start_iteration = self.saved_iteration + 1
         print(f"resuming {self.run_dir} at iteration {self.start_iteration}", flush=True)
         return self.start_iteration
 
@@ -242,11 +250,13 @@ class Run:
         each of ``iterations`` not run yet, each followed by the periodic step: every
         ``val_step_update`` iterations of ``iterations`` and at its end, validate, keep the
         best (its checkpoint gets ``best_extra``) and log the losses; every ``--ckpt_every``
-        iterations and at the end, write checkpoints/last.pt (with ``progress_extra``)."""
+        iterations and at the end, write checkpoints/last.pt (with ``progress_extra``). A stop
+        signal is acted on before each iteration (`stop_if_requested`)."""
         begin = max(iterations.start, self.start_iteration)
         bar = tqdm(range(begin, iterations.stop), desc=desc, disable=self.args.no_progress,
                    dynamic_ncols=True, initial=begin - iterations.start, total=len(iterations))
         for it in bar:
+            self.stop_if_requested(it - 1, model, optimizer, progress_extra)
             losses = step(it)
             last = it == iterations.stop - 1
             if (it - iterations.start) % self.cfg.val_step_update == 0 or last:
@@ -276,11 +286,26 @@ class Run:
             "rng": rng_state(self.generator),
             **(extra or {}),
         })
+        self.saved_iteration = iteration
+
+    def stop_if_requested(self, done: int, model: torch.nn.Module | None = None,
+                          optimizer: torch.optim.Optimizer | None = None,
+                          extra: dict[str, Any] | None = None) -> None:
+        """At an iteration boundary (``done``: the last iteration run): if SIGTERM or SIGUSR1
+        has come, write checkpoints/last.pt unless it holds ``done`` already, flush the log
+        and raise `Preempted`."""
+        if self.stop.received is None:
+            return
+        if done > self.saved_iteration:
+            self.save_progress(done, model, optimizer, extra)
+        self.log.flush()
+        raise Preempted(self.run_dir, done, self.stop.received)
 
     def finish(self, model: torch.nn.Module) -> dict:
         """Close the logs, test the best checkpoint, record the end time in config.yaml, print
         the results; the last line printed is ``run directory: <path>`` (the outputs
         contract)."""
+        self.stop_if_requested(self.saved_iteration)
         self.log.close()
         print(f"best validation Dice {self.keeper.best_score:.4f} at iteration "
               f"{self.keeper.best_iteration}; {self.guard.total} non-finite steps skipped",
@@ -296,6 +321,7 @@ class Run:
         print(f"test: mean Dice {summary['mean_dice']:.4f} ({', '.join(parts)})", flush=True)
         print(f"elapsed: {time.time() - self.started:.1f} s", flush=True)
         print(f"run directory: {self.run_dir}", flush=True)
+        self.stop.restore()
         return summary
 
 
@@ -351,6 +377,9 @@ def run_main(main: Callable[[], None]) -> None:
     except (ConfigError, DataError, RunDirError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Preempted as stopped:
+        print(f"{stopped}; {requeue()}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
