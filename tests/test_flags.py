@@ -66,14 +66,15 @@ def test_pipeline_script_asks_the_parser_which_step_reads_each_flag(tmp_path):
     (tmp_path / "utils" / "__init__.py").touch()
     proc = subprocess.run(
         ["bash", str(REPO / "pseudo_lbl_rand_init.sh"), "tr2", "c1", "demo", "--n_iter", "4",
-         "--lamda_local", "0.2", "--out_dir", "o d", "--crf=0"],
+         "--lamda_local", "0.2", "--out_dir", "o d", "--crf=0", "--tag", "abl"],
         cwd=tmp_path, env={**os.environ, "PYTHON": str(fake)}, capture_output=True, text=True,
         timeout=120)
     assert proc.returncode == 0, proc.stderr
     base, joint, compare = record.read_text().splitlines()
     common = "--dataset=demo|--no_of_tr_imgs=tr2|--comb_tr_imgs=c1"
-    assert base == f"{REPO}/train_model/tr_baseline.py|{common}|--n_iter|4|--out_dir|o d|"
+    assert base == f"{REPO}/train_model/tr_baseline.py|{common}|--n_iter|4|--out_dir|o d|--tag|abl|"
     assert joint == (f"{REPO}/train_model/prop_method_joint_tr_rand_init.py|{common}|"
-                     "--pretr_dir=/runs/tr_baseline|--lamda_local|0.2|--out_dir|o d|--crf=0|")
+                     "--pretr_dir=/runs/tr_baseline|--lamda_local|0.2|--out_dir|o d|--crf=0|--tag|"
+                     "abl|")
     assert compare == (f"{REPO}/scripts/compare_runs.py|/runs/tr_baseline|"
                        "/runs/prop_method_joint_tr_rand_init|")

@@ -3,13 +3,14 @@
     python train_model/prop_method_joint_tr_rand_init.py --dataset=acdc --no_of_tr_imgs=tr2 \
         --comb_tr_imgs=c1
 
-The encoder and decoder start from the best baseline checkpoint of the same tr/comb/ver (the
-heads start from scratch). Each of ``--n_rounds`` self-training rounds pseudo-labels the
-unlabeled pool with the current best model (dense CRF refinement), then trains
-``--n_iter_per_round`` iterations on batches of 20 labeled slices (Dice loss) and 2B contrastive
-slices (local contrastive loss, weight ``--lamda_local``). Rounds after the first restore the
-best checkpoint, optimizer included. The best checkpoint is evaluated on the test set; the last
-line printed is ``run directory: <path>``.
+The encoder and decoder start from the best baseline checkpoint of the same tag/tr/comb/ver
+(the heads start from scratch). Each of ``--n_rounds`` self-training rounds
+(`utils.self_training`) pseudo-labels the unlabeled pool with the current best model (dense CRF
+refinement), then trains ``--n_iter_per_round`` iterations of this file's step on batches of 20
+labeled slices (Dice loss) and 2B contrastive slices (local contrastive loss, weight
+``--lamda_local``). Rounds after the first restore the best checkpoint, optimizer included.
+The best checkpoint is evaluated on the test set; the last line printed is
+``run directory: <path>``.
 """
 
 from __future__ import annotations
