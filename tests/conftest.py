@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,3 +116,13 @@ def load_script():
         return module
 
     return load
+
+
+@pytest.fixture(autouse=True)
+def _stop_signal_handlers():
+    """A trainer's main run in-process installs SIGTERM/SIGUSR1 handlers until its run finishes;
+    one that stops with an error leaves them: put the test process's own back."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)

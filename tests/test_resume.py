@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from utils.flags import add_flags
 from utils.run import (
     RunDirError,
     load_checkpoint,
@@ -25,7 +27,7 @@ from utils.run import (
     save_checkpoint,
     seed_everything,
 )
-from utils.training import add_common_flags, open_run_dir
+from utils.training import open_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--dataset", "demo", "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1", "--ver", "7",
@@ -41,15 +43,25 @@ def _run(cmd, env):
                           capture_output=True, text=True, timeout=900)
 
 
-def test_killed_baseline_resumes_to_the_same_weights(tmp_path, demo_env):
-    whole = _run(_cmd(tmp_path / "whole"), demo_env)
-    assert whole.returncode == 0, whole.stderr
-    run_dir = Path(whole.stdout.strip().splitlines()[-1].removeprefix("run directory: "))
+def _no_slurm(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith("SLURM_")}
 
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, demo_env) -> tuple[Path, Path]:
+    """(output root, run directory) of the uninterrupted baseline run."""
+    root = tmp_path_factory.mktemp("whole")
+    done = _run(_cmd(root), _no_slurm(demo_env))
+    assert done.returncode == 0, done.stderr
+    return root, Path(done.stdout.strip().splitlines()[-1].removeprefix("run directory: "))
+
+
+def test_killed_baseline_resumes_to_the_same_weights(tmp_path, demo_env, whole):
+    root, run_dir = whole
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(out), cwd=REPO, env={**demo_env, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = out / run_dir.relative_to(tmp_path / "whole") / "checkpoints" / "last.pt"
+    last = out / run_dir.relative_to(root) / "checkpoints" / "last.pt"
     deadline = time.time() + 600
     while not last.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -79,6 +91,54 @@ def test_killed_baseline_resumes_to_the_same_weights(tmp_path, demo_env):
     assert done.returncode == 0 and "finished already" in done.stdout
     changed = _run(_cmd(out, "--resume", "--lr_seg", "0.01"), demo_env)
     assert changed.returncode == 0  # a finished run is never touched, whatever the flags
+
+
+SCONTROL = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> {record}
+"""
+
+
+def test_baseline_stopped_by_sigusr1_checkpoints_requeues_and_resumes(tmp_path, demo_env,
+                                                                      whole):
+    """SIGUSR1 mid-run: last.pt is written at once (no periodic checkpoint falls in the run),
+    the SLURM array task is requeued, the exit status is 75, and --resume ends with the
+    weights of the uninterrupted run."""
+    root, run_dir = whole
+    record = tmp_path / "scontrol_calls"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(SCONTROL.format(record=record))
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    env = {**_no_slurm(demo_env), "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "123",
+           "SLURM_ARRAY_JOB_ID": "120", "SLURM_ARRAY_TASK_ID": "3",
+           "PATH": f"{tmp_path / 'bin'}{os.pathsep}{demo_env['PATH']}"}
+    out = tmp_path / "stopped"
+    cmd = [*_cmd(out), "--ckpt_every", "1000"]  # the last of two equal flags wins
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stopped_dir = out / run_dir.relative_to(root)
+    deadline = time.time() + 600
+    while not (stopped_dir / "log.csv").is_file() and proc.poll() is None \
+            and time.time() < deadline:  # written after the validation of iteration 0
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 75, stderr
+    last = torch.load(stopped_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 <= last["iteration"] < 35
+    assert f"stopped by SIGUSR1 after iteration {last['iteration']}" in stderr
+    assert "requeued: scontrol requeue 120_3" in stderr
+    assert record.read_text() == "requeue 120_3\n"
+    assert not (stopped_dir / "test_results").exists()
+
+    again = _run([*cmd, "--resume"], _no_slurm(demo_env))
+    assert again.returncode == 0, again.stderr
+    assert f"at iteration {last['iteration'] + 1}" in again.stdout
+    a = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(stopped_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 35
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert (stopped_dir / "log.csv").read_text() == (run_dir / "log.csv").read_text()
 
 
 def test_resume_with_other_flags_is_an_error(tmp_path, demo_env):
@@ -181,7 +241,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     run = tmp_path / "run"
     _malicious(run / "checkpoints" / "last.pt", target)
     parser = argparse.ArgumentParser()
-    add_common_flags(parser)
+    add_flags(parser)
     with pytest.raises(RunDirError, match="last.pt: refused"):
         open_run_dir(run, parser.parse_args(["--resume"]))
     assert not target.exists()

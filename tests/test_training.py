@@ -19,15 +19,14 @@ from experiment_init import ConfigError
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
 from utils.device import resolve_device
+from utils.flags import BASELINE, add_flags, parse_flags, resolve_flags
 from utils.io import DataError
 from utils.run import RunDirError
 from utils.training import (
     NonFiniteGuard,
     RunFinished,
     TrainingStopped,
-    add_common_flags,
     open_run_dir,
-    resolve_flags,
     run_main,
     segmentation_loss,
 )
@@ -51,7 +50,7 @@ def test_guard_skips_and_counts_then_stops():
 
 def _args(*flags: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_common_flags(parser)
+    add_flags(parser)
     return parser.parse_args(list(flags))
 
 
@@ -98,19 +97,25 @@ def _trainer(name: str):
     return module
 
 
+def _tiny_dataset(edited_config, tmp_path, monkeypatch, **edits: str) -> list[str]:
+    """A 'tiny' dataset (3 generated patients of 32 x 32, one baseline iteration) with the init
+    file ``edits``; returns the trainers' common flags for it."""
+    folder = edited_config("tiny", n_iter="n_iter = 1", img_size_x="img_size_x = 32",
+                           img_size_y="img_size_y = 32", batch_size="batch_size = 2",
+                           demo_n_patients="demo_n_patients = 3", **edits)
+    (folder / "data_cfg_tiny.py").write_text(TINY_SPLITS)
+    monkeypatch.setattr(experiment_init, "CONFIG_DIR", folder)
+    return ["--dataset", "tiny", "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1",
+            "--data_root", str(tmp_path / "data"), "--out_dir", str(tmp_path / "runs"),
+            "--device", "cpu", "--no_progress"]
+
+
 def test_an_edited_init_file_reaches_the_run(edited_config, tmp_path, monkeypatch):
     """lr edited in the init file is the optimizer's rate and config.yaml's lr_seg; --lr_seg
     overrides it (both trainers resolve through resolve_flags; the joint one is checked through
     batch_size_ft, which reaches --bt_size's check)."""
-    folder = edited_config("tiny", lr="lr = 0.0005", n_iter="n_iter = 1",
-                           img_size_x="img_size_x = 32", img_size_y="img_size_y = 32",
-                           batch_size="batch_size = 2", demo_n_patients="demo_n_patients = 3",
-                           batch_size_ft="batch_size_ft = 3")
-    (folder / "data_cfg_tiny.py").write_text(TINY_SPLITS)
-    monkeypatch.setattr(experiment_init, "CONFIG_DIR", folder)
-    common = ["--dataset", "tiny", "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1",
-              "--data_root", str(tmp_path / "data"), "--out_dir", str(tmp_path / "runs"),
-              "--device", "cpu", "--no_progress", "--low_memory"]
+    common = [*_tiny_dataset(edited_config, tmp_path, monkeypatch, lr="lr = 0.0005",
+                             batch_size_ft="batch_size_ft = 3"), "--low_memory"]
     baseline = _trainer("tr_baseline")
     for extra, lr in (([], 0.0005), (["--lr_seg", "0.002", "--ver", "1"], 0.002)):
         baseline.main([*common, *extra])
@@ -223,3 +228,40 @@ def test_release_freed_memory_returns_kept_pages() -> None:
     release_freed_memory hands its pages back."""
     before, after = map(float, _run_probe(TRIM_PROBE).split())
     assert before - after > 250, (before, after)
+
+
+@pytest.mark.parametrize("tag", ["", " ", "a/b", "a\\b", "..", "."])
+def test_a_tag_that_is_not_one_directory_name_is_a_config_error(tag, tmp_path):
+    with pytest.raises(ConfigError, match="--tag=.*names one directory"):
+        parse_flags(BASELINE, ["--dataset", "demo", "--tag", tag, "--out_dir", str(tmp_path)])
+
+
+def test_a_tagged_variant_has_its_own_directories_and_baseline(edited_config, tmp_path,
+                                                               monkeypatch):
+    """--tag puts both steps under <step>/<tag>/; the joint step starts from the baseline of
+    its tag; config.yaml records the tag and the provenance, the end time once finished."""
+    common = _tiny_dataset(edited_config, tmp_path, monkeypatch, mtask_bs="mtask_bs = 2",
+                           batch_size_ft="batch_size_ft = 2")
+    runs = tmp_path / "runs" / "tiny"
+    _trainer("tr_baseline").main([*common, "--tag", "abl"])
+    base = runs / "baseline" / "abl" / "tr1_c1_v0"
+    record = yaml.safe_load((base / "config.yaml").read_text())
+    assert record["flags"]["tag"] == "abl"
+    prov = record["provenance"]
+    assert set(prov) >= {"git_commit", "git_dirty", "versions", "device_name", "host",
+                         "started", "ended"}
+    assert prov["ended"] >= prov["started"] and prov["versions"]["torch"] == torch.__version__
+    assert not (runs / "baseline" / "tr1_c1_v0").exists()
+
+    joint = _trainer("prop_method_joint_tr_rand_init")
+    flags = [*common, "--n_rounds", "1", "--n_iter_per_round", "1", "--crf", "0"]
+    with pytest.raises(RunDirError, match="baseline/tr1_c1_v0/checkpoints/best.pt: baseline "
+                       "checkpoint not found"):
+        joint.main(flags)  # the untagged joint run looks for the untagged baseline
+    try:
+        joint.main([*flags, "--tag", "abl"])
+    except TrainingStopped:  # one baseline iteration may label nothing; the start is checked
+        pass
+    record = yaml.safe_load((runs / "joint" / "abl" / "tr1_c1_v0" / "original" / "config.yaml")
+                            .read_text())
+    assert record["flags"]["baseline_checkpoint"] == str(base / "checkpoints" / "best.pt")

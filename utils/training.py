@@ -1,10 +1,14 @@
-"""Pieces both trainers share: common flags, run directory, the segmentation loss choice,
-validate-and-keep-best, final test evaluation and clean one-line errors.
+"""The skeleton both trainers share: the start of a run (`start_run`: seed, device, run
+directory, resume, config.yaml, input checks, logs, keep-best, guard) and its periodic step
+(`Run.train`: validate, log, checkpoint around the method's own iteration), then the test of
+the best checkpoint (`Run.finish`).
 
 The project's own errors, each a user-facing stop that `run_main` reports in one line:
 `experiment_init.ConfigError` (settings and flags), `utils.io.DataError` (data files),
 `utils.run.RunDirError` (run directories and checkpoints) and `TrainingStopped` (a run that
-cannot go on). Any other exception is a programming error and keeps its traceback.
+cannot go on). Any other exception is a programming error and keeps its traceback. A run
+stopped by SIGTERM or SIGUSR1 (`utils.preemption`) exits with status 75 after writing its
+periodic checkpoint.
 """
 
 from __future__ import annotations
@@ -18,14 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from tqdm import tqdm
 
-from experiment_init import ConfigError, ExperimentConfig, datasets
+from experiment_init import ConfigError, ExperimentConfig
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
-from utils.dataset import load_eval_volumes
-from utils.device import release_freed_memory
+from models import cpu_training
+from utils.dataset import ensure_demo_data, load_eval_volumes, verify_inputs
+from utils.device import configure_backend, release_freed_memory, resolve_device
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
+from utils.flags import BASELINE, JOINT, RESUME_FREE_FLAGS
 from utils.io import DataError
+from utils.preemption import PREEMPTED_EXIT, Preempted, StopRequests, requeue
+from utils.provenance import now, session
 from utils.run import (
     RunDirError,
     RunLog,
@@ -33,87 +43,16 @@ from utils.run import (
     restore_rng_state,
     rng_state,
     save_checkpoint,
+    save_config,
+    seed_everything,
 )
 
-
-def add_common_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags of the original baseline (METHOD §9) plus device, seed and paths."""
-    p = parser
-    p.add_argument("--dataset", default="acdc",
-                   help=f"one of {', '.join(datasets())} (experiment_init/init_<name>.py)")
-    p.add_argument("--no_of_tr_imgs", default="tr1", help="labeled set size: tr1, tr2, tr8, ...")
-    p.add_argument("--comb_tr_imgs", default="c1", help="combination of the labeled set: c1..c5")
-    p.add_argument("--lr_seg", type=float, default=None,
-                   help="Adam learning rate (default: lr of experiment_init/init_<dataset>.py)")
-    p.add_argument("--ver", type=int, default=0, help="version (repeat) number of the run")
-    p.add_argument("--dsc_loss", type=int, default=2, choices=(0, 1, 2),
-                   help="0 weighted cross-entropy, 1 Dice w/o background, 2 Dice with background")
-    p.add_argument("--rd_en", type=int, default=1, choices=(0, 1),
-                   help="random deformation augmentation")
-    p.add_argument("--sigma", type=float, default=5.0,
-                   help="std (pixels) of the 3x3 random-deformation grid")
-    p.add_argument("--ri_en", type=int, default=1, choices=(0, 1),
-                   help="random intensity augmentation")
-    p.add_argument("--en_1hot", type=int, default=1, choices=(0, 1),
-                   help="1: train on soft one-hot labels after deformation; 0: re-harden them")
-    p.add_argument("--rd_ni", type=int, default=1,
-                   help="kept for command-line compatibility; the share of deformed slices is "
-                   "drawn per batch (METHOD §6)")
-    p.add_argument("--n_iter", type=int, default=None,
-                   help="iterations (default: n_iter of experiment_init/init_<dataset>.py)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: --ver)")
-    p.add_argument("--data_root", default=None,
-                   help="dataset folder holding raw/ and cropped/ (default data/<dataset>)")
-    p.add_argument("--out_dir", default=None, help="output root (default runs/)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing run directory of the same settings")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its last periodic checkpoint")
-    p.add_argument("--ckpt_every", type=positive_int, default=200,
-                   help="iterations between periodic checkpoints (for --resume)")
-    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    p.add_argument("--low_memory", action="store_true",
-                   help="CPU: return freed tensor memory to the OS after use (peak RSS of a "
-                        "joint ACDC run ~1 GB lower, steps ~35%% slower)")
-
-
-def resolve_flags(
-    args: argparse.Namespace, cfg: ExperimentConfig, **settings: str
-) -> argparse.Namespace:
-    """``args`` with each flag in ``settings`` that was not given (None) set to the init-file
-    setting named for it, e.g. ``resolve_flags(args, cfg, lr_seg="lr")``. The result is what
-    the run uses and what its config.yaml and checkpoints record."""
-    resolved = dict(vars(args))
-    for flag, setting in settings.items():
-        if resolved[flag] is None:
-            resolved[flag] = getattr(cfg, setting)
-    return argparse.Namespace(**resolved)
-
-
-def run_name(args: argparse.Namespace) -> str:
-    name = f"{args.no_of_tr_imgs}_{args.comb_tr_imgs}_v{args.ver}"
-    return name if args.seed is None or args.seed == args.ver else f"{name}_seed{args.seed}"
-
-
-def baseline_dir(cfg: ExperimentConfig, args: argparse.Namespace) -> Path:
-    return cfg.srt_dir / cfg.dataset / "baseline" / run_name(args)
+# The script of each step, as config.yaml names it.
+TRAINERS = {BASELINE: "tr_baseline", JOINT: "prop_method_joint_tr_rand_init"}
 
 
 class TrainingStopped(RuntimeError):
     """A run that cannot go on: too many non-finite losses in a row, nothing to train on."""
-
-
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-# Flags that may differ between an interrupted run and its resumption.
-RESUME_FREE_FLAGS = ("resume", "overwrite", "no_progress", "device", "ckpt_every", "low_memory")
 
 
 class RunFinished(Exception):
@@ -122,6 +61,18 @@ class RunFinished(Exception):
     def __init__(self, run_dir: Path) -> None:
         super().__init__(f"{run_dir}: this run has finished already; nothing to resume")
         self.run_dir = run_dir
+
+
+def run_name(args: argparse.Namespace) -> str:
+    name = f"{args.no_of_tr_imgs}_{args.comb_tr_imgs}_v{args.ver}"
+    return name if args.seed is None or args.seed == args.ver else f"{name}_seed{args.seed}"
+
+
+def run_directory(cfg: ExperimentConfig, args: argparse.Namespace, step: str) -> Path:
+    """``<out>/<dataset>/<step>/[<tag>/]<tr>_<comb>_v<ver>[_seed<seed>]``, the joint step's in
+    a sub-folder per ``--loss_reduction``."""
+    path = cfg.srt_dir / cfg.dataset / step / (args.tag or "") / run_name(args)
+    return path / args.loss_reduction if step == JOINT else path
 
 
 def open_run_dir(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -176,6 +127,18 @@ def segmentation_loss(
     return lambda logits, y: weighted_cross_entropy_loss(logits, y, weights.to(logits.device))
 
 
+def on_device(
+    model: torch.nn.Module, device: torch.device, channels_last: bool = True
+) -> torch.nn.Module:
+    """``model`` on ``device`` (channels-last for training); on the CPU with the memory- and
+    time-saving forwards of `models.cpu_training` (same function and state_dict)."""
+    model = model.to(device, memory_format=torch.channels_last) if channels_last \
+        else model.to(device)
+    if device.type == "cpu":
+        cpu_training.install(model)
+    return model
+
+
 class BestKeeper:
     """Validate in native resolution and keep the checkpoint with the best mean Dice (strict).
 
@@ -208,91 +171,6 @@ class BestKeeper:
         return score
 
 
-def test_best(
-    model: torch.nn.Module,
-    best_path: Path,
-    test_volumes: list[EvalVolume],
-    cfg: ExperimentConfig,
-    run_dir: Path,
-    device: torch.device,
-    progress: bool,
-) -> dict:
-    """Load the best checkpoint into ``model`` and evaluate it on the test set."""
-    model.load_state_dict(load_checkpoint(best_path, device)["model"])
-    return evaluate_test_set(model, test_volumes, cfg.num_classes, cfg.struct_name,
-                             run_dir / "test_results", device, progress)
-
-
-def finish_run(
-    model: torch.nn.Module,
-    keeper: BestKeeper,
-    guard: NonFiniteGuard,
-    log: RunLog,
-    cfg: ExperimentConfig,
-    run_dir: Path,
-    device: torch.device,
-    progress: bool,
-    start_time: float,
-) -> dict:
-    """Close the logs, test the best checkpoint, print the results; the last line printed is
-    ``run directory: <path>`` (the outputs contract)."""
-    log.close()
-    print(f"best validation Dice {keeper.best_score:.4f} at iteration {keeper.best_iteration}; "
-          f"{guard.total} non-finite steps skipped", flush=True)
-    summary = test_best(model, keeper.path, load_eval_volumes(cfg, cfg.test), cfg, run_dir,
-                        device, progress)
-    parts = [f"{k} {v['dice']:.3f}" for k, v in summary["per_structure"].items()]
-    print(f"test: mean Dice {summary['mean_dice']:.4f} ({', '.join(parts)})", flush=True)
-    print(f"elapsed: {time.time() - start_time:.1f} s", flush=True)
-    print(f"run directory: {run_dir}", flush=True)
-    return summary
-
-
-def save_progress(
-    run_dir: Path,
-    args: argparse.Namespace,
-    iteration: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    keeper: BestKeeper,
-    guard: NonFiniteGuard,
-    log: RunLog,
-    generator: torch.Generator,
-    **extra: Any,
-) -> None:
-    """Write checkpoints/last.pt: everything needed to continue after ``iteration``."""
-    save_checkpoint(run_dir / "checkpoints" / "last.pt", {
-        "args": resume_flags(args),
-        "iteration": iteration,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "best_score": keeper.best_score,
-        "best_iteration": keeper.best_iteration,
-        "bad_total": guard.total,
-        "bad_consecutive": guard.consecutive,
-        "log_rows": log.rows,
-        "rng": rng_state(generator),
-        **extra,
-    })
-
-
-def restore_progress(
-    state: dict[str, Any],
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    keeper: BestKeeper,
-    guard: NonFiniteGuard,
-    generator: torch.Generator,
-) -> int:
-    """Load a last.pt state into the run's objects; returns the next iteration to run."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    keeper.best_score, keeper.best_iteration = state["best_score"], state["best_iteration"]
-    guard.total, guard.consecutive = state["bad_total"], state["bad_consecutive"]
-    restore_rng_state(state["rng"], generator)
-    return int(state["iteration"]) + 1
-
-
 class NonFiniteGuard:
     """Counts skipped non-finite steps; too many in a row stop the run."""
 
@@ -315,6 +193,178 @@ class NonFiniteGuard:
         return False
 
 
+class Run:
+    """One training run after its start (`start_run`): where it writes, what it resumes from,
+    and the objects of its periodic step.
+
+    Attributes: ``args`` (resolved flags), ``cfg``, ``device``, ``generator`` (the CPU
+    generator of every augmentation and sampling draw), ``run_dir``, ``ids`` (labeled_ids,
+    val_ids, [pool_ids,] test_ids), ``state`` (the interrupted run's last.pt, or None),
+    ``start_iteration`` (the first iteration to run, set by `resume`), ``keeper``, ``guard``,
+    ``log``, ``record`` (what config.yaml holds), ``stop`` (SIGTERM/SIGUSR1 received, from
+    here until `finish`).
+    """
+
+    def __init__(self, args: argparse.Namespace, cfg: ExperimentConfig, device: torch.device,
+                 generator: torch.Generator, run_dir: Path, ids: dict[str, list[str]],
+                 state: dict[str, Any] | None, record: dict[str, Any]) -> None:
+        self.args, self.cfg, self.device, self.generator = args, cfg, device, generator
+        self.run_dir, self.ids, self.state, self.record = run_dir, ids, state, record
+        self.start_iteration = 0
+        self.saved_iteration = -1  # the iteration checkpoints/last.pt holds
+        self.started = time.time()
+        self.stop = StopRequests()
+        self.stop.install()
+        self.keeper = BestKeeper(run_dir, load_eval_volumes(cfg, ids["val_ids"]),
+                                 cfg.num_classes, device)
+        self.guard = NonFiniteGuard(args.max_bad_steps)
+        self.log = RunLog(run_dir, rows=state["log_rows"] if state else None)
+
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """Load an interrupted run's last.pt into ``model``, ``optimizer``, the keeper, the
+        guard and every random state; returns the first iteration to run (0 when fresh)."""
+        if self.state is None:
+            return self.start_iteration
+        s = self.state
+        model.load_state_dict(s["model"])
+        optimizer.load_state_dict(s["optimizer"])
+        self.keeper.best_score, self.keeper.best_iteration = s["best_score"], s["best_iteration"]
+        self.guard.total, self.guard.consecutive = s["bad_total"], s["bad_consecutive"]
+        restore_rng_state(s["rng"], self.generator)
+        self.saved_iteration = int(s["iteration"])
+        self.start_iteration = self.saved_iteration + 1
+        print(f"resuming {self.run_dir} at iteration {self.start_iteration}", flush=True)
+        return self.start_iteration
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        iterations: range,
+        step: Callable[[int], dict[str, torch.Tensor]],
+        desc: str,
+        best_extra: dict[str, Any] | None = None,
+        progress_extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Run ``step(it)``, one iteration of the method returning its losses by log name, for
+        each of ``iterations`` not run yet, each followed by the periodic step: every
+        ``val_step_update`` iterations of ``iterations`` and at its end, validate, keep the
+        best (its checkpoint gets ``best_extra``) and log the losses; every ``--ckpt_every``
+        iterations and at the end, write checkpoints/last.pt (with ``progress_extra``). A stop
+        signal is acted on before each iteration (`stop_if_requested`)."""
+        begin = max(iterations.start, self.start_iteration)
+        bar = tqdm(range(begin, iterations.stop), desc=desc, disable=self.args.no_progress,
+                   dynamic_ncols=True, initial=begin - iterations.start, total=len(iterations))
+        for it in bar:
+            self.stop_if_requested(it - 1, model, optimizer, progress_extra)
+            losses = step(it)
+            last = it == iterations.stop - 1
+            if (it - iterations.start) % self.cfg.val_step_update == 0 or last:
+                val = self.keeper.update(model, optimizer, it, best_extra)
+                losses = {k: v.item() for k, v in losses.items()}  # synchronises a GPU
+                self.log.log(it, **losses, val_dice=val, bad_steps=self.guard.total)
+                self.log.flush()
+                bar.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()},
+                                 "val": f"{val:.3f}", "best": f"{self.keeper.best_score:.3f}"})
+            if (it + 1) % self.args.ckpt_every == 0 or last:
+                self.save_progress(it, model, optimizer, progress_extra)
+
+    def save_progress(self, iteration: int, model: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer,
+                      extra: dict[str, Any] | None = None) -> None:
+        """Write checkpoints/last.pt: everything needed to continue after ``iteration``."""
+        save_checkpoint(self.run_dir / "checkpoints" / "last.pt", {
+            "args": resume_flags(self.args),
+            "iteration": iteration,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "best_score": self.keeper.best_score,
+            "best_iteration": self.keeper.best_iteration,
+            "bad_total": self.guard.total,
+            "bad_consecutive": self.guard.consecutive,
+            "log_rows": self.log.rows,
+            "rng": rng_state(self.generator),
+            **(extra or {}),
+        })
+        self.saved_iteration = iteration
+
+    def stop_if_requested(self, done: int, model: torch.nn.Module | None = None,
+                          optimizer: torch.optim.Optimizer | None = None,
+                          extra: dict[str, Any] | None = None) -> None:
+        """At an iteration boundary (``done``: the last iteration run): if SIGTERM or SIGUSR1
+        has come, write checkpoints/last.pt unless it holds ``done`` already, flush the log
+        and raise `Preempted`."""
+        if self.stop.received is None:
+            return
+        if done > self.saved_iteration:
+            self.save_progress(done, model, optimizer, extra)
+        self.log.flush()
+        raise Preempted(self.run_dir, done, self.stop.received)
+
+    def finish(self, model: torch.nn.Module) -> dict:
+        """Close the logs, test the best checkpoint, record the end time in config.yaml, print
+        the results; the last line printed is ``run directory: <path>`` (the outputs
+        contract)."""
+        self.stop_if_requested(self.saved_iteration)
+        self.log.close()
+        print(f"best validation Dice {self.keeper.best_score:.4f} at iteration "
+              f"{self.keeper.best_iteration}; {self.guard.total} non-finite steps skipped",
+              flush=True)
+        model.load_state_dict(load_checkpoint(self.keeper.path, self.device)["model"])
+        summary = evaluate_test_set(model, load_eval_volumes(self.cfg, self.cfg.test),
+                                    self.cfg.num_classes, self.cfg.struct_name,
+                                    self.run_dir / "test_results", self.device,
+                                    not self.args.no_progress)
+        self.record["provenance"]["ended"] = now()
+        save_config(self.run_dir, self.record)
+        parts = [f"{k} {v['dice']:.3f}" for k, v in summary["per_structure"].items()]
+        print(f"test: mean Dice {summary['mean_dice']:.4f} ({', '.join(parts)})", flush=True)
+        print(f"elapsed: {time.time() - self.started:.1f} s", flush=True)
+        print(f"run directory: {self.run_dir}", flush=True)
+        self.stop.restore()
+        return summary
+
+
+def start_run(
+    args: argparse.Namespace, cfg: ExperimentConfig, step: str, plan: str, **recorded: Any
+) -> Run:
+    """The start both trainers share, after their flags are parsed (`utils.flags.parse_flags`).
+
+    Seeds every random source, picks the device, opens the run directory (or finds the
+    interrupted run's state for --resume), writes config.yaml (resolved flags, the
+    ``recorded`` extras among them, the configuration, the ids and the provenance; a resumed
+    run adds its own provenance under ``provenance.resumed``), prints the run's first
+    line (``<step> <dataset> <tr>/<comb>: labeled [...], <plan> on <device>``), checks every
+    input volume, and loads the validation volumes. Training starts after `Run.resume`.
+    """
+    ids = {"labeled_ids": cfg.labeled_ids(args.no_of_tr_imgs, args.comb_tr_imgs),
+           "val_ids": cfg.val_ids(args.no_of_tr_imgs, args.comb_tr_imgs)}
+    if step == JOINT:
+        ids["pool_ids"] = cfg.unlabeled_ids()
+    ids["test_ids"] = cfg.test
+    seed = args.seed if args.seed is not None else args.ver
+    device = resolve_device(args.device)
+    configure_backend(device, args.low_memory)
+    generator = seed_everything(seed)
+    run_dir = run_directory(cfg, args, step)
+    state = open_run_dir(run_dir, args)
+    if state is None:
+        flags = {**vars(args), "seed": seed, "device": str(device), **recorded}
+        record = {"trainer": TRAINERS[step], "flags": flags, "config": cfg.to_dict(), **ids,
+                  "provenance": {**session(device), "ended": None}}
+    else:
+        written = run_dir / "config.yaml"
+        record = yaml.safe_load(written.read_text()) if written.is_file() else {}
+        record.setdefault("provenance", {"ended": None}).setdefault("resumed", []).append(
+            session(device))
+    save_config(run_dir, record)
+    print(f"{step} {cfg.dataset} {args.no_of_tr_imgs}/{args.comb_tr_imgs}: labeled "
+          f"{ids['labeled_ids']}, {plan} on {device}", flush=True)
+    ensure_demo_data(cfg)
+    verify_inputs(cfg, ids["labeled_ids"] + ids.get("pool_ids", []), ids["val_ids"] + cfg.test)
+    return Run(args, cfg, device, generator, run_dir, ids, state, record)
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a script's main: the project's own errors end with one line on stderr and exit
     status 2; any other exception (a programming error) propagates with its traceback."""
@@ -327,7 +377,9 @@ def run_main(main: Callable[[], None]) -> None:
     except (ConfigError, DataError, RunDirError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Preempted as stopped:
+        print(f"{stopped}; {requeue()}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-

@@ -1,0 +1,80 @@
+"""utils/flags.py: each step's parser, the init-file defaults, and the pipeline script's
+routing of flags to the steps (checked through the script with a stand-in interpreter)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import experiment_init
+from utils.flags import BASELINE, FLAGS, JOINT, parse_flags, parser, route
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_each_step_parses_its_own_flags_only():
+    assert parser(JOINT).parse_args(["--lamda_local", "0.3"]).lamda_local == 0.3
+    with pytest.raises(SystemExit):
+        parser(BASELINE).parse_args(["--lamda_local", "0.3"])
+    both = {f.name for f in FLAGS if set(f.steps) == {BASELINE, JOINT}}
+    assert {"max_bad_steps", "n_iter", "ckpt_every", "resume"} <= both
+    assert vars(parser(BASELINE).parse_args([])).keys() == both
+
+
+def test_init_file_defaults_and_the_joint_steps_n_iter():
+    cfg = experiment_init.load("demo")
+    args, _ = parse_flags(BASELINE, ["--dataset", "demo"])
+    assert (args.n_iter, args.lr_seg) == (cfg.n_iter, cfg.lr)
+    args, _ = parse_flags(JOINT, ["--dataset", "demo"])
+    assert (args.n_iter_per_round, args.n_rounds, args.bt_size, args.n_iter) == (
+        cfg.n_iter_per_round, cfg.n_rounds, cfg.batch_size_ft, None)
+    args, _ = parse_flags(JOINT, ["--dataset", "demo", "--n_iter", "7"])
+    assert args.n_iter_per_round == 7  # the original's name of the same setting
+    args, _ = parse_flags(JOINT, ["--dataset", "demo", "--n_iter", "7", "--n_iter_per_round", "5"])
+    assert args.n_iter_per_round == 5
+
+
+def test_route_gives_each_flag_to_the_steps_that_read_it():
+    got = route(["--n_iter", "4", "--lamda_local=0.2", "--ver", "1", "--low_memory",
+                 "--lr_seg", "-1", "--n_rounds", "2", "--unknown", "x", "--other"])
+    assert got[BASELINE] == ["--n_iter", "4", "--ver", "1", "--low_memory", "--lr_seg", "-1",
+                             "--unknown", "x", "--other"]
+    assert got[JOINT] == ["--lamda_local=0.2", "--ver", "1", "--low_memory", "--lr_seg", "-1",
+                          "--n_rounds", "2", "--unknown", "x", "--other"]
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for python: the route question goes to the real one; a trainer run is recorded.
+if [ "$1" = "-P" ]; then exec {python} "$@"; fi
+printf '%s|' "$@" >> {record}; echo >> {record}
+echo "run directory: /runs/$(basename "$1" .py)"
+"""
+
+
+def test_pipeline_script_asks_the_parser_which_step_reads_each_flag(tmp_path):
+    record = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(python=shlex.quote(sys.executable),
+                                       record=shlex.quote(str(record))))
+    fake.chmod(0o755)
+    (tmp_path / "utils").mkdir()  # a utils package in the working directory is not imported
+    (tmp_path / "utils" / "__init__.py").touch()
+    proc = subprocess.run(
+        ["bash", str(REPO / "pseudo_lbl_rand_init.sh"), "tr2", "c1", "demo", "--n_iter", "4",
+         "--lamda_local", "0.2", "--out_dir", "o d", "--crf=0", "--tag", "abl"],
+        cwd=tmp_path, env={**os.environ, "PYTHON": str(fake)}, capture_output=True, text=True,
+        timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    base, joint, compare = record.read_text().splitlines()
+    common = "--dataset=demo|--no_of_tr_imgs=tr2|--comb_tr_imgs=c1"
+    assert base == f"{REPO}/train_model/tr_baseline.py|{common}|--n_iter|4|--out_dir|o d|--tag|abl|"
+    assert joint == (f"{REPO}/train_model/prop_method_joint_tr_rand_init.py|{common}|"
+                     "--pretr_dir=/runs/tr_baseline|--lamda_local|0.2|--out_dir|o d|--crf=0|--tag|"
+                     "abl|")
+    assert compare == (f"{REPO}/scripts/compare_runs.py|/runs/tr_baseline|"
+                       "/runs/prop_method_joint_tr_rand_init|")

@@ -1,0 +1,241 @@
+"""Every command-line flag of the two trainers, which step reads it, and how its value is found.
+
+The steps are ``baseline`` (train_model/tr_baseline.py) and ``joint``
+(train_model/prop_method_joint_tr_rand_init.py). Each trainer's parser is `parser(step)`; the
+pipeline script asks this module which step each of its flags goes to:
+
+    python -P -m utils.flags route --n_iter 4 --lamda_local 0.2 --ver 1
+    baseline=(--n_iter 4 --ver 1)
+    joint=(--lamda_local 0.2 --ver 1)
+
+The output is two bash array assignments, each word quoted for the shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from experiment_init import ConfigError, ExperimentConfig, datasets, load
+
+BASELINE = "baseline"
+JOINT = "joint"
+STEPS = (BASELINE, JOINT)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag: ``options`` are argparse's keywords; ``steps`` the trainers that accept it;
+    ``routed`` the steps the pipeline script gives it to (default: ``steps``); ``resume_free``
+    says it may differ between an interrupted run and its resumption."""
+
+    name: str
+    steps: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+    routed: tuple[str, ...] | None = None
+    resume_free: bool = False
+
+    def takes_value(self) -> bool:
+        return self.options.get("action") != "store_true"
+
+
+def _both(name: str, resume_free: bool = False, **options: Any) -> Flag:
+    return Flag(name, STEPS, options, resume_free=resume_free)
+
+
+def _joint(name: str, **options: Any) -> Flag:
+    return Flag(name, (JOINT,), options)
+
+
+FLAGS: tuple[Flag, ...] = (
+    # The original baseline's flags (METHOD §9).
+    _both("dataset", default="acdc",
+          help=f"one of {', '.join(datasets())} (experiment_init/init_<name>.py)"),
+    _both("no_of_tr_imgs", default="tr1", help="labeled set size: tr1, tr2, tr8, ..."),
+    _both("comb_tr_imgs", default="c1", help="combination of the labeled set: c1..c5"),
+    _both("lr_seg", type=float, default=None,
+          help="Adam learning rate (default: lr of experiment_init/init_<dataset>.py)"),
+    _both("ver", type=int, default=0, help="version (repeat) number of the run"),
+    _both("dsc_loss", type=int, default=2, choices=(0, 1, 2),
+          help="0 weighted cross-entropy, 1 Dice w/o background, 2 Dice with background"),
+    _both("rd_en", type=int, default=1, choices=(0, 1), help="random deformation augmentation"),
+    _both("sigma", type=float, default=5.0,
+          help="std (pixels) of the 3x3 random-deformation grid"),
+    _both("ri_en", type=int, default=1, choices=(0, 1), help="random intensity augmentation"),
+    _both("en_1hot", type=int, default=1, choices=(0, 1),
+          help="1: train on soft one-hot labels after deformation; 0: re-harden them"),
+    _both("rd_ni", type=int, default=1,
+          help="kept for command-line compatibility; the share of deformed slices is drawn per "
+          "batch (METHOD §6)"),
+    Flag("n_iter", STEPS, dict(
+        type=int, default=None,
+        help="iterations (default: n_iter of experiment_init/init_<dataset>.py); the joint "
+        "step reads it as --n_iter_per_round"), routed=(BASELINE,)),
+    # Device, seed and paths.
+    _both("device", resume_free=True, default="auto", help="auto | cpu | cuda"),
+    _both("seed", type=int, default=None, help="random seed (default: --ver)"),
+    _both("data_root", default=None,
+          help="dataset folder holding raw/ and cropped/ (default data/<dataset>)"),
+    _both("out_dir", default=None, help="output root (default runs/)"),
+    _both("tag", default=None,
+          help="variant name: the run goes to <out_dir>/<dataset>/<step>/<tag>/..., apart "
+          "from the default runs (the joint step then starts from the baseline of the same tag)"),
+    _both("overwrite", resume_free=True, action="store_true",
+          help="replace an existing run directory of the same settings"),
+    _both("resume", resume_free=True, action="store_true",
+          help="continue an interrupted run from its last periodic checkpoint (a run not "
+          "started yet starts, a finished one is left as it is)"),
+    _both("ckpt_every", resume_free=True, type=positive_int, default=200,
+          help="iterations between periodic checkpoints (for --resume)"),
+    _both("no_progress", resume_free=True, action="store_true", help="hide progress bars"),
+    _both("low_memory", resume_free=True, action="store_true",
+          help="CPU: return freed tensor memory to the OS after use (lower peak memory, slower "
+          "steps)"),
+    # The joint step's own (METHOD §7, §9).
+    _joint("data_aug", type=int, default=0, choices=(0, 1),
+           help="as in the original, only recorded (it named the output folder); the Dice "
+           "batch is always augmented"),
+    _joint("temp_fac", type=float, default=0.1, help="temperature of the loss"),
+    _joint("bbox_dim", type=int, default=150,
+           help="kept for command-line compatibility; the local loss uses whole slices"),
+    _joint("pretr_n_iter", type=int, default=None,
+           help="iterations of the baseline run to start from (checked against its config; "
+           "default: the dataset's baseline n_iter)"),
+    _joint("pretr_dir", default=None,
+           help="baseline run directory to start from (default: the baseline of the same "
+           "dataset/tag/tr/comb/ver/seed under the output root)"),
+    _joint("local_loss_exp_no", type=int, default=1, choices=(0, 1),
+           help="1 inter-image (default), 0 intra-image local contrastive loss"),
+    _joint("lamda_local", type=float, default=0.1, help="weight λ of the local loss"),
+    _joint("no_of_neg_eles", type=int, default=3,
+           help="kept for command-line compatibility; the original never used it"),
+    _joint("no_of_pos_eles", type=positive_int, default=3,
+           help="sampled positive pixels per class and image (P)"),
+    _joint("bt_size", type=int, default=None,
+           help="contrastive pairs per batch (B), even (default: batch_size_ft of "
+           "experiment_init/init_<dataset>.py)"),
+    _joint("test_aug_overlap", type=int, default=0, choices=(0, 1),
+           help="keep only pool volumes whose two augmented predictions agree"),
+    _joint("test_f1_threshold", type=float, default=0.9,
+           help="mean foreground Dice needed by --test_aug_overlap"),
+    _joint("n_rounds", type=int, default=None,
+           help="self-training rounds (default: n_rounds of the init file)"),
+    _joint("n_iter_per_round", type=int, default=None,
+           help="iterations per round (default: --n_iter, else n_iter_per_round of the init "
+           "file)"),
+    _joint("crf", type=int, default=1, choices=(0, 1),
+           help="1: refine pseudo-labels with the dense CRF (the original); 0: argmax"),
+    _joint("loss_reduction", default="original", choices=("original", "mean"),
+           help="'original': the released code's arithmetic (published numbers); 'mean': the "
+           "paper's mean over pairs (see README)"),
+    _both("max_bad_steps", type=int, default=20,
+          help="stop after this many consecutive non-finite losses"),
+)
+
+# Flags whose default is a setting of experiment_init/init_<dataset>.py, per step.
+INIT_FILE_DEFAULTS = {
+    BASELINE: {"lr_seg": "lr", "n_iter": "n_iter"},
+    JOINT: {"lr_seg": "lr", "bt_size": "batch_size_ft", "n_rounds": "n_rounds",
+            "n_iter_per_round": "n_iter_per_round"},
+}
+
+# Flags that may differ between an interrupted run and its resumption.
+RESUME_FREE_FLAGS = tuple(f.name for f in FLAGS if f.resume_free)
+
+
+def add_flags(parser: argparse.ArgumentParser, steps: tuple[str, ...] = STEPS) -> None:
+    """Add to ``parser`` the flags that every one of ``steps`` accepts."""
+    for flag in FLAGS:
+        if all(step in flag.steps for step in steps):
+            parser.add_argument(f"--{flag.name}", **flag.options)
+
+
+def parser(step: str, description: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser of one step's trainer."""
+    p = argparse.ArgumentParser(description=description)
+    add_flags(p, (step,))
+    return p
+
+
+def resolve_flags(
+    args: argparse.Namespace, cfg: ExperimentConfig, **settings: str
+) -> argparse.Namespace:
+    """``args`` with each flag in ``settings`` that was not given (None) set to the init-file
+    setting named for it, e.g. ``resolve_flags(args, cfg, lr_seg="lr")``. The result is what
+    the run uses and what its config.yaml and checkpoints record."""
+    resolved = dict(vars(args))
+    for flag, setting in settings.items():
+        if resolved[flag] is None:
+            resolved[flag] = getattr(cfg, setting)
+    return argparse.Namespace(**resolved)
+
+
+def check_tag(tag: str | None) -> None:
+    """A --tag is one directory name: not empty, no path separator, not '.' or '..'."""
+    if tag is None:
+        return
+    if tag.strip() == "" or tag in (".", "..") or any(c in tag for c in "/\\\0"):
+        raise ConfigError(f"--tag={tag!r}: a tag names one directory; use a non-empty name "
+                          "without path separators, other than '.' and '..'")
+
+
+def parse_flags(
+    step: str, argv: list[str] | None = None, description: str | None = None
+) -> tuple[argparse.Namespace, ExperimentConfig]:
+    """Parse one step's command line, read its dataset's configuration and resolve the flags
+    whose default is an init-file setting (`INIT_FILE_DEFAULTS`)."""
+    args = parser(step, description).parse_args(argv)
+    check_tag(args.tag)
+    cfg = load(args.dataset, args.data_root, args.out_dir)
+    if step == JOINT and args.n_iter_per_round is None:
+        args.n_iter_per_round = args.n_iter  # the original's name of the same setting
+    return resolve_flags(args, cfg, **INIT_FILE_DEFAULTS[step]), cfg
+
+
+def route(argv: list[str]) -> dict[str, list[str]]:
+    """Split the pipeline script's flags between the steps (`Flag.routed`), order kept.
+
+    ``--name=value`` is one word; ``--name value`` two when the flag takes a value. A flag no
+    step knows goes to both, whose parsers then report it (with a following word that does
+    not start with ``--`` as its value)."""
+    known = {f.name: f for f in FLAGS}
+    out: dict[str, list[str]] = {step: [] for step in STEPS}
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        name = word[2:].split("=", 1)[0] if word.startswith("--") else None
+        flag = known.get(name) if name else None
+        words = [word]
+        if name and "=" not in word and i + 1 < len(argv):
+            follows = argv[i + 1]
+            has_value = flag.takes_value() if flag else not follows.startswith("--")
+            if has_value:
+                words.append(follows)
+        i += len(words)
+        for step in (flag.routed or flag.steps) if flag else STEPS:
+            out[step] += words
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] != "route":
+        print("usage: python -P -m utils.flags route [trainer flags...]", file=sys.stderr)
+        return 2
+    for step, words in route(argv[1:]).items():
+        print(f"{step}=({' '.join(shlex.quote(w) for w in words)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,150 @@
+"""The self-training schedule of the joint step (METHOD §7): each round labels the unlabeled
+pool with the best network so far, trains on the labels, and keeps the best checkpoint.
+
+Round 1 labels with the baseline network; each later round first restores the best checkpoint
+(weights and optimizer) and labels with it. A run resumed inside a round trains on the
+pseudo-labels its periodic checkpoint holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from models.unet import UNet
+from utils.crf import CRFParams
+from utils.device import release_freed_memory
+from utils.pseudo_labels import SURE_SOFTMAX, PseudoLabelRound, make_pseudo_labels
+from utils.run import load_checkpoint
+from utils.training import Run, on_device
+
+# A pool of volumes: id -> (images (Z, 1, H, W) cropped slices, ground truth (Z, H, W) or None).
+Pool = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """How the pool is pseudo-labelled (the joint step's --crf, --test_aug_overlap,
+    --test_f1_threshold and the dataset's CRF parameters)."""
+
+    crf: CRFParams
+    use_crf: bool = True
+    test_aug_overlap: bool = False
+    overlap_threshold: float = 0.9
+
+
+@dataclass(frozen=True)
+class Round:
+    """One self-training round as the method trains it: ``index`` (0-based), its pseudo-labels,
+    its ``iterations`` (global iteration numbers) and what its periodic checkpoints hold
+    besides the run's state (the round and its pseudo-labels, for a resume inside it)."""
+
+    index: int
+    pseudo: PseudoLabelRound
+    iterations: range
+    checkpoint: dict[str, Any]
+
+
+def self_train(
+    run: Run,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    baseline: dict[str, torch.Tensor],
+    pool: Pool,
+    labelling: Labelling,
+    n_rounds: int,
+    n_iter: int,
+    train: Callable[[Round], None],
+) -> None:
+    """The rounds of the run not finished yet: label, train, keep the best.
+
+    ``baseline``: the state_dict of the baseline U-Net, round 1's labeller; ``train(round)``
+    runs the round's iterations (the method's own loop, whose periodic step keeps the best
+    checkpoint); ``n_iter`` iterations per round.
+    """
+    for index in range(n_rounds):
+        iterations = range(index * n_iter, (index + 1) * n_iter)
+        if iterations.stop <= run.start_iteration:
+            continue  # finished before the interruption
+        pseudo = resumed_pseudo_labels(run.state, index, pool)
+        if pseudo is None:
+            run.stop_if_requested(iterations.start - 1)  # last.pt holds it: labelling is redone
+            network = baseline_network(baseline, run) if index == 0 else \
+                restore_best(run, model, optimizer)
+            pseudo = label_pool(network, pool, labelling, run)
+        if iterations.start >= run.start_iteration:
+            log_quality(run, index, pseudo, iterations.start)
+        release_freed_memory()  # of the pseudo-labelling, before training grows the heap
+        train(Round(index, pseudo, iterations, {"round": index, "pseudo": as_data(pseudo)}))
+
+
+def baseline_network(baseline: dict[str, torch.Tensor], run: Run) -> torch.nn.Module:
+    """The baseline U-Net with its weights, on the run's device."""
+    network = on_device(UNet(run.cfg.num_classes), run.device, channels_last=False)
+    network.load_state_dict(baseline)
+    return network
+
+
+def restore_best(run: Run, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+    """Load the best checkpoint so far (weights and optimizer) into the run's own; returns
+    ``model``."""
+    best = load_checkpoint(run.keeper.path, run.device)
+    model.load_state_dict(best["model"])
+    optimizer.load_state_dict(best["optimizer"])
+    return model
+
+
+def label_pool(network: torch.nn.Module, pool: Pool, labelling: Labelling,
+               run: Run) -> PseudoLabelRound:
+    return make_pseudo_labels(network, pool, run.cfg.num_classes, labelling.crf, run.device,
+                              run.generator, labelling.test_aug_overlap,
+                              labelling.overlap_threshold, progress=not run.args.no_progress,
+                              use_crf=labelling.use_crf)
+
+
+def as_data(pseudo: PseudoLabelRound) -> dict[str, Any]:
+    """Pseudo-labels as plain data for a checkpoint, without their images (the pool has
+    them)."""
+    kept = {f.name: getattr(pseudo, f.name) for f in fields(pseudo) if f.name != "images"}
+    kept["labels"] = pseudo.labels.cpu()
+    return kept
+
+
+def resumed_pseudo_labels(state: dict[str, Any] | None, index: int,
+                          pool: Pool) -> PseudoLabelRound | None:
+    """The pseudo-labels of round ``index`` held by an interrupted run's last.pt, if it was
+    interrupted inside that round; else None."""
+    if state is None or state["round"] != index:
+        return None
+    return PseudoLabelRound(images=torch.cat([pool[sid][0] for sid in state["pseudo"]["kept"]]),
+                            **state["pseudo"])
+
+
+def log_quality(run: Run, index: int, pseudo: PseudoLabelRound, iteration: int) -> None:
+    """One log row at the round's first iteration: the round, the volumes kept and the
+    pseudo-labels' quality where the pool has ground truth."""
+    quality = {} if pseudo.dice_before_crf is None else {
+        "pseudo_dice_before_crf": pseudo.dice_before_crf,
+        "pseudo_dice_after_crf": pseudo.dice_after_crf}
+    if pseudo.unsure_foreground is not None:
+        quality["pseudo_unsure_foreground"] = pseudo.unsure_foreground
+    run.log.log(iteration, round=index + 1, pseudo_kept=len(pseudo.kept), **quality)
+
+
+def describe(rnd: Round, n_rounds: int, trained_on: str, use_crf: bool) -> str:
+    """The line printed at a round's start: its pseudo-labels, what the method trains on
+    (``trained_on``) and their quality."""
+    pseudo = rnd.pseudo
+    msg = (f"round {rnd.index + 1}/{n_rounds}: pseudo-labels for {len(pseudo.kept)} volumes "
+           f"({len(pseudo.dropped)} dropped), {trained_on}")
+    if pseudo.unsure_foreground is not None:
+        msg += (f"; {pseudo.unsure_foreground:.1%} of predicted foreground pixels have max "
+                f"softmax < {SURE_SOFTMAX}")
+    if pseudo.dice_before_crf is not None:
+        msg += (f"; pseudo-label Dice vs ground truth {pseudo.dice_before_crf:.4f} before CRF, "
+                f"{pseudo.dice_after_crf:.4f} after" + ("" if use_crf else " (--crf 0)"))
+    return msg
