@@ -44,11 +44,28 @@ class Volume:
     label_path: Path | None
 
 
+def process_umask() -> int:
+    """The process umask (e.g. 0o022), read without changing it where Linux shows it."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    # Setting and restoring is the portable way; another thread creating a file in between
+    # would get mode 0666, hence the /proc reading first.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
 
-    A crash at any moment leaves either the old file or the new one, never a torn file.
+    A crash at any moment leaves either the old file or the new one, never a torn file. The
+    file gets the mode a plain ``open`` would give it (0644 under umask 022, 0664 under 002).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +73,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     # from the name (nibabel's .nii.gz, torch's zip) behave as for the final name.
     suffix = ".tmp" + "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    # mkstemp creates the file 0600, which writers that truncate it keep and the rename
+    # carries over: results would be unreadable to the rest of a lab's group.
+    os.chmod(tmp, 0o666 & ~process_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
