@@ -61,11 +61,15 @@ def process_umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, previous: str | os.PathLike | None = None
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
 
     A crash at any moment leaves either the old file or the new one, never a torn file. The
     file gets the mode a plain ``open`` would give it (0644 under umask 022, 0664 under 002).
+    With ``previous``, the file ``path`` held is renamed there once the new one is complete
+    and on disk (a crash between the two renames leaves ``previous`` and no ``path``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +84,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # On disk before the rename: after a power loss the name never points to a file
+        # whose blocks were not written yet (a file of zeros or a truncated one).
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

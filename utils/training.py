@@ -30,9 +30,11 @@ from utils.run import (
     RunDirError,
     RunLog,
     load_checkpoint,
+    load_latest_checkpoint,
     restore_rng_state,
     rng_state,
     save_checkpoint,
+    save_periodic_checkpoint,
 )
 
 
@@ -135,15 +137,8 @@ def open_run_dir(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | No
     if getattr(args, "resume", False) and run_dir.is_dir():
         if (run_dir / "test_results" / "summary.json").is_file():
             raise RunFinished(run_dir)
-        last = run_dir / "checkpoints" / "last.pt"
-        if last.is_file():
-            state = load_checkpoint(last)
-            before = state.get("args", {})
-            diff = {k: (before.get(k), v) for k, v in flags.items() if before.get(k) != v}
-            if diff:
-                listed = ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-                raise RunDirError(f"{run_dir}: --resume with flags other than the interrupted "
-                                  f"run's ({listed}); resume with the original flags")
+        state = load_latest_checkpoint(run_dir / "checkpoints", flags)
+        if state is not None:
             return state
         shutil.rmtree(run_dir)  # interrupted before its first checkpoint: nothing to keep
     elif run_dir.exists() and any(run_dir.iterdir()):
@@ -261,7 +256,7 @@ def save_progress(
     **extra: Any,
 ) -> None:
     """Write checkpoints/last.pt: everything needed to continue after ``iteration``."""
-    save_checkpoint(run_dir / "checkpoints" / "last.pt", {
+    save_periodic_checkpoint(run_dir / "checkpoints", {
         "args": resume_flags(args),
         "iteration": iteration,
         "model": model.state_dict(),
