@@ -7,8 +7,10 @@ Arrays keep NIfTI axis order (x, y, slices). Every failure to find or read a fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -24,6 +26,20 @@ MMWHS_LABEL_VALUES = (205, 420, 500, 550, 600, 820, 850)
 
 class DataError(RuntimeError):
     """A data file or folder that is missing, unreadable or inconsistent."""
+
+
+class DiskFullError(RuntimeError):
+    """A file that could not be written for lack of space (ENOSPC) or quota (EDQUOT)."""
+
+
+def _size(n_bytes: float) -> str:
+    """``n_bytes`` for a message: "512 B", "3.2 MiB", "41.0 GiB"."""
+    unit = "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if n_bytes < 1024:
+            break
+        n_bytes, unit = n_bytes / 1024, bigger
+    return f"{n_bytes:.0f} B" if unit == "B" else f"{n_bytes:.1f} {unit}"
 
 
 @dataclass
@@ -42,6 +58,16 @@ class Volume:
     header: nib.Nifti1Header
     image_path: Path
     label_path: Path | None
+
+
+def _disk_full(err: BaseException | None) -> OSError | None:
+    """The ENOSPC or EDQUOT error behind ``err``, if any. Writers may wrap it: torch's zip
+    writer, failing to finish the file after the OSError, raises a RuntimeError of its own."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def process_umask() -> int:
@@ -72,17 +98,18 @@ def atomic_path(
     and on disk (a crash between the two renames leaves ``previous`` and no ``path``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name ends with the real suffixes so that writers which choose the format
-    # from the name (nibabel's .nii.gz, torch's zip) behave as for the final name.
-    suffix = ".tmp" + "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    # mkstemp creates the file 0600, which writers that truncate it keep and the rename
-    # carries over: results would be unreadable to the rest of a lab's group.
-    os.chmod(tmp, 0o666 & ~process_umask())
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The temporary name ends with the real suffixes so that writers which choose the
+        # format from the name (nibabel's .nii.gz, torch's zip) behave as for the final name.
+        suffix = ".tmp" + "".join(path.suffixes)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        tmp_path = Path(tmp)
+        # mkstemp creates the file 0600, which writers that truncate it keep and the rename
+        # carries over: results would be unreadable to the rest of a lab's group.
+        os.chmod(tmp, 0o666 & ~process_umask())
+        os.close(fd)
         yield tmp_path
         # On disk before the rename: after a power loss the name never points to a file
         # whose blocks were not written yet (a file of zeros or a truncated one).
@@ -94,8 +121,23 @@ def atomic_path(
         if previous is not None and path.exists():
             os.replace(path, previous)
         os.replace(tmp_path, path)
+    except Exception as err:
+        full = _disk_full(err)
+        if full is None:
+            raise
+        if tmp_path is not None and tmp_path.exists():
+            # Emptied, not only unlinked, before measuring what is free: a writer may still
+            # hold it open (nibabel's gzip file stays open after a failed write).
+            os.truncate(tmp_path, 0)
+            tmp_path.unlink()
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        what = "disk quota exceeded" if full.errno == errno.EDQUOT else "no space left on device"
+        raise DiskFullError(
+            f"{path}: cannot write it, {what} ({_size(free)} free in {path.parent}); earlier "
+            "files are intact: free some space and rerun (a training run with --resume)"
+        ) from None
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 

@@ -3,8 +3,9 @@ validate-and-keep-best, final test evaluation and clean one-line errors.
 
 The project's own errors, each a user-facing stop that `run_main` reports in one line:
 `experiment_init.ConfigError` (settings and flags), `utils.io.DataError` (data files),
-`utils.run.RunDirError` (run directories and checkpoints) and `TrainingStopped` (a run that
-cannot go on). Any other exception is a programming error and keeps its traceback.
+`utils.io.DiskFullError` (a write that found no space), `utils.run.RunDirError` (run
+directories and checkpoints) and `TrainingStopped` (a run that cannot go on). Any other
+exception is a programming error and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from losses.dice import soft_dice_loss
 from utils.dataset import load_eval_volumes
 from utils.device import release_freed_memory
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
-from utils.io import DataError
+from utils.io import DataError, DiskFullError
 from utils.run import (
     RunDirError,
     RunLog,
@@ -319,7 +320,7 @@ def run_main(main: Callable[[], None]) -> None:
         print(str(done), flush=True)
         print(f"run directory: {done.run_dir}", flush=True)
         sys.exit(0)
-    except (ConfigError, DataError, RunDirError, TrainingStopped) as err:
+    except (ConfigError, DataError, DiskFullError, RunDirError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
