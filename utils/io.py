@@ -191,6 +191,35 @@ def _as_3d(data: np.ndarray, path: Path, channel: int | None = None) -> np.ndarr
     return data
 
 
+def _check_label_space(
+    image_affine: np.ndarray, label_affine: np.ndarray, voxel_mm: float,
+    image_path: Path, label_path: Path,
+) -> None:
+    """A label on the image's grid must also lie in its space: the same voxel-to-world
+    matrix, up to 1 % of the smallest voxel size ``voxel_mm`` (header rounding)."""
+    gap = float(np.abs(np.asarray(label_affine) - np.asarray(image_affine)).max())
+    if gap <= 0.01 * voxel_mm:
+        return
+    image_axes = "".join(nib.aff2axcodes(image_affine))
+    label_axes = "".join(nib.aff2axcodes(label_affine))
+    what = (f"orientation {label_axes} differs from the image's {image_axes}"
+            if image_axes != label_axes else f"affine differs from the image's by up to "
+            f"{gap:.3g} mm")
+    raise DataError(f"{label_path}: label {what} ({image_path.name}, same grid); the label "
+                    "would be read onto other anatomy: re-save it in the image's space")
+
+
+def _check_whole_numbers(raw: np.ndarray, label_path: Path) -> None:
+    """Label values must be whole numbers: fractions (a resampled or rescaled label, float
+    values such as 1.0000001) would be silently rounded."""
+    if np.issubdtype(raw.dtype, np.integer):
+        return
+    off = raw[raw != np.rint(raw)]
+    if off.size:
+        raise DataError(f"{label_path}: label values are not whole numbers (e.g. {off[0]:.9g}, "
+                        f"stored as {raw.dtype}); re-save the label with integer values")
+
+
 def _volume(
     subject_id: str,
     image_path: Path,
@@ -210,6 +239,8 @@ def _volume(
                 f"{label_path}: label grid {raw.shape} differs from image grid {image.shape} "
                 f"of {image_path.name}"
             )
+        _check_label_space(img.affine, lab_img.affine, min(spacing), image_path, label_path)
+        _check_whole_numbers(raw, label_path)
         raw = np.rint(raw).astype(np.int32)
         if label_values is not None:
             label = np.zeros(raw.shape, np.int16)
