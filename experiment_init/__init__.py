@@ -258,9 +258,27 @@ def _check_ids(shown: str, splits: types.ModuleType) -> None:
     for name in ("test", "unlabeled_pool", "upper_bound"):
         if not hasattr(splits, name):
             raise ConfigError(f"{shown} lacks '{name}'")
+    if not isinstance(splits.test, list) or not all(isinstance(i, str) for i in splits.test):
+        raise ConfigError(f"{shown}: 'test' must be a list of id strings, got {splits.test!r}")
     if splits.unlabeled_pool not in splits.labeled:
         raise ConfigError(f"{shown}: unlabeled_pool '{splits.unlabeled_pool}' is not a key of "
                           "'labeled'")
+    lists = {f"{part}['{key}']": ids for part in ("labeled", "validation")
+             for key, ids in getattr(splits, part).items()}
+    for name, ids in {**lists, "test": splits.test}.items():
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ConfigError(f"{shown}: id '{twice[0]}' appears twice in {name}; delete one")
+    # The unlabeled pool overlaps the labeled lists and the labeled sets overlap each other by
+    # design (as in the original), and the published lists validate the all-labeled sets on
+    # some of their own volumes (ACDC trall: 011, MMWHS tr10_c*, prostate tr22); a test id must
+    # be in no other list.
+    for name, ids in lists.items():
+        leaked = [i for i in ids if i in splits.test]
+        if leaked:
+            raise ConfigError(f"{shown}: test id '{leaked[0]}' is also in {name}; test volumes "
+                              "must be held out of training and validation: remove it from one "
+                              "of the lists")
 
 
 def load(

@@ -3,8 +3,11 @@
     python scripts/check_dataset.py --dataset acdc [--data_root DIR]
 
 Checks per id: image and label exist and load (gzip and NIfTI intact), 3D (or 4D with the
-expected channel), image and label grids match, voxel spacing positive and plausible, finite
-intensities, label values within the dataset's classes (after the MMWHS mapping).
+expected channel) with more than one slice, image and label share one grid and one
+voxel-to-world matrix (orientation), voxel spacing positive and plausible, finite and not
+constant intensities, whole-number label values within the dataset's classes (after the MMWHS
+mapping). The splits themselves (an id twice in a list, a test id in a training or validation
+list) are checked when the configuration is loaded.
 """
 
 from __future__ import annotations

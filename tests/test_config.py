@@ -98,3 +98,37 @@ def test_bad_init_files_are_errors_naming_file_and_setting(edited_config, edit, 
         experiment_init.load("demo", config_dir=folder)
     assert str(folder / "init_demo.py") in str(err.value)
 
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ('"tr1_c1": ["001"]', '"tr1_c1": ["001", "001"]',
+     r"id '001' appears twice in labeled\['tr1_c1'\]; delete one"),
+    ('"tr2_c1": ["009", "010"]', '"tr2_c1": ["010", "009", "010"]',
+     r"id '010' appears twice in validation\['tr2_c1'\]"),
+    ('test = ["011"', 'test = ["012", "011"', r"id '012' appears twice in test"),
+    ('"tr1_c3": ["009", "010"]', '"tr1_c3": ["009", "015"]',
+     r"test id '015' is also in validation\['tr1_c3'\]; test volumes must be held out"),
+    ('"tr2_c3": ["005", "006"]', '"tr2_c3": ["005", "019"]',
+     r"test id '019' is also in labeled\['tr2_c3'\]"),
+    ('        "032",\n    ],', '        "032",\n        "020",\n    ],',  # into the unlabeled pool
+     r"test id '020' is also in labeled\['tr20'\]"),
+    ("test = [", "test = 5 or [", r"'test' must be a list of id strings, got 5"),
+])
+def test_bad_splits_are_errors_naming_the_file(edited_config, old, new, message):
+    folder = edited_config()
+    splits = folder / "data_cfg_demo.py"
+    text = splits.read_text()
+    assert text.count(old) == 1
+    splits.write_text(text.replace(old, new))
+    with pytest.raises(ConfigError, match=message) as err:
+        experiment_init.load("demo", config_dir=folder)
+    assert str(err.value).startswith(f"{splits}: ") and "\n" not in str(err.value)
+
+
+def test_overlaps_of_the_published_kind_are_allowed():
+    """The pool overlaps the labeled sets, the labeled sets overlap each other, and an
+    all-labeled set may be validated on its own volumes (ACDC trall)."""
+    cfg = experiment_init.load("demo")
+    assert set(cfg.labeled["tr1_c1"]) <= set(cfg.labeled["tr2_c1"]) <= set(cfg.unlabeled_ids())
+    acdc = experiment_init.load("acdc")
+    assert set(acdc.val_ids("trall", None)) & set(acdc.labeled_ids("trall", None))

@@ -47,6 +47,11 @@ def test_clean_data_has_no_problem(cfg):
     ("grid_mismatch", "label grid"),
     ("zero_spacing", "spacing"),
     ("nan_image", "NaN"),
+    ("other_orientation", "label orientation LPS differs from the image's RAS"),
+    ("shifted_label", "label affine differs from the image's by up to 3 mm"),
+    ("float_label", "label values are not whole numbers (e.g. 1.00000012, stored as float32)"),
+    ("constant_image", "image intensity is 100 everywhere"),
+    ("one_slice", "volume of one slice (shape (40, 36, 1))"),
 ])
 def test_each_planted_problem_is_named(cfg, acdc_root, plant, expected):
     img, gt = _frame(acdc_root, "002"), _frame(acdc_root, "002", gt=True)
@@ -73,6 +78,22 @@ def test_each_planted_problem_is_named(cfg, acdc_root, plant, expected):
     elif plant == "nan_image":
         image[1, 1, 1] = np.nan
         write_nifti(img, image)
+    elif plant in ("other_orientation", "shifted_label"):  # same grid, other voxel-to-world
+        affine = nib.load(str(img)).affine.copy()
+        if plant == "other_orientation":
+            affine[:2] *= -1  # x and y flipped, as between RAS and LPS tools
+        else:
+            affine[0, 3] += 3.0
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), str(gt))
+    elif plant == "float_label":
+        values = label.astype(np.float32)
+        values[values == 1] = np.float32(1.0000001)
+        write_nifti(gt, values)
+    elif plant == "constant_image":
+        write_nifti(img, np.full_like(image, 100.0))
+    elif plant == "one_slice":
+        write_nifti(img, image[..., :1])
+        write_nifti(gt, label[..., :1].astype(np.uint8))
     assert check_subject(cfg, "001") == []
     problems = check_subject(cfg, "002")
     assert len(problems) == 1
@@ -97,7 +118,12 @@ def test_check_dataset_script_reports_and_fails(tmp_path):
     ed = int((raw / "patient005" / "Info.cfg").read_text().split("ED:")[1].split()[0])
     (raw / "patient005" / f"patient005_frame{ed:02d}_gt.nii.gz").write_bytes(b"\x1f\x8b junk")
     (raw / "patient012" / "Info.cfg").unlink()  # falls back to frame01, absent when ED != 1
+    ed = int((raw / "patient013" / "Info.cfg").read_text().split("ED:")[1].split()[0])
+    image = raw / "patient013" / f"patient013_frame{ed:02d}.nii.gz"
+    blank = nib.load(str(image))
+    nib.save(nib.Nifti1Image(np.zeros(blank.shape, np.int16), blank.affine), str(image))
     bad = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1
     assert "005" in bad.stdout and "cannot read NIfTI" in bad.stdout
+    assert f"013  {image}  image intensity is 0 everywhere" in bad.stdout
     assert "Traceback" not in bad.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 
 import nibabel as nib
 import numpy as np
@@ -15,6 +16,7 @@ from utils.io import (
     read_raw_volume,
     save_nifti,
     write_cropped,
+    write_text_atomic,
 )
 
 
@@ -111,3 +113,33 @@ def test_save_nifti_failure_keeps_old_file(tmp_path):
         save_nifti(path, np.ones((3, 3, 3), dtype=object), np.eye(4))
     np.testing.assert_array_equal(nib.load(str(path)).get_fdata(), 1.0)
     assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_mode_of_the_umask(tmp_path, umask):
+    """Every writer of a run (all through the atomic writer) leaves files with the mode a
+    plain open() gives, so a lab's group can read results on a shared cluster."""
+    import torch
+
+    from utils.run import RunLog, save_checkpoint, save_config
+
+    image, label = blob_volume()
+    old = os.umask(umask)
+    try:
+        save_config(tmp_path, {"a": 1})
+        log = RunLog(tmp_path, tensorboard=False)
+        log.log(0, loss_seg=0.5, val_dice=0.1)
+        log.flush()  # log.csv and curves.png
+        save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"w": torch.zeros(2)})
+        write_text_atomic(tmp_path / "test_results" / "summary.json", "{}\n")
+        save_nifti(tmp_path / "test_results" / "pred.nii.gz", label, np.eye(4))
+        write_cropped(tmp_path / "cropped", "001", image, label, (1.25, 1.25))
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert len(files) == 9
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in files}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    assert modes["plain"] == 0o666 & ~umask

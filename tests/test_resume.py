@@ -1,6 +1,7 @@
 """Kill a training run with SIGKILL after a periodic checkpoint, resume it, and compare;
-checkpoints are data: every random state survives a weights-only round trip, and a checkpoint
-that would run code when unpickled is refused before it can."""
+--resume falls back to the previous periodic checkpoint when the newest is torn, damaged or
+from another run; checkpoints are data: every random state survives a weights-only round trip,
+and a checkpoint that would run code when unpickled is refused before it can."""
 
 from __future__ import annotations
 
@@ -18,16 +19,18 @@ import numpy as np
 import pytest
 import torch
 
-from utils.flags import add_flags
+from utils.flags import BASELINE, add_flags
+from utils.flags import parser as flag_parser
 from utils.run import (
     RunDirError,
     load_checkpoint,
     restore_rng_state,
     rng_state,
     save_checkpoint,
+    save_periodic_checkpoint,
     seed_everything,
 )
-from utils.training import open_run_dir
+from utils.training import open_run_dir, resume_flags
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--dataset", "demo", "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1", "--ver", "7",
@@ -62,18 +65,23 @@ def test_killed_baseline_resumes_to_the_same_weights(tmp_path, demo_env, whole):
     proc = subprocess.Popen(_cmd(out), cwd=REPO, env={**demo_env, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = out / run_dir.relative_to(root) / "checkpoints" / "last.pt"
+    previous = last.with_name("previous.pt")
     deadline = time.time() + 600
-    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+    while not previous.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert last.is_file()
-    killed_at = torch.load(last, weights_only=True)["iteration"]
-    assert killed_at < 35  # killed mid-run, after the first periodic checkpoint
+    assert previous.is_file()
+    resumed_from = torch.load(previous, weights_only=True)["iteration"]
+    assert resumed_from < 35  # killed mid-run, after the second periodic checkpoint
+    # The newest checkpoint torn (as by a full disk or a crash without atomic renames).
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2] if last.is_file() else b"")
 
     again = _run(_cmd(out, "--resume"), demo_env)
     assert again.returncode == 0, again.stderr
-    assert f"resuming {last.parents[1]} at iteration {killed_at + 1}" in again.stdout
+    assert f"skipping {last} (not a readable PyTorch checkpoint" in again.stdout
+    assert f"resuming from {previous} (iteration {resumed_from})" in again.stdout
+    assert f"resuming {last.parents[1]} at iteration {resumed_from + 1}" in again.stdout
     summary = json.loads((last.parents[1] / "test_results" / "summary.json").read_text())
     assert set(summary["per_structure"]) == {"rv", "myo", "lv"}
     rows = (last.parents[1] / "log.csv").read_text().strip().splitlines()
@@ -260,3 +268,86 @@ def test_joint_trainer_refuses_a_pretr_dir_checkpoint_that_would_run_code(tmp_pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "best.pt: refused" in proc.stderr
     assert not target.exists() and not (tmp_path / "o").exists()  # refused before any run dir
+
+
+def _resume_args(*extra: str) -> argparse.Namespace:
+    return flag_parser(BASELINE).parse_args(["--dataset", "demo", "--resume", *extra])
+
+
+def _periodic(run: Path, iteration: int, args: argparse.Namespace) -> None:
+    save_periodic_checkpoint(run / "checkpoints", {
+        "args": resume_flags(args), "iteration": iteration, "model": {"w": torch.rand(50)},
+        "optimizer": {"state": {}}, "log_rows": [{"iteration": float(iteration)}]})
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "zeros":
+        path.write_bytes(bytes(len(data)))
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "flipped_bit":  # loads without complaint from torch: only the checksum sees it
+        at = data.index(torch.ones(50).numpy().tobytes()[:8]) + 17
+        path.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+
+def test_periodic_checkpoints_rotate(tmp_path):
+    run, args = tmp_path / "run", _resume_args()
+    for it in (7, 15, 23):
+        _periodic(run, it, args)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 23
+    assert torch.load(run / "checkpoints" / "previous.pt", weights_only=True)["iteration"] == 15
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "previous.pt"]
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeros", "empty", "flipped_bit", "other_run"])
+def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, capsys, how):
+    run, args = tmp_path / "run", _resume_args()
+    _periodic(run, 7, args)
+    if how == "other_run":  # last.pt copied from a run of other flags
+        other = tmp_path / "other"
+        _periodic(other, 40, _resume_args("--ver", "3"))
+        os.replace(run / "checkpoints" / "last.pt", run / "checkpoints" / "previous.pt")
+        os.replace(other / "checkpoints" / "last.pt", run / "checkpoints" / "last.pt")
+    else:
+        save_periodic_checkpoint(run / "checkpoints", {
+            "args": resume_flags(args), "iteration": 15, "model": {"w": torch.ones(50)},
+            "optimizer": {"state": {}}, "log_rows": []})
+        _damage(run / "checkpoints" / "last.pt", how)
+    state = open_run_dir(run, args)
+    assert state is not None and state["iteration"] == 7
+    out = capsys.readouterr().out
+    reason = {"truncated": "not a readable PyTorch checkpoint", "zeros": "not a readable",
+              "empty": "not a readable", "flipped_bit": "do not match the checksum",
+              "other_run": "other flags (--ver 3 -> 0)"}[how]
+    assert f"skipping {run / 'checkpoints' / 'last.pt'} (" in out and reason in out
+    assert f"resuming from {run / 'checkpoints' / 'previous.pt'} (iteration 7)" in out
+    assert len(out.strip().splitlines()) == 2
+    # the skipped file is kept aside, so the next rotation keeps the good one
+    assert (run / "checkpoints" / "last.pt.unusable").is_file()
+    assert not (run / "checkpoints" / "last.pt").exists()
+
+
+def test_resume_after_a_crash_between_the_two_renames(tmp_path, capsys):
+    run, args = tmp_path / "run", _resume_args()
+    _periodic(run, 7, args)
+    _periodic(run, 15, args)
+    (run / "checkpoints" / "last.pt").unlink()  # moved to previous.pt, new one not yet renamed
+    assert open_run_dir(run, args)["iteration"] == 7
+    assert "resuming from" in capsys.readouterr().out
+
+
+def test_no_usable_checkpoint_is_one_error_naming_the_files(tmp_path):
+    run, args = tmp_path / "run", _resume_args()
+    _periodic(run, 7, args)
+    _periodic(run, 15, args)
+    _damage(run / "checkpoints" / "last.pt", "zeros")
+    _damage(run / "checkpoints" / "previous.pt", "truncated")
+    with pytest.raises(RunDirError) as err:
+        open_run_dir(run, args)
+    msg = str(err.value)
+    assert "\n" not in msg and "no usable checkpoint" in msg
+    assert f"{run / 'checkpoints' / 'last.pt'}: not a readable" in msg
+    assert f"{run / 'checkpoints' / 'previous.pt'}: not a readable" in msg
+    assert (run / "checkpoints" / "last.pt").is_file()  # nothing moved or deleted

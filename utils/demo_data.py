@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from utils.io import atomic_path, write_text_atomic
 
 # Bump when the generator's output changes, so that stale datasets on disk are regenerated.
 GENERATOR_VERSION = 1
@@ -606,27 +606,11 @@ def _affine(spacing: tuple[float, float, float], origin: np.ndarray) -> np.ndarr
     return aff
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it into place.
-
-    The temporary name keeps the real suffixes (.nii.gz) so nibabel picks the same format.
-    """
-    # Unique per process and call (concurrent writers never share it); not mkstemp, whose
-    # 0600 permissions would stick to the final file.
-    unique = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    tmp = path.parent / f".{path.name}.{unique}.tmp{''.join(path.suffixes)}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype: type) -> None:
     img = nib.Nifti1Image(data.astype(dtype), affine)
     img.header.set_xyzt_units("mm", "sec")
-    _write_atomic(path, lambda tmp: nib.save(img, str(tmp)))
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
 
 
 def _info_cfg(pat: dict[str, Any]) -> str:
@@ -710,9 +694,8 @@ def make_demo_dataset(
             stem = f"patient{pid}_frame{frame:02d}"
             _save_nifti(pdir / f"{stem}.nii.gz", pat[f"image_{phase}"], affine, np.int16)
             _save_nifti(pdir / f"{stem}_gt.nii.gz", pat[f"label_{phase}"], affine, np.uint8)
-        text = _info_cfg(pat)
-        _write_atomic(pdir / "Info.cfg", lambda tmp, text=text: tmp.write_text(text))
+        write_text_atomic(pdir / "Info.cfg", _info_cfg(pat))
 
     meta = {"generator_version": GENERATOR_VERSION, "seed": seed, "patient_ids": ids}
-    _write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
+    write_text_atomic(marker, json.dumps(meta, indent=1) + "\n")
     return out_dir

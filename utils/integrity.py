@@ -44,6 +44,14 @@ def check_subject(cfg: ExperimentConfig, subject_id: str) -> list[Problem]:
     if not np.isfinite(vol.image).all():
         problems.append(Problem(subject_id, str(vol.image_path),
                                 "image holds NaN or infinite values; re-convert it"))
+    elif vol.image.min() == vol.image.max():
+        problems.append(Problem(subject_id, str(vol.image_path),
+                                f"image intensity is {float(vol.image.flat[0]):g} everywhere; "
+                                "the file is blank: re-convert it"))
+    if vol.image.shape[2] == 1:
+        problems.append(Problem(subject_id, str(vol.image_path),
+                                f"volume of one slice (shape {vol.image.shape}); a 2D image "
+                                "stored as 3D? re-convert the whole stack of slices"))
     labels = np.unique(vol.label)
     bad = labels[(labels < 0) | (labels >= cfg.num_classes)]
     if bad.size:

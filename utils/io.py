@@ -7,8 +7,10 @@ Arrays keep NIfTI axis order (x, y, slices). Every failure to find or read a fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -24,6 +26,20 @@ MMWHS_LABEL_VALUES = (205, 420, 500, 550, 600, 820, 850)
 
 class DataError(RuntimeError):
     """A data file or folder that is missing, unreadable or inconsistent."""
+
+
+class DiskFullError(RuntimeError):
+    """A file that could not be written for lack of space (ENOSPC) or quota (EDQUOT)."""
+
+
+def _size(n_bytes: float) -> str:
+    """``n_bytes`` for a message: "512 B", "3.2 MiB", "41.0 GiB"."""
+    unit = "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if n_bytes < 1024:
+            break
+        n_bytes, unit = n_bytes / 1024, bigger
+    return f"{n_bytes:.0f} B" if unit == "B" else f"{n_bytes:.1f} {unit}"
 
 
 @dataclass
@@ -44,25 +60,84 @@ class Volume:
     label_path: Path | None
 
 
+def _disk_full(err: BaseException | None) -> OSError | None:
+    """The ENOSPC or EDQUOT error behind ``err``, if any. Writers may wrap it: torch's zip
+    writer, failing to finish the file after the OSError, raises a RuntimeError of its own."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def process_umask() -> int:
+    """The process umask (e.g. 0o022), read without changing it where Linux shows it."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    # Setting and restoring is the portable way; another thread creating a file in between
+    # would get mode 0666, hence the /proc reading first.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, previous: str | os.PathLike | None = None
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
 
-    A crash at any moment leaves either the old file or the new one, never a torn file.
+    A crash at any moment leaves either the old file or the new one, never a torn file. The
+    file gets the mode a plain ``open`` would give it (0644 under umask 022, 0664 under 002).
+    With ``previous``, the file ``path`` held is renamed there once the new one is complete
+    and on disk (a crash between the two renames leaves ``previous`` and no ``path``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name ends with the real suffixes so that writers which choose the format
-    # from the name (nibabel's .nii.gz, torch's zip) behave as for the final name.
-    suffix = ".tmp" + "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The temporary name ends with the real suffixes so that writers which choose the
+        # format from the name (nibabel's .nii.gz, torch's zip) behave as for the final name.
+        suffix = ".tmp" + "".join(path.suffixes)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        tmp_path = Path(tmp)
+        # mkstemp creates the file 0600, which writers that truncate it keep and the rename
+        # carries over: results would be unreadable to the rest of a lab's group.
+        os.chmod(tmp, 0o666 & ~process_umask())
+        os.close(fd)
         yield tmp_path
+        # On disk before the rename: after a power loss the name never points to a file
+        # whose blocks were not written yet (a file of zeros or a truncated one).
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp_path, path)
+    except Exception as err:
+        full = _disk_full(err)
+        if full is None:
+            raise
+        if tmp_path is not None and tmp_path.exists():
+            # Emptied, not only unlinked, before measuring what is free: a writer may still
+            # hold it open (nibabel's gzip file stays open after a failed write).
+            os.truncate(tmp_path, 0)
+            tmp_path.unlink()
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        what = "disk quota exceeded" if full.errno == errno.EDQUOT else "no space left on device"
+        raise DiskFullError(
+            f"{path}: cannot write it, {what} ({_size(free)} free in {path.parent}); earlier "
+            "files are intact: free some space and rerun (a training run with --resume)"
+        ) from None
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
@@ -116,6 +191,35 @@ def _as_3d(data: np.ndarray, path: Path, channel: int | None = None) -> np.ndarr
     return data
 
 
+def _check_label_space(
+    image_affine: np.ndarray, label_affine: np.ndarray, voxel_mm: float,
+    image_path: Path, label_path: Path,
+) -> None:
+    """A label on the image's grid must also lie in its space: the same voxel-to-world
+    matrix, up to 1 % of the smallest voxel size ``voxel_mm`` (header rounding)."""
+    gap = float(np.abs(np.asarray(label_affine) - np.asarray(image_affine)).max())
+    if gap <= 0.01 * voxel_mm:
+        return
+    image_axes = "".join(nib.aff2axcodes(image_affine))
+    label_axes = "".join(nib.aff2axcodes(label_affine))
+    what = (f"orientation {label_axes} differs from the image's {image_axes}"
+            if image_axes != label_axes else f"affine differs from the image's by up to "
+            f"{gap:.3g} mm")
+    raise DataError(f"{label_path}: label {what} ({image_path.name}, same grid); the label "
+                    "would be read onto other anatomy: re-save it in the image's space")
+
+
+def _check_whole_numbers(raw: np.ndarray, label_path: Path) -> None:
+    """Label values must be whole numbers: fractions (a resampled or rescaled label, float
+    values such as 1.0000001) would be silently rounded."""
+    if np.issubdtype(raw.dtype, np.integer):
+        return
+    off = raw[raw != np.rint(raw)]
+    if off.size:
+        raise DataError(f"{label_path}: label values are not whole numbers (e.g. {off[0]:.9g}, "
+                        f"stored as {raw.dtype}); re-save the label with integer values")
+
+
 def _volume(
     subject_id: str,
     image_path: Path,
@@ -135,6 +239,8 @@ def _volume(
                 f"{label_path}: label grid {raw.shape} differs from image grid {image.shape} "
                 f"of {image_path.name}"
             )
+        _check_label_space(img.affine, lab_img.affine, min(spacing), image_path, label_path)
+        _check_whole_numbers(raw, label_path)
         raw = np.rint(raw).astype(np.int32)
         if label_values is not None:
             label = np.zeros(raw.shape, np.int16)

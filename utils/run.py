@@ -8,16 +8,19 @@ Layout of a run directory::
     tensorboard/           TensorBoard scalars
     checkpoints/best.pt    best-validation weights (+ optimizer), written atomically
     checkpoints/last.pt    periodic checkpoint for --resume
+    checkpoints/previous.pt  the periodic checkpoint before it, the fallback of --resume
     test_results/          summary.json, per-subject predictions and metrics
 
 Checkpoints hold data only (tensors, numbers, strings, lists, dicts): they are read with
 ``torch.load(weights_only=True)``, which cannot run code, so a checkpoint from elsewhere
-(--pretr_dir) is safe to open.
+(--pretr_dir) is safe to open. Each carries a checksum of its contents, checked on loading,
+since the zip format torch writes does not check its data (a flipped bit loads silently).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import os
@@ -71,19 +74,64 @@ def save_config(run_dir: Path, config: dict[str, Any]) -> None:
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary name, then rename: a kill never leaves a torn checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+LAST_CHECKPOINT = "last.pt"
+PREVIOUS_CHECKPOINT = "previous.pt"
+# Keys every periodic checkpoint holds (see utils.training.save_progress).
+PERIODIC_KEYS = ("args", "iteration", "model", "optimizer")
+
+
+def checksum(state: Any) -> str:
+    """SHA-256 (hex) of a checkpoint's contents: every tensor's dtype, shape and bytes and every
+    plain value's type and repr, in the order of the (nested) dicts, lists and tuples."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for k, v in value.items():
+                feed(k)
+                feed(v)
+            digest.update(b"}")
+        elif isinstance(value, list | tuple):
+            digest.update(b"[" if isinstance(value, list) else b"(")
+            for v in value:
+                feed(v)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], previous: Path | None = None) -> None:
+    """torch.save ``state`` and its `checksum` to a temporary name, then rename: a kill never
+    leaves a torn checkpoint. With ``previous``, the file ``path`` held is moved there."""
+    with atomic_path(path, previous) as tmp, open(tmp, "wb") as fh:
+        # Through a Python file object, a full disk raises OSError(ENOSPC); torch's own file
+        # writer reports it as an unrelated RuntimeError.
+        torch.save({**state, "checksum": checksum(state)}, fh)
+
+
+def save_periodic_checkpoint(checkpoint_dir: Path, state: dict[str, Any]) -> None:
+    """Write ``checkpoint_dir/last.pt``, keeping the one it replaces as ``previous.pt``."""
+    save_checkpoint(checkpoint_dir / LAST_CHECKPOINT, state,
+                    previous=checkpoint_dir / PREVIOUS_CHECKPOINT)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """A checkpoint's contents, read as data only: one that would need arbitrary unpickling
-    (which can run any code) is refused with RunDirError, as is a missing or unreadable one."""
+    (which can run any code) is refused with RunDirError, as is a missing, unreadable or
+    damaged one (contents that do not match their checksum). Checkpoints written before
+    checksums were added load unchecked."""
     if not path.is_file():
         raise RunDirError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message is a page of advice; its one line about this file names the object.
         found = [ln for ln in str(err).splitlines() if "WeightsUnpickler error: " in ln]
@@ -94,8 +142,64 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
             "checkpoint written by this code"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise RunDirError(f"{path}: not a readable PyTorch checkpoint ({err}); it may be "
+        # The first sentence: torch goes on with advice about other situations.
+        reason = str(err).splitlines()[0].split(". ")[0] if str(err) else "empty file"
+        raise RunDirError(f"{path}: not a readable PyTorch checkpoint ({reason}); it may be "
                           "truncated or of another format") from None
+    if not isinstance(state, dict):
+        raise RunDirError(f"{path}: holds a {type(state).__name__}, not a checkpoint of this code")
+    if "checksum" in state:
+        expected = state.pop("checksum")
+        if checksum(state) != expected:
+            raise RunDirError(f"{path}: contents do not match the checksum written with them; "
+                              "the file was damaged after it was written")
+    return state
+
+
+def periodic_problem(state: dict[str, Any], flags: dict[str, Any]) -> str | None:
+    """Why a loaded checkpoint cannot continue the run of ``flags`` (None if it can)."""
+    missing = [k for k in PERIODIC_KEYS if k not in state]
+    if missing:
+        return f"not a periodic checkpoint (no {', '.join(missing)})"
+    before = state["args"]
+    diff = {k: (before.get(k), v) for k, v in flags.items() if before.get(k) != v}
+    if diff:
+        listed = ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+        return f"written by a run with other flags ({listed})"
+    return None
+
+
+def load_latest_checkpoint(checkpoint_dir: Path, flags: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest usable periodic checkpoint of the run of ``flags``: ``last.pt``, else
+    ``previous.pt``. Usable: it loads as data, matches its checksum and was written with
+    ``flags``. Prints which file it uses; a newer file it skips is renamed ``<name>.unusable``
+    (so that the next rotation cannot push the good one out) and the reason printed.
+
+    Returns None when neither file exists (the run stopped before its first checkpoint);
+    raises RunDirError naming each file and its problem when none is usable.
+    """
+    present = [checkpoint_dir / name for name in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT)
+               if (checkpoint_dir / name).is_file()]
+    if not present:
+        return None
+    skipped: list[tuple[Path, str]] = []
+    for path in present:
+        try:
+            state = load_checkpoint(path)
+            problem = periodic_problem(state, flags)
+        except RunDirError as err:
+            problem = str(err).removeprefix(f"{path}: ")
+        if problem is None:
+            for bad, why in skipped:
+                aside = bad.with_name(bad.name + ".unusable")
+                os.replace(bad, aside)
+                print(f"skipping {bad} ({why}); kept as {aside.name}", flush=True)
+            print(f"resuming from {path} (iteration {state['iteration']})", flush=True)
+            return state
+        skipped.append((path, problem))
+    listed = "; ".join(f"{path}: {why}" for path, why in skipped)
+    raise RunDirError(f"{checkpoint_dir.parent}: --resume found no usable checkpoint ({listed}); "
+                      "resume with the original flags, or start again with --overwrite")
 
 
 class RunLog:

@@ -5,8 +5,9 @@ the best checkpoint (`Run.finish`).
 
 The project's own errors, each a user-facing stop that `run_main` reports in one line:
 `experiment_init.ConfigError` (settings and flags), `utils.io.DataError` (data files),
-`utils.run.RunDirError` (run directories and checkpoints) and `TrainingStopped` (a run that
-cannot go on). Any other exception is a programming error and keeps its traceback. A run
+`utils.io.DiskFullError` (a write that found no space), `utils.run.RunDirError` (run
+directories and checkpoints) and `TrainingStopped` (a run that cannot go on). Any other
+exception is a programming error and keeps its traceback. A run
 stopped by SIGTERM or SIGUSR1 (`utils.preemption`) exits with status 75 after writing its
 periodic checkpoint.
 """
@@ -33,17 +34,19 @@ from utils.dataset import ensure_demo_data, load_eval_volumes, verify_inputs
 from utils.device import configure_backend, release_freed_memory, resolve_device
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
 from utils.flags import BASELINE, JOINT, RESUME_FREE_FLAGS
-from utils.io import DataError
+from utils.io import DataError, DiskFullError
 from utils.preemption import PREEMPTED_EXIT, Preempted, StopRequests, requeue
 from utils.provenance import now, session
 from utils.run import (
     RunDirError,
     RunLog,
     load_checkpoint,
+    load_latest_checkpoint,
     restore_rng_state,
     rng_state,
     save_checkpoint,
     save_config,
+    save_periodic_checkpoint,
     seed_everything,
 )
 
@@ -86,15 +89,8 @@ def open_run_dir(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | No
     if getattr(args, "resume", False) and run_dir.is_dir():
         if (run_dir / "test_results" / "summary.json").is_file():
             raise RunFinished(run_dir)
-        last = run_dir / "checkpoints" / "last.pt"
-        if last.is_file():
-            state = load_checkpoint(last)
-            before = state.get("args", {})
-            diff = {k: (before.get(k), v) for k, v in flags.items() if before.get(k) != v}
-            if diff:
-                listed = ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-                raise RunDirError(f"{run_dir}: --resume with flags other than the interrupted "
-                                  f"run's ({listed}); resume with the original flags")
+        state = load_latest_checkpoint(run_dir / "checkpoints", flags)
+        if state is not None:
             return state
         shutil.rmtree(run_dir)  # interrupted before its first checkpoint: nothing to keep
     elif run_dir.exists() and any(run_dir.iterdir()):
@@ -273,7 +269,7 @@ class Run:
                       optimizer: torch.optim.Optimizer,
                       extra: dict[str, Any] | None = None) -> None:
         """Write checkpoints/last.pt: everything needed to continue after ``iteration``."""
-        save_checkpoint(self.run_dir / "checkpoints" / "last.pt", {
+        save_periodic_checkpoint(self.run_dir / "checkpoints", {
             "args": resume_flags(self.args),
             "iteration": iteration,
             "model": model.state_dict(),
@@ -374,7 +370,7 @@ def run_main(main: Callable[[], None]) -> None:
         print(str(done), flush=True)
         print(f"run directory: {done.run_dir}", flush=True)
         sys.exit(0)
-    except (ConfigError, DataError, RunDirError, TrainingStopped) as err:
+    except (ConfigError, DataError, DiskFullError, RunDirError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Preempted as stopped:
