@@ -104,7 +104,12 @@ def main(argv: list[str] | None = None) -> None:
         run.train(model, optimizer, rnd.iterations, step, f"joint round {rnd.index + 1}",
                   best_extra={"round": rnd.index + 1}, progress_extra=rnd.checkpoint)
 
-    labelling = Labelling(CRFParams(**cfg.crf_params), bool(args.crf),
+    try:
+        crf = CRFParams(**cfg.crf_params)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"experiment_init/init_{cfg.dataset}.py: crf_params "
+                          f"{cfg.crf_params!r} cannot be used: {err}") from err
+    labelling = Labelling(crf, bool(args.crf),
                           bool(args.test_aug_overlap), args.test_f1_threshold)
     self_train(run, model, optimizer, baseline, pool, labelling, args.n_rounds,
                args.n_iter_per_round, train)
