@@ -64,8 +64,8 @@ def load_slices(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All slices of the cropped subjects: images (N, 1, CX, CY) float32, labels (N, CX, CY) uint8.
 
-    Labels are kept as uint8 (at most 255 classes): a pool of 52 ACDC volumes holds ~180 MB of
-    int64 labels per copy, and the joint trainer keeps several copies.
+    Labels are kept as uint8 (at most 255 classes): the joint trainer keeps several copies of
+    the pool's labels, and int64 would take eight times the memory.
 
     Missing cropped volumes are created from the raw data first (same code as
     scripts/create_cropped_imgs.py), so a fresh checkout trains without a separate step.

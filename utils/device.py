@@ -35,13 +35,10 @@ def configure_backend(device: torch.device, low_memory: bool = False) -> None:
 
     CPU (Linux, glibc): keep freed memory in the process. By default glibc serves every large
     tensor with a fresh ``mmap`` and returns it on free, so each step re-faults and re-zeroes
-    gigabytes; at 40 x 1 x 192 x 192 that was ~35 % of a 2-core step (scripts/benchmark.py).
-    One malloc arena limits the fragmentation of the reused heap, which still costs memory: a
-    joint ACDC-sized run peaked at 3.8-3.9 GB instead of 2.9 GB (and took 3:29-3:48 instead of
-    4:04 for 11 iterations with pseudo-labels and evaluation; README, Performance).
-    ``low_memory`` keeps glibc's default.
-    CUDA: cuDNN's algorithm autotuning stays off: on an H200 it made the first step 15 s
-    instead of 0.6 s and later steps 2 % faster (21.4 vs 21.8 ms at 40 x 1 x 192 x 192).
+    gigabytes of memory. One malloc arena limits the fragmentation of the reused heap, which
+    still costs resident memory; ``low_memory`` keeps glibc's default (lower peak, slower).
+    CUDA: cuDNN's algorithm autotuning stays off: its search makes the first step far slower
+    for a negligible gain per step (figures in the git log).
     """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False

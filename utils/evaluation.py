@@ -106,8 +106,8 @@ def structure_metrics(
     pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...], num_classes: int
 ) -> list[dict[str, float | None]]:
     """Dice, HD95 and ASSD (mm) of classes 1..C-1 of two (X, Y, Z) label maps."""
-    # Imported here: medpy pulls in scipy.stats (~1.4 s), which training never needs before
-    # the test set is evaluated.
+    # Imported here: medpy pulls in scipy.stats, slow to import, which training never needs
+    # before the test set is evaluated.
     from medpy.metric import binary
 
     dice = dice_per_class(torch.from_numpy(pred), torch.from_numpy(gt), num_classes).tolist()
