@@ -106,7 +106,8 @@ def read_run(config_path: Path) -> Run | Problem:
     where = (ident["dataset"], method, ident["tr"], (ident["comb"], ident["ver"], seed))
     summary_path = run_dir / "test_results" / "summary.json"
     if not summary_path.is_file():
-        resumable = (run_dir / "checkpoints" / "last.pt").is_file()
+        resumable = any((run_dir / "checkpoints" / name).is_file()
+                        for name in ("last.pt", "previous.pt"))
         return Problem(run_dir, "unfinished or failed: no test_results/summary.json"
                        + ("; rerun with --resume to continue it" if resumable else ""), where)
     try:
