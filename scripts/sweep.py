@@ -166,7 +166,10 @@ def sbatch_script(sweep_dir: Path, n_jobs: int, max_running: int | None, dataset
     """A job array whose task i runs line i of jobs.txt and requeues itself near its limit.
 
     ``B:`` sends USR1 to the batch shell (without it only srun steps are signalled): the
-    shell asks SLURM to requeue the task, which then kills it; the requeued task reruns the
+    shell asks SLURM to requeue the task, and SLURM then ends it with SIGTERM. The line runs
+    with SIGTERM ignored by its shells (and by ``tee``), so only the trainer acts on it: it
+    writes last.pt and exits 75 without a second requeue. The shell waits for that, and
+    writes the line's status only when the line ended by itself; the requeued task reruns the
     line, whose --resume continues from the last periodic checkpoint.
     """
     throttle = f"%{max_running}" if max_running else ""
@@ -187,17 +190,23 @@ export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-${{SLURM_CPUS_ON_NODE:-1}}}}
 job=${{SLURM_ARRAY_JOB_ID}}_$task
 rc_file=$sweep_dir/status/$task.rc
 echo "== task $task (job $job, restart ${{SLURM_RESTART_COUNT:-0}}) on $(hostname) at $(date -Is)"
+stopped=""
 requeue() {{
   echo "== time limit in 120 s: requeueing $job (the line resumes)"
-  scontrol requeue "$job"
+  scontrol requeue "$job" && stopped=requeued
 }}
 trap requeue USR1
+trap 'stopped=${{stopped:-terminated}}' TERM
 rm -f "$rc_file"
-bash -c "$line" &
+bash -c "trap '' TERM; $line" &
 child=$!
 wait "$child"; rc=$?
 # A trapped signal ends `wait` early (status > 128) while the line still runs: wait again.
 while [ "$rc" -gt 128 ] && kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done
+if [ -n "$stopped" ]; then
+  echo "== task $task $stopped; this attempt's exit status $rc at $(date -Is)"
+  exit "$rc"
+fi
 echo "$rc" > "$rc_file.tmp" && mv "$rc_file.tmp" "$rc_file"
 echo "== task $task exit status $rc at $(date -Is)"
 exit "$rc"

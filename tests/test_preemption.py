@@ -54,6 +54,9 @@ def test_requeue_runs_scontrol_only_under_slurm(scontrol, tmp_path):
     assert not scontrol.exists()  # outside SLURM nothing is called
     assert requeue(ARRAY) == "requeued: scontrol requeue 120_3"
     assert scontrol.read_text() == "requeue 120_3\n"
+    # SIGTERM under SLURM is scancel or SLURM's own requeue: a requeue would undo a cancel
+    assert "not requeued after SIGTERM" in requeue(ARRAY, "SIGTERM")
+    assert scontrol.read_text() == "requeue 120_3\n"
     (tmp_path / "status").write_text("1")
     assert "could not requeue the job (scontrol requeue 120_3 exited 1: no such job)" in \
         requeue(ARRAY)

@@ -111,9 +111,10 @@ def test_array_task_requeues_itself_on_usr1_and_keeps_the_lines_status(tmp_path,
     out = proc.communicate(timeout=30)[0]
     assert (tmp_path / "scontrol.txt").read_text() == "requeue 77_2\n"
     assert "line two" in out and "requeueing 77_2" in out
-    # the line's own status, not the interrupted wait's 128 + 10
-    assert proc.returncode == 3
-    assert (sweep_dir / "status" / "2.rc").read_text() == "3\n"
+    # the line's own status, not the interrupted wait's 128 + 10; no status file, as the
+    # requeued task reruns the line
+    assert proc.returncode == 3 and "task 2 requeued; this attempt's exit status 3" in out
+    assert not (sweep_dir / "status" / "2.rc").exists()
 
 
 def test_local_workers_get_their_own_gpu_and_a_share_of_the_threads(tmp_path, sweep):
@@ -214,3 +215,83 @@ def test_sweep_on_slurm_then_aggregate(tmp_path, demo_env, slurm_cluster):
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stdout.count("has finished already") == 2
+
+
+def _submit_one(sweep_dir: Path, seed: str, env: dict[str, str], n_iter: str) -> str:
+    """Submit a one-task sweep (tr1 c1, ``--seeds seed``); returns the array task's job id."""
+    submit = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dataset", "demo", "--tr", "tr1", "--comb", "c1",
+         "--seeds", seed, "--backend", "slurm", "--sweep_dir", str(sweep_dir),
+         "--slurm", "--cpus-per-task=1", "--", "--n_iter", n_iter, "--ckpt_every", "10",
+         "--n_iter_per_round", "10", "--n_rounds", "1", "--device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    return submit.stdout.split("submitted job array ")[1].split()[0] + "_1"
+
+
+def _wait_for(path: Path, timeout: float, job: str) -> None:
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    if not path.exists():
+        subprocess.run(["scancel", job.split("_")[0]], check=False)
+        pytest.fail(f"{path} did not appear within {timeout:.0f} s")
+
+
+def _state(job: str) -> str:
+    """The job's state in squeue ("" when it has left the queue)."""
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.mark.slurm
+def test_time_limit_warning_requeues_the_task_once_and_it_resumes(tmp_path, demo_env,
+                                                                  slurm_cluster):
+    """``scancel --batch --signal=USR1`` (what ``--signal=B:USR1@120`` sends before the time
+    limit) mid-baseline: the batch shell requeues the task, SLURM's SIGTERM makes the trainer
+    write last.pt and exit 75 without a second requeue, and the requeued task resumes from that
+    checkpoint and finishes both steps."""
+    sweep_dir = tmp_path / "sweep"
+    job = _submit_one(sweep_dir, "5", demo_env, "400")
+    run_dir = Path(demo_env["LCL_RUNS_ROOT"]) / "demo" / "baseline" / "tr1_c1_v5"
+    _wait_for(run_dir / "checkpoints" / "last.pt", 400, job)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    deadline = time.time() + 120
+    while "PENDING" not in _state(job) and time.time() < deadline:
+        time.sleep(0.5)
+    # SLURM holds a requeued job for about two minutes; release it now
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    status = sweep_dir / "status" / "1.rc"
+    _wait_for(status, 600, job)
+    log = (sweep_dir / "logs" / "1.log").read_text()
+    assert status.read_text() == "0\n", log[-3000:]
+    assert f"requeueing {job}" in log and "restart 1)" in log and "restart 2)" not in log
+    assert "stopped by SIGTERM after iteration" in log and "task 1 requeued;" in log
+    assert "not requeued after SIGTERM" in log
+    stopped_at = int(log.split("stopped by SIGTERM after iteration ")[1].split(";")[0])
+    assert 0 < stopped_at < 399
+    assert f"resuming {run_dir} at iteration {stopped_at + 1}" in log
+    assert (run_dir / "test_results" / "summary.json").is_file()
+    joint = Path(demo_env["LCL_RUNS_ROOT"]) / "demo" / "joint" / "tr1_c1_v5" / "original"
+    assert (joint / "test_results" / "summary.json").is_file()
+    assert log.rstrip().splitlines()[-1].startswith("== task 1 exit status 0")
+
+
+@pytest.mark.slurm
+def test_a_cancelled_task_stays_cancelled(tmp_path, demo_env, slurm_cluster):
+    """Plain ``scancel`` sends SIGTERM: the trainer writes last.pt and stops, and must not
+    requeue the job the user cancelled."""
+    sweep_dir = tmp_path / "sweep"
+    job = _submit_one(sweep_dir, "6", demo_env, "400")
+    run_dir = Path(demo_env["LCL_RUNS_ROOT"]) / "demo" / "baseline" / "tr1_c1_v6"
+    _wait_for(run_dir / "checkpoints" / "last.pt", 400, job)
+    subprocess.run(["scancel", job], check=True)
+    deadline = time.time() + 120
+    while _state(job) and time.time() < deadline:
+        time.sleep(1)
+    time.sleep(5)  # a requeue by the trainer would show the task pending again
+    assert not _state(job)
+    log = (sweep_dir / "logs" / "1.log").read_text()
+    assert "not requeued after SIGTERM" in log, log[-3000:]
+    assert not (sweep_dir / "status" / "1.rc").exists()
+    assert not (run_dir / "test_results").exists()

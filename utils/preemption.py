@@ -1,6 +1,9 @@
 """Pre-emption: a trainer sent SIGTERM or SIGUSR1 stops at the next iteration boundary, writes
-its periodic checkpoint, requeues its SLURM job (when it runs in one) and exits with
-`PREEMPTED_EXIT`; the same command with --resume continues it.
+its periodic checkpoint and exits with `PREEMPTED_EXIT`; the same command with --resume
+continues it. After SIGUSR1 (SLURM's warning before the time limit, ``--signal=USR1@N``) it
+also requeues its SLURM job. After SIGTERM it does not: under SLURM that signal means the job
+is ending by ``scancel`` (requeueing would undo the user's cancel) or by SLURM itself
+(a requeue or pre-emption SLURM carries out, where a second requeue is refused).
 
 The signal handler only records the signal (`StopRequests`); the run's periodic step
 (`utils.training.Run`) looks at it between iterations, where the state is whole.
@@ -53,7 +56,7 @@ class Preempted(Exception):
     def __init__(self, run_dir: Path, iteration: int, signal_name: str) -> None:
         super().__init__(f"stopped by {signal_name} after iteration {iteration}; "
                          f"{run_dir / 'checkpoints' / 'last.pt'} holds the run so far")
-        self.run_dir, self.iteration = run_dir, iteration
+        self.run_dir, self.iteration, self.signal_name = run_dir, iteration, signal_name
 
 
 def slurm_job_id(environ: Mapping[str, str]) -> str | None:
@@ -70,12 +73,15 @@ def requeue_command(environ: Mapping[str, str]) -> list[str] | None:
     return None if job is None else ["scontrol", "requeue", job]
 
 
-def requeue(environ: Mapping[str, str] | None = None) -> str:
-    """Requeue the SLURM job this process runs in (nothing outside SLURM); returns a line
-    saying what was done."""
+def requeue(environ: Mapping[str, str] | None = None, signal_name: str = "SIGUSR1") -> str:
+    """After ``signal_name``, requeue the SLURM job this process runs in (only after SIGUSR1;
+    nothing outside SLURM); returns a line saying what was done."""
     command = requeue_command(os.environ if environ is None else environ)
     if command is None:
         return "not a SLURM job: rerun the same command with --resume to continue"
+    if signal_name != "SIGUSR1":
+        return (f"not requeued after {signal_name} (SLURM cancels or requeues the job itself); "
+                "resubmit the same command with --resume to continue")
     shown = " ".join(command)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)

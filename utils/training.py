@@ -374,7 +374,7 @@ def run_main(main: Callable[[], None]) -> None:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Preempted as stopped:
-        print(f"{stopped}; {requeue()}", file=sys.stderr, flush=True)
+        print(f"{stopped}; {requeue(signal_name=stopped.signal_name)}", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
