@@ -33,7 +33,6 @@ import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,6 +55,7 @@ from utils.joint_training import (  # noqa: E402
     joint_batch,
     joint_iteration,
 )
+from utils.mixed_precision import MixedPrecision, mixed_precision  # noqa: E402
 from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
 from utils.training import NonFiniteGuard  # noqa: E402
 
@@ -157,13 +157,14 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device,
 
 
 def reference_figures(cfg: experiment_init.ExperimentConfig, size: tuple[int, int], n: int,
-                      repeats: int, device: torch.device, autocast: Callable[[], object],
+                      repeats: int, device: torch.device, precision: MixedPrecision,
                       report: Callable[[str, float, str], None]) -> float:
     """Time one optimizer step (soft Dice, Adam) of the plain `UNet` on n x 1 x size synthetic
     slices, in channels_last (figure reference_unet_step) and in the default layout
     (reference_unet_step_nchw). Returns the channels_last seconds per step."""
     images, labels = synthetic_slices(n, size, cfg.num_classes, torch.Generator().manual_seed(0))
     y = to_onehot(labels, cfg.num_classes).to(device)
+    autocast = precision.autocast
     seconds: dict[str, float] = {}
     for fig, layout in (("reference_unet_step", torch.channels_last),
                         ("reference_unet_step_nchw", torch.contiguous_format)):
@@ -174,10 +175,8 @@ def reference_figures(cfg: experiment_init.ExperimentConfig, size: tuple[int, in
         def step(ref: nn.Module = ref, opt: torch.optim.Optimizer = opt,
                  x: torch.Tensor = x) -> None:
             with autocast():
-                loss = soft_dice_loss(ref(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                logits = ref(x)
+            precision.step(soft_dice_loss(logits.float(), y), opt)
 
         seconds[fig] = timed(step, repeats, device)
         report(fig, seconds[fig], "s")
@@ -189,7 +188,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dataset", default="acdc")
     parser.add_argument("--amp", default=None, choices=(None, "bf16", "fp16"),
-                        help="autocast dtype for the network (GPU)")
+                        help="as the trainers' --amp: the network under autocast")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--low_memory", action="store_true",
@@ -219,14 +218,12 @@ def main() -> None:
         figures.append((fig, value, unit))
         print(f"{fig:<26}{value:>12.4f}  {unit}", flush=True)
 
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+    precision = mixed_precision(args.amp or "off", device)
+    autocast = precision.autocast
 
     if args.reference:
         # No configure_backend: the peer ran with PyTorch's defaults.
-        t_ref = reference_figures(cfg, size, n_all, repeats, device, autocast, report)
+        t_ref = reference_figures(cfg, size, n_all, repeats, device, precision, report)
         if device.type == "cpu" and (n_all, *size) == (20, 192, 192):  # the peer's batch
             report("machine_factor", t_ref / PEER_REFERENCE_STEP_S, "x")
         print_json(figures, info)
@@ -247,8 +244,7 @@ def main() -> None:
     guard = NonFiniteGuard(max_consecutive=10)  # the trainer's check (one sync per step)
 
     def joint() -> None:
-        with autocast():
-            joint_iteration(model, opt, data, s, soft_dice_loss, gen, guard.ok, 0)
+        joint_iteration(model, opt, data, s, soft_dice_loss, gen, guard.ok, 0, precision)
 
     synchronize(device)
     t_ready = time.perf_counter()
@@ -267,10 +263,7 @@ def main() -> None:
         model.train()
         with autocast():
             logits, _ = model(batch, s.n_seg)
-            loss = soft_dice_loss(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        precision.step(soft_dice_loss(logits.float(), y), opt)
 
     # Interleaved: the ratio is that of back-to-back pairs of steps (median over pairs).
     net_times, joint_times = sample_times([network, joint], repeats, device)

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
 
         def step(it: int) -> dict[str, torch.Tensor]:
             loss, loss_seg, loss_lcl = joint_iteration(model, optimizer, data, settings,
-                                                       dice_loss, run.generator, run.guard.ok, it)
+                                                       dice_loss, run.generator, run.guard.ok, it,
+                                                       run.precision)
             return {"loss": loss, "loss_seg": loss_seg, "loss_local": loss_lcl}
 
         run.train(model, optimizer, rnd.iterations, step, f"joint round {rnd.index + 1}",

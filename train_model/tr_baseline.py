@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> None:
         if not args.en_1hot:
             y = F.one_hot(y.argmax(1), cfg.num_classes).permute(0, 3, 1, 2).float()
         model.train()
-        loss = loss_fn(model(x.contiguous(memory_format=torch.channels_last)), y)
+        with run.precision.autocast():
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+        loss = loss_fn(logits.float(), y)
         if run.guard.ok(loss, it):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            run.precision.step(loss, optimizer)
         return {"loss_seg": loss.detach()}
 
     run.train(model, optimizer, range(args.n_iter), step, "baseline")

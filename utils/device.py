@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import os
+from collections.abc import Mapping
 
 import torch
 
@@ -19,6 +21,37 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"--device={name!r}: choose auto, cpu or cuda")
     return torch.device(name)
+
+
+def cpu_threads(requested: int | None, environ: Mapping[str, str],
+                affinity: set[int]) -> tuple[int, str]:
+    """The CPU threads to compute with and where the number comes from: ``requested``
+    (--threads), else $OMP_NUM_THREADS, else $SLURM_CPUS_PER_TASK (SLURM may not pin the
+    task to its CPUs), else the CPUs in this process's ``affinity`` mask; never more than
+    those CPUs, as extra threads only wait for each other on a shared machine."""
+    cpus = max(1, len(affinity))
+    for value, source in ((requested, "--threads"),
+                          (environ.get("OMP_NUM_THREADS"), "OMP_NUM_THREADS"),
+                          (environ.get("SLURM_CPUS_PER_TASK"), "SLURM_CPUS_PER_TASK")):
+        if value is None or value == "":
+            continue
+        try:
+            n = int(value)
+        except ValueError:
+            raise ConfigError(f"{source}={value!r}: expected a number of threads") from None
+        if n < 1:
+            raise ConfigError(f"{source}={value!r}: expected a number of threads >= 1")
+        return min(n, cpus), source
+    return cpus, "CPUs this process may run on"
+
+
+def set_cpu_threads(requested: int | None) -> tuple[int, str]:
+    """Apply `cpu_threads` for this process (torch's intra-op threads); returns it."""
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") \
+        else set(range(os.cpu_count() or 1))
+    n, source = cpu_threads(requested, os.environ, affinity)
+    torch.set_num_threads(n)
+    return n, source
 
 
 def _glibc_function(name: str):

@@ -99,6 +99,12 @@ FLAGS: tuple[Flag, ...] = (
     _both("ckpt_every", resume_free=True, type=positive_int, default=200,
           help="iterations between periodic checkpoints (for --resume)"),
     _both("no_progress", resume_free=True, action="store_true", help="hide progress bars"),
+    _both("amp", default="off", choices=("off", "bf16", "fp16"),
+          help="mixed precision of the network's forward: bf16 (CPU with AMX or AVX512-BF16, "
+          "or GPU) or fp16 (GPU, with a gradient scaler); losses and optimizer stay float32"),
+    _both("threads", resume_free=True, type=positive_int, default=None,
+          help="CPU threads (default: $OMP_NUM_THREADS, else $SLURM_CPUS_PER_TASK, else the "
+          "CPUs this process may run on)"),
     _both("low_memory", resume_free=True, action="store_true",
           help="CPU: return freed tensor memory to the OS after use (lower peak memory, slower "
           "steps)"),

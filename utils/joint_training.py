@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from losses.local_contrastive import local_contrastive_loss, sample_positive_indices
 from utils.augment import augment_batch, to_onehot
+from utils.mixed_precision import MixedPrecision
 from utils.sampling import (
     contrastive_batch,
     contrastive_index,
@@ -112,18 +113,21 @@ def joint_iteration(
     generator: torch.Generator,
     step_ok,
     iteration: int,
+    precision: MixedPrecision | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Build a batch, compute Dice + λ·local loss, and step unless ``step_ok(loss, it)`` is
-    False (a non-finite loss). Returns (loss, dice loss, local contrastive loss), detached."""
+    False (a non-finite loss). The network runs under ``precision``'s autocast (float32 when
+    None); both losses are computed in float32. Returns (loss, dice loss, local contrastive
+    loss), detached."""
+    precision = precision or MixedPrecision(data.lab_img.device.type, None)
     images, y, yc, pos_idx = joint_batch(data, s, generator)
     model.train()
-    logits, emb = model(images, s.n_seg)
-    loss_seg = dice_loss(logits, y)
-    loss_lcl = local_contrastive_loss(emb, yc, pos_idx, temperature=s.temp_fac,
+    with precision.autocast():
+        logits, emb = model(images, s.n_seg)
+    loss_seg = dice_loss(logits.float(), y)
+    loss_lcl = local_contrastive_loss(emb.float(), yc, pos_idx, temperature=s.temp_fac,
                                       inter_image=s.inter_image, reduction=s.loss_reduction)
     loss = loss_seg + s.lamda_local * loss_lcl
     if step_ok(loss, iteration):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.step(loss, optimizer)
     return loss.detach(), loss_seg.detach(), loss_lcl.detach()

@@ -31,10 +31,16 @@ from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
 from models import cpu_training
 from utils.dataset import ensure_demo_data, load_eval_volumes, verify_inputs
-from utils.device import configure_backend, release_freed_memory, resolve_device
+from utils.device import (
+    configure_backend,
+    release_freed_memory,
+    resolve_device,
+    set_cpu_threads,
+)
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
 from utils.flags import BASELINE, JOINT, RESUME_FREE_FLAGS
 from utils.io import DataError, DiskFullError
+from utils.mixed_precision import MixedPrecision, mixed_precision
 from utils.preemption import PREEMPTED_EXIT, Preempted, StopRequests, requeue
 from utils.provenance import now, session
 from utils.run import (
@@ -198,13 +204,15 @@ class Run:
     val_ids, [pool_ids,] test_ids), ``state`` (the interrupted run's last.pt, or None),
     ``start_iteration`` (the first iteration to run, set by `resume`), ``keeper``, ``guard``,
     ``log``, ``record`` (what config.yaml holds), ``stop`` (SIGTERM/SIGUSR1 received, from
-    here until `finish`).
+    here until `finish`), ``precision`` (--amp: the forward's autocast and the update step).
     """
 
     def __init__(self, args: argparse.Namespace, cfg: ExperimentConfig, device: torch.device,
                  generator: torch.Generator, run_dir: Path, ids: dict[str, list[str]],
-                 state: dict[str, Any] | None, record: dict[str, Any]) -> None:
+                 state: dict[str, Any] | None, record: dict[str, Any],
+                 precision: MixedPrecision | None = None) -> None:
         self.args, self.cfg, self.device, self.generator = args, cfg, device, generator
+        self.precision = precision or MixedPrecision(device.type, None)
         self.run_dir, self.ids, self.state, self.record = run_dir, ids, state, record
         self.start_iteration = 0
         self.saved_iteration = -1  # the iteration checkpoints/last.pt holds
@@ -227,6 +235,7 @@ class Run:
         self.keeper.best_score, self.keeper.best_iteration = s["best_score"], s["best_iteration"]
         self.guard.total, self.guard.consecutive = s["bad_total"], s["bad_consecutive"]
         restore_rng_state(s["rng"], self.generator)
+        self.precision.load_state_dict(s.get("grad_scaler", {}))
         self.saved_iteration = int(s["iteration"])
         self.start_iteration = self.saved_iteration + 1
         print(f"resuming {self.run_dir} at iteration {self.start_iteration}", flush=True)
@@ -280,6 +289,7 @@ class Run:
             "bad_consecutive": self.guard.consecutive,
             "log_rows": self.log.rows,
             "rng": rng_state(self.generator),
+            "grad_scaler": self.precision.state_dict(),
             **(extra or {}),
         })
         self.saved_iteration = iteration
@@ -340,12 +350,15 @@ def start_run(
     ids["test_ids"] = cfg.test
     seed = args.seed if args.seed is not None else args.ver
     device = resolve_device(args.device)
+    precision = mixed_precision(args.amp, device)
     configure_backend(device, args.low_memory)
+    threads, threads_from = set_cpu_threads(args.threads)
     generator = seed_everything(seed)
     run_dir = run_directory(cfg, args, step)
     state = open_run_dir(run_dir, args)
     if state is None:
-        flags = {**vars(args), "seed": seed, "device": str(device), **recorded}
+        flags = {**vars(args), "seed": seed, "device": str(device), "threads": threads,
+                 **recorded}
         record = {"trainer": TRAINERS[step], "flags": flags, "config": cfg.to_dict(), **ids,
                   "provenance": {**session(device), "ended": None}}
     else:
@@ -355,10 +368,11 @@ def start_run(
             session(device))
     save_config(run_dir, record)
     print(f"{step} {cfg.dataset} {args.no_of_tr_imgs}/{args.comb_tr_imgs}: labeled "
-          f"{ids['labeled_ids']}, {plan} on {device}", flush=True)
+          f"{ids['labeled_ids']}, {plan} on {device} ({threads} CPU threads: {threads_from}"
+          f"{'' if args.amp == 'off' else '; --amp ' + args.amp})", flush=True)
     ensure_demo_data(cfg)
     verify_inputs(cfg, ids["labeled_ids"] + ids.get("pool_ids", []), ids["val_ids"] + cfg.test)
-    return Run(args, cfg, device, generator, run_dir, ids, state, record)
+    return Run(args, cfg, device, generator, run_dir, ids, state, record, precision)
 
 
 def run_main(main: Callable[[], None]) -> None:
