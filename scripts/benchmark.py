@@ -29,8 +29,10 @@ _T0 = time.perf_counter()  # before the heavy imports: time_to_first_step counts
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -48,7 +50,7 @@ from models import cpu_training  # noqa: E402
 from models.unet import JointUNet, UNet  # noqa: E402
 from utils.augment import to_onehot  # noqa: E402
 from utils.crf import CRFParams  # noqa: E402
-from utils.device import configure_backend, resolve_device  # noqa: E402
+from utils.device import configure_backend, resolve_device, set_cpu_threads  # noqa: E402
 from utils.joint_training import (  # noqa: E402
     JointSettings,
     build_joint_data,
@@ -183,6 +185,83 @@ def reference_figures(cfg: experiment_init.ExperimentConfig, size: tuple[int, in
     return seconds["reference_unet_step"]
 
 
+def network_rate(cfg: experiment_init.ExperimentConfig, size: tuple[int, int],
+                 device: torch.device, precision: MixedPrecision, seconds: float) -> None:
+    """A ``--concurrent`` worker: set up the network step as `main` does, print ``ready``,
+    wait for a line on stdin (all workers start together), run network steps for ``seconds``
+    and print ``{"steps_per_s": ...}`` (whole steps over the time they took)."""
+    s = JointSettings(num_classes=cfg.num_classes, n_seg=cfg.mtask_bs)
+    images, labels = synthetic_slices(s.n_seg + 2 * s.bt_size, size, cfg.num_classes,
+                                      torch.Generator().manual_seed(0))
+    batch = images.to(device).contiguous(memory_format=torch.channels_last)
+    y = to_onehot(labels[: s.n_seg], cfg.num_classes).to(device)
+    model = JointUNet(cfg.num_classes).to(device, memory_format=torch.channels_last)
+    if device.type == "cpu":
+        cpu_training.install(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        with precision.autocast():
+            logits, _ = model(batch, s.n_seg)
+        precision.step(soft_dice_loss(logits.float(), y), opt)
+
+    step()
+    synchronize(device)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start = time.perf_counter()
+    steps = 0
+    while time.perf_counter() - start < seconds:
+        step()
+        synchronize(device)
+        steps += 1
+    print(json.dumps({"steps_per_s": steps / (time.perf_counter() - start),
+                      "threads": torch.get_num_threads()}), flush=True)
+
+
+def concurrent_rates(argv: list[str], n: int, threads: int | None, seconds: float) -> list[float]:
+    """Steps per second of each of ``n`` `network_rate` workers started together, each with
+    ``threads`` CPU threads as the sweep's local workers get them (``OMP_NUM_THREADS``), or
+    with no settings at all (None: two trainers started by hand)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") and not k.startswith("SLURM_")}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, __file__, *argv, "--rate_worker", str(seconds)]
+    procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(n)]
+    for p in procs:
+        line = "-"
+        while line and line.strip() != "ready":  # after the worker's table header
+            line = p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a --concurrent worker failed: {' '.join(cmd)}")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    rates = []
+    for p in procs:
+        out, _ = p.communicate(timeout=seconds * 20 + 600)
+        rates.append(json.loads(out.strip().splitlines()[-1])["steps_per_s"])
+    return rates
+
+
+def concurrent_figures(argv: list[str], n: int, seconds: float,
+                       report: Callable[[str, float, str], None]) -> None:
+    """``concurrent_efficiency``: the aggregate steps per second of ``n`` network-step
+    processes with the CPUs split between them (as the sweep starts them) over the best single
+    process on the same CPUs (all of them, or one share); ``concurrent_efficiency_default``:
+    the same with ``n`` processes started with no thread settings."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    share = max(1, (cpus or 1) // n)
+    single = max(concurrent_rates(argv, 1, t, seconds)[0] for t in sorted({cpus, share}))
+    report("single_steps_per_s", single, "1/s")
+    split = concurrent_rates(argv, n, share, seconds)
+    report("concurrent_efficiency", sum(split) / single, "x")
+    default = concurrent_rates(argv, n, None, seconds)
+    report("concurrent_efficiency_default", sum(default) / single, "x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -196,7 +275,16 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true",
                         help="time only the plain UNet, the peer measured on another machine, "
                              "with PyTorch's default settings; prints machine_factor")
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=None,
+                        help="as the trainers' --threads (not with --reference)")
+    parser.add_argument("--concurrent", type=int, default=None, metavar="N",
+                        help="time only N network-step processes run together (see "
+                        "concurrent_figures) against one alone")
+    parser.add_argument("--seconds", type=float, default=30.0,
+                        help="--concurrent: seconds each process steps")
+    parser.add_argument("--rate_worker", type=float, default=None, help=argparse.SUPPRESS)
+    argv = sys.argv[1:]
+    args = parser.parse_args(argv)
     t_imported = time.perf_counter()
     device = resolve_device(args.device)
     cfg = experiment_init.load(args.dataset)
@@ -204,6 +292,8 @@ def main() -> None:
     repeats = 2 if args.quick else args.repeats
     s = JointSettings(num_classes=cfg.num_classes, n_seg=cfg.mtask_bs)
     n_all = s.n_seg if args.reference else s.n_seg + 2 * s.bt_size
+    if not args.reference:  # the peer ran with PyTorch's default threads
+        set_cpu_threads(args.threads)
     info = {"device": device.type,
             "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "dataset": args.dataset, "batch": f"{n_all}x1x{size[0]}x{size[1]}",
@@ -221,6 +311,17 @@ def main() -> None:
     precision = mixed_precision(args.amp or "off", device)
     autocast = precision.autocast
 
+    if args.rate_worker is not None:
+        configure_backend(device, args.low_memory)
+        network_rate(cfg, size, device, precision, args.rate_worker)
+        return
+    if args.concurrent is not None:
+        own = ("--concurrent", "--seconds", "--threads")  # the workers get their own
+        keep = [a for i, a in enumerate(argv) if not a.startswith(own)
+                and (i == 0 or argv[i - 1] not in own)]
+        concurrent_figures(keep, args.concurrent, args.seconds, report)
+        print_json(figures, info)
+        return
     if args.reference:
         # No configure_backend: the peer ran with PyTorch's defaults.
         t_ref = reference_figures(cfg, size, n_all, repeats, device, precision, report)
