@@ -57,9 +57,13 @@ from utils.joint_training import (  # noqa: E402
     joint_batch,
     joint_iteration,
 )
-from utils.mixed_precision import MixedPrecision, mixed_precision  # noqa: E402
+from utils.mixed_precision import MixedPrecision, cpu_flags, mixed_precision  # noqa: E402
+from utils.provenance import device_name, git_state  # noqa: E402
 from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
 from utils.training import NonFiniteGuard  # noqa: E402
+
+# The /proc/cpuinfo flags that decide CPU step times, recorded with every figure.
+SPEED_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def synthetic_slices(n: int, size: tuple[int, int], num_classes: int,
@@ -294,8 +298,10 @@ def main() -> None:
     n_all = s.n_seg if args.reference else s.n_seg + 2 * s.bt_size
     if not args.reference:  # the peer ran with PyTorch's default threads
         set_cpu_threads(args.threads)
-    info = {"device": device.type,
-            "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    features = sorted((cpu_flags() or set()) & set(SPEED_FEATURES))
+    info = {"device": device.type, "machine": device_name(device),
+            "cpu_features": " ".join(features), "cpus": len(os.sched_getaffinity(0)),
+            "commit": (git_state()["git_commit"] or "?")[:7],
             "dataset": args.dataset, "batch": f"{n_all}x1x{size[0]}x{size[1]}",
             "amp": args.amp or "off", "threads": torch.get_num_threads(), "quick": args.quick,
             "low_memory": args.low_memory or args.reference}

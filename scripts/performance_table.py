@@ -1,0 +1,89 @@
+"""The README's performance table from `scripts/benchmark.py` JSON lines.
+
+    python scripts/benchmark.py --device cpu > fp32.txt
+    python scripts/benchmark.py --device cpu --amp bf16 > bf16.txt
+    python scripts/performance_table.py fp32.txt bf16.txt [--goals]
+
+Each file is one benchmark run (its table rows and other lines are skipped); each becomes a
+column named after its settings. The header names the machine (model, CPU features, CPUs),
+the batch and the commit of each run; a figure a run did not measure is left empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# Where each figure's goal is (issue texts); shown with --goals.
+GOALS = {
+    "overhead_ratio": "≤ 1.10",
+    "contrastive_loss_speedup": "≥ 50×",
+    "contrastive_loss_share": "≤ 3 %",
+    "peak_memory": "< 4 GB",
+    "time_to_first_step": "< 5 s",
+    "concurrent_efficiency": "≥ 0.95",
+}
+# How each unit is printed.
+FORMATS = {"s": "{:.3f} s", "x": "{:.3f}", "GiB": "{:.2f} GiB", "1/s": "{:.3f} /s"}
+
+
+def read_run(path: Path) -> list[dict]:
+    """The JSON figure lines of one benchmark output file."""
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "name" in row and "value" in row:
+                rows.append(row)
+    if not rows:
+        raise SystemExit(f"error: {path}: no benchmark JSON lines (the output of "
+                         "scripts/benchmark.py)")
+    return rows
+
+
+def column_name(row: dict) -> str:
+    parts = [f"amp {row.get('amp', 'off')}", f"{row.get('threads', '?')} threads"]
+    return ", ".join(parts)
+
+
+def table(runs: list[list[dict]], goals: bool = False) -> str:
+    """A markdown table: a row per figure (first-seen order), a column per run."""
+    names: list[str] = []
+    for rows in runs:
+        names += [r["name"] for r in rows if r["name"] not in names]
+    first = [rows[0] for rows in runs]
+    machines = sorted({f"{r.get('machine', '?')} ({r.get('cpus', '?')} CPUs; features: "
+                       f"{r.get('cpu_features') or 'none of note'})" for r in first})
+    header = [f"Machine: {'; '.join(machines)}. "
+              + "; ".join(f"column {i + 1}: `{r.get('batch', '?')}` batch, {r.get('device')}"
+                          f", commit {r.get('commit', '?')}" for i, r in enumerate(first)) + ".",
+              ""]
+    cols = [column_name(r) for r in first]
+    lines = ["| figure | " + " | ".join(cols) + (" | goal |" if goals else " |"),
+             "|---|" + "---|" * (len(cols) + goals)]
+    for name in names:
+        cells = []
+        for rows in runs:
+            found = [r for r in rows if r["name"] == name]
+            cells.append(FORMATS.get(found[0]["unit"], "{:.4g} " + found[0]["unit"]).format(
+                found[0]["value"]) if found else "")
+        goal = [GOALS.get(name, "")] if goals else []
+        lines.append("| " + " | ".join([name, *cells, *goal]) + " |")
+    return "\n".join(header + lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outputs", nargs="+", type=Path, help="benchmark output files")
+    parser.add_argument("--goals", action="store_true", help="add the goals column")
+    args = parser.parse_args(argv)
+    print(table([read_run(p) for p in args.outputs], args.goals))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

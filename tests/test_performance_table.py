@@ -1,0 +1,41 @@
+"""scripts/performance_table.py: each benchmark output becomes a column, each figure a row with
+its value in its unit, a figure one run lacks stays empty, and the header names the machine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def _write(path, amp, figures):
+    info = {"device": "cpu", "machine": "Test CPU 9000", "cpu_features": "avx2 avx512_bf16",
+            "cpus": 2, "commit": "abc1234", "batch": "40x1x192x192", "amp": amp, "threads": 2}
+    lines = ["figure   value  unit", "network_step  1.0  s"]  # table rows are skipped
+    lines += [json.dumps({"name": n, "value": v, "unit": u, **info}) for n, v, u in figures]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_columns_rows_units_and_header(tmp_path, load_script):
+    table = load_script("performance_table")
+    a = _write(tmp_path / "a.txt", "off", [("network_step", 2.5, "s"),
+                                           ("overhead_ratio", 1.0123, "x"),
+                                           ("peak_memory", 3.456, "GiB")])
+    b = _write(tmp_path / "b.txt", "bf16", [("network_step", 1.25, "s"),
+                                            ("overhead_ratio", 0.99, "x")])
+    out = table.table([table.read_run(a), table.read_run(b)], goals=True)
+    lines = out.splitlines()
+    assert lines[0].startswith("Machine: Test CPU 9000 (2 CPUs; features: avx2 avx512_bf16)")
+    assert "commit abc1234" in lines[0]
+    assert "| figure | amp off, 2 threads | amp bf16, 2 threads | goal |" in lines
+    assert "| network_step | 2.500 s | 1.250 s |  |" in lines
+    assert "| overhead_ratio | 1.012 | 0.990 | ≤ 1.10 |" in lines
+    assert "| peak_memory | 3.46 GiB |  | < 4 GB |" in lines
+
+
+def test_a_file_without_figures_is_an_error(tmp_path, load_script):
+    table = load_script("performance_table")
+    (tmp_path / "x.txt").write_text("nothing here\n")
+    with pytest.raises(SystemExit, match="x.txt: no benchmark JSON lines"):
+        table.read_run(tmp_path / "x.txt")
