@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import os
+from collections.abc import Mapping
 
 import torch
 
@@ -19,6 +21,22 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"--device={name!r}: choose auto, cpu or cuda")
     return torch.device(name)
+
+
+def available_cpus(environ: Mapping[str, str] | None = None) -> int:
+    """How many CPUs this process may use (at least 1): its CPU affinity
+    (``os.sched_getaffinity``; ``os.cpu_count()`` where the OS has none), capped by
+    ``SLURM_CPUS_PER_TASK`` when ``environ`` (default ``os.environ``) sets it, since a SLURM
+    task confined by cgroups alone still sees every CPU of the node in its affinity."""
+    environ = os.environ if environ is None else environ
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    slurm = environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        cpus = min(cpus, int(slurm))
+    return max(cpus, 1)
 
 
 def _glibc_function(name: str):
