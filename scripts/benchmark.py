@@ -8,10 +8,11 @@ Prints a table and one JSON line per figure, e.g.
 Figures are medians over ``--repeats`` runs after one warm-up run; network and joint steps
 are timed alternately and ``overhead_ratio`` is the median ratio of back-to-back pairs.
 ``joint_batch`` (batch sampling and augmentation alone) shows the host-side part of the
-overhead. Synthetic slices of the dataset's crop size are used (no data needed); the joint
-step is the trainer's own `utils.joint_training.joint_iteration`. ``--quick`` uses a quarter
-of the crop area and fewer repeats (a smoke run that finishes in about two minutes on two CPU
-cores).
+overhead. ``crf_volume_w<n>`` times the CRF stage alone over n worker processes (1, 2, and all
+available CPUs when more), ``crf_scaling_w<n>`` its speed-up over one worker divided by n.
+Synthetic slices of the dataset's crop size are used (no data needed); the joint step is the
+trainer's own `utils.joint_training.joint_iteration`. ``--quick`` uses a quarter of the crop
+area and fewer repeats (a smoke run that finishes in about two minutes on two CPU cores).
 
 ``--reference`` times only the peer the issue measured on another machine: the plain PyTorch
 U-Net of the published shape (`models.unet.UNet` without `models.cpu_training`), 20 images,
@@ -49,8 +50,14 @@ from losses.local_contrastive import local_contrastive_loss, sample_positive_ind
 from models import cpu_training  # noqa: E402
 from models.unet import JointUNet, UNet  # noqa: E402
 from utils.augment import to_onehot  # noqa: E402
-from utils.crf import CRFParams  # noqa: E402
-from utils.device import configure_backend, resolve_device, set_cpu_threads  # noqa: E402
+from utils.crf import CRFParams, CRFPool  # noqa: E402
+from utils.device import (  # noqa: E402
+    available_cpus,
+    configure_backend,
+    resolve_device,
+    set_cpu_threads,
+)
+from utils.evaluation import predict_slices  # noqa: E402
 from utils.joint_training import (  # noqa: E402
     JointSettings,
     build_joint_data,
@@ -418,7 +425,37 @@ def main() -> None:
 
     # inner=1: the CRF runs on the CPU and takes about a second; batching calls gains nothing.
     report("pseudo_label_volume", timed(pseudo, repeats, device, inner=1), "s")
+    crf_figures(model, unl_img, crf, repeats, device, report)
     print_json(figures, info)
+
+
+def crf_figures(model: nn.Module, images: torch.Tensor, crf: CRFParams, repeats: int,
+                device: torch.device, report: Callable[[str, float, str], None]) -> None:
+    """The CRF stage of pseudo-labelling alone, per 10-slice volume, over `CRFPool`s of 1, 2
+    and (when more) all available CPUs' workers: 4 volumes per sample, handed to the pool as
+    `make_pseudo_labels` does on this device. Figures ``crf_volume_w<n>`` (s),
+    ``crf_scaling_w<n>`` (speed-up over 1 worker / n) and ``crf_pool_start_w<n>`` (the first
+    pass's extra seconds: starting the processes, each importing this script again)."""
+    volumes = [(images[s : s + 10, 0].cpu().numpy(),
+                predict_slices(model, images[s : s + 10], device).cpu().numpy())
+               for s in range(0, 40, 10)]
+    cpus = available_cpus()
+    seconds: dict[int, float] = {}
+    for n in [1, 2] + ([cpus] if cpus > 2 else []):
+        with CRFPool(crf, n, eager=device.type == "cuda") as pool:
+
+            def refine(pool: CRFPool = pool) -> None:
+                for pending in [pool.refine(*volume) for volume in volumes]:
+                    pending.result()
+
+            t = time.perf_counter()
+            refine()
+            first = time.perf_counter() - t
+            seconds[n] = timed(refine, repeats, device, inner=1) / len(volumes)
+        report(f"crf_volume_w{n}", seconds[n], "s")
+        if n > 1:
+            report(f"crf_scaling_w{n}", seconds[1] / (n * seconds[n]), "x")
+            report(f"crf_pool_start_w{n}", first - seconds[n] * len(volumes), "s")
 
 
 def print_json(figures: list[tuple[str, float, str]], info: dict[str, object]) -> None:

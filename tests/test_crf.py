@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from scipy import ndimage
 import experiment_init
 from utils.crf import (
     CRFParams,
+    CRFPool,
     crf_refine_slice,
     crf_refine_volume,
 )
@@ -236,3 +239,77 @@ def test_shape_mismatch_errors_name_the_shapes() -> None:
 
 def crf_params_for(dataset: str) -> CRFParams:
     return CRFParams(**experiment_init.load(dataset).crf_params)
+
+
+# ------------------------------------------------------------------- the pool of processes
+
+
+def _pool_volumes() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Volumes of 3, 1, 4, 2 and 0 noisy 48 px slices, each slice's speckles and image its own
+    (random 8 px blocks over the structures), so that slices swapped within or between volumes
+    change the labels."""
+    gt = _disk_ring_labels(48)
+    volumes, seed = [], 0
+    for n in (3, 1, 4, 2, 0):
+        slices = [_noisy_probs(gt, seed=seed + i) for i in range(n)]
+        blocks = np.random.default_rng(seed).random((n, 6, 6)).repeat(8, 1).repeat(8, 2)
+        seed += n
+        images = (np.stack([s[0] for s in slices]) + blocks if n else
+                  np.zeros((0, 48, 48))).astype(np.float32)
+        probs = np.stack([s[2] for s in slices]) if n else np.zeros((0, 3, 48, 48))
+        volumes.append((images, probs))
+    return volumes
+
+
+# A bilateral term that reads the image (a_sxy > 0.1 px), unlike the published a_sxy = 0.01.
+IMAGE_AWARE = CRFParams(a_sxy=3.0, a_srgb=0.1, a_w1=10.0, g_sxy=5.0, g_w2=30.0, n_iter=10)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_pool_gives_the_serial_labels_bit_for_bit(eager: bool) -> None:
+    volumes = _pool_volumes()
+    serial = [crf_refine_volume(images, probs, IMAGE_AWARE) for images, probs in volumes]
+    # The images matter: each volume's labels change with another volume's image.
+    for (_, probs), other, labels in zip(volumes[:3], (1, 2, 0), serial, strict=False):
+        swapped = crf_refine_volume(volumes[other][0][:1], probs[:1], IMAGE_AWARE)
+        assert not np.array_equal(swapped, labels[:1])
+    with CRFPool(IMAGE_AWARE, 2, eager=eager, backlog=3) as pool:
+        pending = []
+        for images, probs in volumes:
+            pending.append(pool.refine(images, torch.from_numpy(probs)))
+            # at most `backlog` slices held in flight, or one volume when it has more
+            assert pool._slices_in_flight() <= max(3, images.shape[0])
+        parallel = [p.result() for p in pending]
+    for got, want in zip(parallel, serial, strict=True):
+        assert got.dtype == want.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+
+
+def _worker_settings() -> dict[str, object]:
+    import torch
+
+    return {"pid": os.getpid(), "omp": os.environ.get("OMP_NUM_THREADS"),
+            "torch_threads": torch.get_num_threads(),
+            "ignored": [signal.getsignal(s) == signal.SIG_IGN
+                        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]}
+
+
+def test_pool_workers_are_single_threaded_and_leave_stop_signals_to_the_parent() -> None:
+    with CRFPool(IMAGE_AWARE, 2) as pool:
+        got = pool._executor.submit(_worker_settings).result()
+    assert got["pid"] != os.getpid()
+    assert got["omp"] == "1" and got["torch_threads"] == 1
+    assert got["ignored"] == [True, True, True]
+
+
+def test_one_worker_is_the_serial_path_in_this_process(monkeypatch) -> None:
+    def no_processes(*args, **kwargs):
+        raise AssertionError("workers=1 must not start processes")
+
+    monkeypatch.setattr("utils.crf.ProcessPoolExecutor", no_processes)
+    images, probs = _pool_volumes()[0]
+    with CRFPool(IMAGE_AWARE, 1, eager=True) as pool:
+        labels = pool.refine(images, probs).result()
+    np.testing.assert_array_equal(labels, crf_refine_volume(images, probs, IMAGE_AWARE))
+    with pytest.raises(ValueError, match="workers"):
+        CRFPool(IMAGE_AWARE, 0)

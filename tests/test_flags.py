@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import experiment_init
-from utils.flags import BASELINE, FLAGS, JOINT, parse_flags, parser, route
+from utils.flags import BASELINE, FLAGS, JOINT, RESUME_FREE_FLAGS, parse_flags, parser, route
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,16 @@ def test_each_step_parses_its_own_flags_only():
     both = {f.name for f in FLAGS if set(f.steps) == {BASELINE, JOINT}}
     assert {"max_bad_steps", "n_iter", "ckpt_every", "resume"} <= both
     assert vars(parser(BASELINE).parse_args([])).keys() == both
+
+
+def test_crf_workers_is_a_joint_flag_free_on_resume():
+    assert parser(JOINT).parse_args([]).crf_workers is None  # the trainer's CPUs
+    assert parser(JOINT).parse_args(["--crf_workers", "2"]).crf_workers == 2
+    with pytest.raises(SystemExit):
+        parser(JOINT).parse_args(["--crf_workers", "0"])
+    with pytest.raises(SystemExit):
+        parser(BASELINE).parse_args(["--crf_workers", "2"])
+    assert "crf_workers" in RESUME_FREE_FLAGS  # a resumed run may run on another machine
 
 
 def test_init_file_defaults_and_the_joint_steps_n_iter():

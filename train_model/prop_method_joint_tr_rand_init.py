@@ -26,6 +26,7 @@ from experiment_init import ConfigError, ExperimentConfig  # noqa: E402
 from models.unet import JointUNet  # noqa: E402
 from utils.crf import CRFParams  # noqa: E402
 from utils.dataset import load_slices  # noqa: E402
+from utils.device import available_cpus  # noqa: E402
 from utils.flags import BASELINE, JOINT, parse_flags  # noqa: E402
 from utils.joint_training import JointSettings, build_joint_data, joint_iteration  # noqa: E402
 from utils.run import RunDirError, load_checkpoint  # noqa: E402
@@ -110,8 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"experiment_init/init_{cfg.dataset}.py: crf_params "
                           f"{cfg.crf_params!r} cannot be used: {err}") from err
-    labelling = Labelling(crf, bool(args.crf),
-                          bool(args.test_aug_overlap), args.test_f1_threshold)
+    cpus = available_cpus()
+    labelling = Labelling(crf, bool(args.crf), bool(args.test_aug_overlap),
+                          args.test_f1_threshold, min(args.crf_workers or cpus, cpus))
     self_train(run, model, optimizer, baseline, pool, labelling, args.n_rounds,
                args.n_iter_per_round, train)
     run.finish(model)

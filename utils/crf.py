@@ -33,6 +33,12 @@ The parameters of each dataset live in ``experiment_init/init_<dataset>.py`` (``
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import sys
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,6 +212,30 @@ def crf_refine_slice(
     return np.array(q, dtype=np.float32).reshape(n_classes, height, width)
 
 
+def _check_volume(imgs: np.ndarray, prob: np.ndarray) -> None:
+    """Shape checks of a volume: images (N, H, W), probs (N, C, H, W)."""
+    if imgs.ndim != 3:
+        raise ValueError(f"images must have shape (N, H, W), got shape {imgs.shape}")
+    if prob.ndim != 4:
+        raise ValueError(f"probs must have shape (N, C, H, W), got shape {prob.shape}")
+    if prob.shape[0] != imgs.shape[0] or prob.shape[2:] != imgs.shape[1:]:
+        raise ValueError(
+            f"probs shape {prob.shape} (N, C, H, W) does not match images shape "
+            f"{imgs.shape} (N, H, W)"
+        )
+
+
+def _slice_labels(
+    image: np.ndarray, probs: np.ndarray, params: CRFParams, prob_floor: float,
+    exact_bilateral: bool,
+) -> np.ndarray:
+    """Labels (H, W) int64 of one slice: the argmax over classes of `crf_refine_slice`. The
+    unit of work of both the serial loop and the pool's processes."""
+    return crf_refine_slice(
+        image, probs, params, prob_floor=prob_floor, exact_bilateral=exact_bilateral
+    ).argmax(axis=0)
+
+
 def crf_refine_volume(
     images: Any,
     probs: Any,
@@ -233,19 +263,154 @@ def crf_refine_volume(
     """
     imgs = _to_numpy(images)
     prob = _to_numpy(probs)
-    if imgs.ndim != 3:
-        raise ValueError(f"images must have shape (N, H, W), got shape {imgs.shape}")
-    if prob.ndim != 4:
-        raise ValueError(f"probs must have shape (N, C, H, W), got shape {prob.shape}")
-    if prob.shape[0] != imgs.shape[0] or prob.shape[2:] != imgs.shape[1:]:
-        raise ValueError(
-            f"probs shape {prob.shape} (N, C, H, W) does not match images shape "
-            f"{imgs.shape} (N, H, W)"
-        )
+    _check_volume(imgs, prob)
     labels = np.empty(imgs.shape, dtype=np.int64)
     # A Python loop is fine: the per-slice work is C++ inside pydensecrf.
     for i in range(imgs.shape[0]):
-        labels[i] = crf_refine_slice(
-            imgs[i], prob[i], params, prob_floor=prob_floor, exact_bilateral=exact_bilateral
-        ).argmax(axis=0)
+        labels[i] = _slice_labels(imgs[i], prob[i], params, prob_floor, exact_bilateral)
     return labels
+
+
+# Thread-count variables of the OpenMP, MKL and OpenBLAS runtimes, for libraries a worker loads.
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _start_worker() -> None:
+    """Run by each pool process before its first slice: one thread per library, since the
+    workers already fill the cores; and the stop signals ignored, so that the parent alone
+    acts on them (a trainer finishes the labelling and stops at its next iteration boundary,
+    utils/preemption.py) and ends the workers by shutting the pool down."""
+    for name in _THREAD_VARIABLES:
+        os.environ[name] = "1"
+    torch = sys.modules.get("torch")  # imported with the parent's main module, under spawn
+    if torch is not None:
+        torch.set_num_threads(1)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class PendingLabels:
+    """The labels of one volume given to `CRFPool.refine`; ``result()`` waits for them."""
+
+    def __init__(self, pool: CRFPool, images: np.ndarray, probs: np.ndarray) -> None:
+        self._pool = pool
+        self.n_slices = images.shape[0]
+        self._shape = images.shape
+        self._inputs: tuple[np.ndarray, np.ndarray] | None = (images, probs)
+        self._futures: list[Future] = []
+        self.labels: np.ndarray | None = None  # once taken by result()
+
+    def submit(self, executor: ProcessPoolExecutor) -> None:
+        """Hand each slice to the processes as its own task, in slice order."""
+        assert self._inputs is not None
+        images, probs = self._inputs
+        pool = self._pool
+        self._futures = [
+            executor.submit(_slice_labels, images[i], probs[i], pool.params, pool.prob_floor,
+                            pool.exact_bilateral)
+            for i in range(self.n_slices)
+        ]
+        self._inputs = None  # the tasks hold their slices
+
+    def result(self) -> np.ndarray:
+        """Labels (N, H, W) int64, as `crf_refine_volume` gives them."""
+        if self.labels is None:
+            if self._inputs is not None:
+                self._pool.submit_queued()
+            labels = np.empty(self._shape, dtype=np.int64)
+            for i, future in enumerate(self._futures):
+                labels[i] = future.result()
+            self.labels, self._futures = labels, []
+        return self.labels
+
+
+class CRFPool:
+    """`crf_refine_volume` of many volumes over ``workers`` processes, each slice a task.
+
+    ``workers == 1`` is the serial path: `refine` runs `crf_refine_volume` at once in this
+    process, and no process is started. Otherwise the processes are started by 'spawn', not
+    'fork': a forked child of a process whose OpenMP or CUDA runtime has started threads
+    inherits their locks but not the threads, and may deadlock. They receive numpy arrays
+    and run single-threaded (`_start_worker`). Each process imports the parent's main module
+    again (as spawn does), once per pool: create one pool per labelling pass, not per volume.
+
+    ``eager``: submit a volume's slices as soon as it is given, for a caller that has other
+    work meanwhile (a GPU predicting the next volume); `refine` then waits for the oldest
+    volumes only while more than ``backlog`` slices are in flight, which bounds the memory
+    held by the pool. Otherwise (a caller whose own work would compete with the workers for
+    the cores, e.g. a network on the CPU) volumes are gathered until ``backlog`` slices wait,
+    then refined together while `refine` waits; the remainder is refined at the first
+    ``result()`` of one of them. ``backlog`` defaults to 2 x ``workers`` slices: enough
+    tasks that no worker waits while the slowest finishes.
+
+    Use as a context manager: leaving it ends the processes (unfinished tasks are dropped).
+    """
+
+    def __init__(
+        self,
+        params: CRFParams,
+        workers: int,
+        *,
+        eager: bool = False,
+        backlog: int | None = None,
+        prob_floor: float = PROB_FLOOR,
+        exact_bilateral: bool = False,
+    ) -> None:
+        if int(workers) != workers or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got {workers}")
+        self.params, self.workers, self.eager = params, int(workers), eager
+        self.backlog = 2 * self.workers if backlog is None else backlog
+        self.prob_floor, self.exact_bilateral = prob_floor, exact_bilateral
+        self._executor = None if self.workers == 1 else ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker)
+        self._queued: list[PendingLabels] = []  # given, not submitted yet
+        self._in_flight: deque[PendingLabels] = deque()  # submitted, result() not taken yet
+
+    def __enter__(self) -> CRFPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the processes; tasks not started are dropped."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def refine(self, images: Any, probs: Any) -> PendingLabels:
+        """Start refining one volume: images (N, H, W), probs (N, C, H, W), numpy arrays or
+        tensors (as `crf_refine_volume`). Returns its `PendingLabels`, in the order given."""
+        imgs, prob = _to_numpy(images), _to_numpy(probs)
+        _check_volume(imgs, prob)
+        pending = PendingLabels(self, imgs, prob)
+        if self.workers == 1:
+            pending.labels = crf_refine_volume(imgs, prob, self.params,
+                                               prob_floor=self.prob_floor,
+                                               exact_bilateral=self.exact_bilateral)
+            return pending
+        self._queued.append(pending)
+        if self.eager:
+            self.submit_queued()
+            while self._slices_in_flight() > self.backlog:
+                self._in_flight.popleft().result()
+        elif sum(p.n_slices for p in self._queued) >= self.backlog:
+            self.submit_queued()
+            while self._in_flight:
+                self._in_flight.popleft().result()
+        return pending
+
+    def _slices_in_flight(self) -> int:
+        """Slices submitted whose volume's result() has not been taken, dropping the taken."""
+        self._in_flight = deque(p for p in self._in_flight if p.labels is None)
+        return sum(p.n_slices for p in self._in_flight)
+
+    def submit_queued(self) -> None:
+        """Hand every gathered volume to the processes."""
+        if self._executor is None:
+            raise RuntimeError("the CRF pool is closed")
+        for pending in self._queued:
+            pending.submit(self._executor)
+            self._in_flight.append(pending)
+        self._queued.clear()

@@ -23,6 +23,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def affinity_cpus() -> set[int]:
+    """The CPUs this process may run on (every CPU where the OS has no affinity, e.g. macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return os.sched_getaffinity(0)
+    return set(range(os.cpu_count() or 1))
+
+
 def cpu_threads(requested: int | None, environ: Mapping[str, str],
                 affinity: set[int]) -> tuple[int, str]:
     """The CPU threads to compute with and where the number comes from: ``requested``
@@ -47,11 +54,22 @@ def cpu_threads(requested: int | None, environ: Mapping[str, str],
 
 def set_cpu_threads(requested: int | None) -> tuple[int, str]:
     """Apply `cpu_threads` for this process (torch's intra-op threads); returns it."""
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") \
-        else set(range(os.cpu_count() or 1))
-    n, source = cpu_threads(requested, os.environ, affinity)
+    n, source = cpu_threads(requested, os.environ, affinity_cpus())
     torch.set_num_threads(n)
     return n, source
+
+
+def available_cpus(environ: Mapping[str, str] | None = None) -> int:
+    """How many CPUs this process may use (at least 1): its CPU affinity
+    (``os.sched_getaffinity``; ``os.cpu_count()`` where the OS has none), capped by
+    ``SLURM_CPUS_PER_TASK`` when ``environ`` (default ``os.environ``) sets it, since a SLURM
+    task confined by cgroups alone still sees every CPU of the node in its affinity."""
+    environ = os.environ if environ is None else environ
+    cpus = len(affinity_cpus())
+    slurm = environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        cpus = min(cpus, int(slurm))
+    return max(cpus, 1)
 
 
 def _glibc_function(name: str):

@@ -54,8 +54,8 @@ def _both(name: str, resume_free: bool = False, **options: Any) -> Flag:
     return Flag(name, STEPS, options, resume_free=resume_free)
 
 
-def _joint(name: str, **options: Any) -> Flag:
-    return Flag(name, (JOINT,), options)
+def _joint(name: str, resume_free: bool = False, **options: Any) -> Flag:
+    return Flag(name, (JOINT,), options, resume_free=resume_free)
 
 
 FLAGS: tuple[Flag, ...] = (
@@ -142,6 +142,10 @@ FLAGS: tuple[Flag, ...] = (
            "file)"),
     _joint("crf", type=int, default=1, choices=(0, 1),
            help="1: refine pseudo-labels with the dense CRF (the original); 0: argmax"),
+    _joint("crf_workers", resume_free=True, type=positive_int, default=None,
+           help="processes refining pseudo-labels with the dense CRF, at most the CPUs this "
+           "process may use (default: those CPUs: its affinity, or SLURM_CPUS_PER_TASK); "
+           "1: one slice after another in the trainer; the labels are the same"),
     _joint("loss_reduction", default="original", choices=("original", "mean"),
            help="'original': the released code's arithmetic (published numbers); 'mean': the "
            "paper's mean over pairs (see README)"),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from experiment_init import ConfigError
 from utils.augment import AFF_FLIP, AFF_ROTATE, AFF_SCALE, affine_matrices
-from utils.crf import CRFParams, crf_refine_volume
+from utils.crf import CRFParams, CRFPool, PendingLabels
 from utils.evaluation import dice_per_class, predict_slices
 
 
@@ -124,48 +124,59 @@ def make_pseudo_labels(
     overlap_threshold: float = 0.9,
     progress: bool = True,
     use_crf: bool = True,
+    crf_workers: int = 1,
 ) -> PseudoLabelRound:
     """Pseudo-label every pool volume.
 
     Args:
         volumes: id -> (images (Z, 1, H, W) cropped slices, ground truth (Z, H, W) or None).
         use_crf: refine with the dense CRF (``--crf 1``, the original); else the argmax.
+        crf_workers: processes refining slices with the CRF (`utils.crf.CRFPool`); 1 refines
+            them in this process, one after another. The labels are the same either way. On
+            a GPU the processes refine a volume while the network predicts the next one.
     """
     from tqdm import tqdm
 
-    kept_img, kept_lbl, kept, dropped, overlap = [], [], [], [], {}
-    dice_raw, dice_crf = [], []
+    kept, dropped, overlap = [], [], {}
+    # Per kept volume: images, ground truth, argmax before the CRF, and labels (the argmax, or
+    # the CRF pool's pending result).
+    rows: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                     torch.Tensor | PendingLabels]] = []
     n_fg = n_unsure = 0
-    for sid, (images, gt) in tqdm(volumes.items(), desc="pseudo-labels", disable=not progress,
-                                  leave=False):
-        if test_aug_overlap:
-            overlap[sid] = augmentation_overlap(model, images, num_classes, device, generator)
-            if overlap[sid] <= overlap_threshold:
-                dropped.append(sid)
-                continue
-        probs = predict_slices(model, images, device)
-        top, argmax = probs.max(1)
-        fg = argmax > 0
-        n_fg += int(fg.sum())
-        n_unsure += int((fg & (top < SURE_SOFTMAX)).sum())
-        if use_crf:
-            labels = torch.from_numpy(crf_refine_volume(images[:, 0].numpy(),
-                                                        probs.cpu().numpy(), crf_params))
-        else:
-            labels = argmax.cpu()
-        kept_img.append(images)
-        kept_lbl.append(labels)
-        kept.append(sid)
+    with CRFPool(crf_params, crf_workers if use_crf else 1,
+                 eager=device.type == "cuda") as pool:
+        for sid, (images, gt) in tqdm(volumes.items(), desc="pseudo-labels",
+                                      disable=not progress, leave=False):
+            if test_aug_overlap:
+                overlap[sid] = augmentation_overlap(model, images, num_classes, device,
+                                                    generator)
+                if overlap[sid] <= overlap_threshold:
+                    dropped.append(sid)
+                    continue
+            probs = predict_slices(model, images, device)
+            top, argmax = probs.max(1)
+            fg = argmax > 0
+            n_fg += int(fg.sum())
+            n_unsure += int((fg & (top < SURE_SOFTMAX)).sum())
+            argmax = argmax.cpu()
+            labels = pool.refine(images[:, 0].numpy(), probs.cpu().numpy()) if use_crf \
+                else argmax
+            rows.append((images, gt, argmax, labels))
+            kept.append(sid)
+        if not kept:
+            raise ConfigError(
+                f"no unlabeled volume passed the augmentation-overlap test (threshold "
+                f"{overlap_threshold}); lower --test_f1_threshold or use --test_aug_overlap 0"
+            )
+        kept_lbl = [torch.from_numpy(lbl.result()) if isinstance(lbl, PendingLabels) else lbl
+                    for *_, lbl in rows]
+    dice_raw, dice_crf = [], []
+    for (_, gt, argmax, _), labels in zip(rows, kept_lbl, strict=True):
         if gt is not None:
-            dice_raw.append(float(dice_per_class(argmax.cpu(), gt, num_classes).mean()))
+            dice_raw.append(float(dice_per_class(argmax, gt, num_classes).mean()))
             dice_crf.append(float(dice_per_class(labels, gt, num_classes).mean()))
-    if not kept:
-        raise ConfigError(
-            f"no unlabeled volume passed the augmentation-overlap test (threshold "
-            f"{overlap_threshold}); lower --test_f1_threshold or use --test_aug_overlap 0"
-        )
     return PseudoLabelRound(
-        images=torch.cat(kept_img),
+        images=torch.cat([images for images, _, _, _ in rows]),
         labels=torch.cat(kept_lbl).to(torch.uint8),  # as the labeled pool (load_slices)
         kept=kept,
         dropped=dropped,

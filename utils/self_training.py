@@ -28,12 +28,13 @@ Pool = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 @dataclass(frozen=True)
 class Labelling:
     """How the pool is pseudo-labelled (the joint step's --crf, --test_aug_overlap,
-    --test_f1_threshold and the dataset's CRF parameters)."""
+    --test_f1_threshold, --crf_workers and the dataset's CRF parameters)."""
 
     crf: CRFParams
     use_crf: bool = True
     test_aug_overlap: bool = False
     overlap_threshold: float = 0.9
+    crf_workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def label_pool(network: torch.nn.Module, pool: Pool, labelling: Labelling,
     return make_pseudo_labels(network, pool, run.cfg.num_classes, labelling.crf, run.device,
                               run.generator, labelling.test_aug_overlap,
                               labelling.overlap_threshold, progress=not run.args.no_progress,
-                              use_crf=labelling.use_crf)
+                              use_crf=labelling.use_crf, crf_workers=labelling.crf_workers)
 
 
 def as_data(pseudo: PseudoLabelRound) -> dict[str, Any]:
