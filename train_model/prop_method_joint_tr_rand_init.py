@@ -111,9 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"experiment_init/init_{cfg.dataset}.py: crf_params "
                           f"{cfg.crf_params!r} cannot be used: {err}") from err
-    cpus = available_cpus()
+    # Default: as many CRF processes as the run's CPU threads, so that the sweep's workers,
+    # each given a share of the CPUs, keep to their share.
+    workers = min(args.crf_workers or torch.get_num_threads(), available_cpus())
     labelling = Labelling(crf, bool(args.crf), bool(args.test_aug_overlap),
-                          args.test_f1_threshold, min(args.crf_workers or cpus, cpus))
+                          args.test_f1_threshold, workers)
     self_train(run, model, optimizer, baseline, pool, labelling, args.n_rounds,
                args.n_iter_per_round, train)
     run.finish(model)

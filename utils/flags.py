@@ -144,8 +144,8 @@ FLAGS: tuple[Flag, ...] = (
            help="1: refine pseudo-labels with the dense CRF (the original); 0: argmax"),
     _joint("crf_workers", resume_free=True, type=positive_int, default=None,
            help="processes refining pseudo-labels with the dense CRF, at most the CPUs this "
-           "process may use (default: those CPUs: its affinity, or SLURM_CPUS_PER_TASK); "
-           "1: one slice after another in the trainer; the labels are the same"),
+           "process may use (default: the run's CPU threads, see --threads); 1: one slice "
+           "after another in the trainer; the labels are the same"),
     _joint("loss_reduction", default="original", choices=("original", "mean"),
            help="'original': the released code's arithmetic (published numbers); 'mean': the "
            "paper's mean over pairs (see README)"),
