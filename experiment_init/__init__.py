@@ -116,6 +116,26 @@ class ExperimentConfig:
     def unlabeled_ids(self) -> list[str]:
         return list(self.labeled[self.unlabeled_pool])
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ExperimentConfig:
+        """The inverse of `to_dict`: a run's recorded configuration (its config.yaml), read as
+        it was, whatever the init file says today. Names this version does not know are
+        ignored; a missing one without a default raises ConfigError."""
+        hints = get_type_hints(cls)
+        kept: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in values:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise ConfigError(f"the recorded configuration lacks '{f.name}'")
+                continue
+            value, hint = values[f.name], hints[f.name]
+            if hint is Path:
+                value = Path(value)
+            elif get_origin(hint) is tuple:
+                value = tuple(value)
+            kept[f.name] = value
+        return cls(**kept)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, for the run's resolved-config YAML."""
         out: dict[str, Any] = {}

@@ -126,3 +126,26 @@ def _stop_signal_handlers():
     yield
     for sig, handler in before.items():
         signal.signal(sig, handler)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(demo_env, tmp_path_factory) -> dict[str, Path]:
+    """{"baseline": run dir, "joint": run dir} of a 20-iteration demo baseline and a one-round,
+    two-iteration joint run on it, both finished (test_results/ written)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("tiny_runs")
+    common = ["--dataset", "demo", "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1",
+              "--out_dir", str(out), "--no_progress"]
+    runs = {}
+    for step, script, extra in (
+            ("baseline", "tr_baseline.py", ["--n_iter", "20"]),
+            ("joint", "prop_method_joint_tr_rand_init.py",
+             ["--n_rounds", "1", "--n_iter_per_round", "2", "--loss_reduction", "mean"])):
+        proc = subprocess.run([sys.executable, f"train_model/{script}", *common, *extra],
+                              cwd=repo, env=demo_env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        runs[step] = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run directory: "))
+    return runs

@@ -11,10 +11,15 @@ import pytest
 from conftest import blob_volume, write_nifti
 
 from utils.io import (
+    MMWHS_LABEL_VALUES,
     DataError,
+    classes_to_labels,
+    labels_to_classes,
     read_cropped,
     read_raw_volume,
+    read_volume,
     save_nifti,
+    subject_id_in_name,
     write_cropped,
     write_text_atomic,
 )
@@ -143,3 +148,26 @@ def test_written_files_get_the_mode_of_the_umask(tmp_path, umask):
     modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in files}
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
     assert modes["plain"] == 0o666 & ~umask
+
+
+def test_label_values_map_both_ways_and_unknown_values_are_named(tmp_path):
+    classes = np.array([[[0, 1, 7], [3, 2, 0]]])
+    raw = classes_to_labels(classes, MMWHS_LABEL_VALUES)
+    np.testing.assert_array_equal(raw, [[[0, 205, 850], [500, 420, 0]]])
+    np.testing.assert_array_equal(labels_to_classes(raw, MMWHS_LABEL_VALUES), classes)
+    assert classes_to_labels(classes, None).dtype == np.uint8
+    np.testing.assert_array_equal(labels_to_classes(classes, None), classes)
+    image, _ = blob_volume()
+    img = write_nifti(tmp_path / "img.nii.gz", image)
+    pred = write_nifti(tmp_path / "pred.nii.gz", np.ones(image.shape, np.int16))
+    assert read_volume("x", img, pred, "mmwhs").label.max() == 0  # a ground truth's rule
+    with pytest.raises(DataError, match=r"label values \[1\] are not among the layout's"):
+        read_volume("x", img, pred, "mmwhs", known_labels_only=True)
+
+
+@pytest.mark.parametrize("layout,name,sid", [
+    ("acdc", "patient011_frame01", "011"), ("acdc", "011", "011"), ("acdc", "notes", None),
+    ("decathlon", "prostate_11", "011"), ("decathlon", "prostate_03_seg", "003"),
+    ("mmwhs", "mr_train_1011_image", "1011"), ("mmwhs", "patient011", None)])
+def test_subject_id_in_name(layout, name, sid):
+    assert subject_id_in_name(layout, name) == sid

@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.io import Volume, atomic_path, read_raw_volume, save_nifti, write_text_atomic
+from utils.io import (
+    Volume,
+    atomic_path,
+    classes_to_labels,
+    read_raw_volume,
+    save_nifti,
+    write_text_atomic,
+)
 from utils.preprocess import Geometry, to_native, to_target
 
 
@@ -38,7 +45,13 @@ def prepare_eval_volume(
     target_resolution: tuple[float, float],
     crop: tuple[int, int],
 ) -> EvalVolume:
-    vol = read_raw_volume(layout, raw_root, subject_id)
+    return prepare_volume(read_raw_volume(layout, raw_root, subject_id), target_resolution, crop)
+
+
+def prepare_volume(
+    vol: Volume, target_resolution: tuple[float, float], crop: tuple[int, int]
+) -> EvalVolume:
+    """A volume read in native resolution, preprocessed as the network sees it (METHOD §2)."""
     image_c, _, geometry = to_target(vol.image, None, vol.spacing[:2], target_resolution, crop)
     return EvalVolume(vol, image_c, geometry)
 
@@ -65,12 +78,32 @@ def predict_probs(
     return predict_slices(model, slices, device, batch_size)
 
 
+def native_probs(model: torch.nn.Module, ev: EvalVolume, device: torch.device) -> torch.Tensor:
+    """Softmax of every slice of one subject in its native grid: (Z, C, X, Y) on ``device``."""
+    return to_native(predict_probs(model, ev.image_c, device), ev.geometry)
+
+
+def native_labels(probs: torch.Tensor) -> np.ndarray:
+    """The (X, Y, Z) uint8 class-index map of (Z, C, X, Y) native-grid probabilities."""
+    return probs.argmax(1).permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+
+
 def predict_native(
     model: torch.nn.Module, ev: EvalVolume, device: torch.device
 ) -> np.ndarray:
-    """Predicted label map of one subject in its native (X, Y, Z) grid (uint8)."""
-    probs = to_native(predict_probs(model, ev.image_c, device), ev.geometry)
-    return probs.argmax(1).permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+    """Predicted label map of one subject in its native (X, Y, Z) grid (uint8 class indices)."""
+    return native_labels(native_probs(model, ev, device))
+
+
+def prediction_path(out_dir: Path, subject_id: str) -> Path:
+    """Where a run's test_results/ (``out_dir``) hold the prediction of ``subject_id``."""
+    return out_dir / subject_id / f"pred_seg_id_{subject_id}.nii.gz"
+
+
+def save_prediction(path: Path, pred: np.ndarray, vol: Volume) -> None:
+    """Write an (X, Y, Z) class-index map beside ``vol``'s image: its affine and header, the
+    label values of its layout (MMWHS: 205, ..., 850), so it opens over the raw ground truth."""
+    save_nifti(path, classes_to_labels(pred, vol.label_values), vol.affine, vol.header)
 
 
 def dice_per_class(
@@ -128,35 +161,55 @@ def validation_score(
     """Mean over volumes of the mean foreground Dice in native resolution (METHOD §6)."""
     scores = []
     for ev in volumes:
-        probs = to_native(predict_probs(model, ev.image_c, device), ev.geometry)
-        pred = probs.argmax(1).permute(1, 2, 0)  # stays on the device
+        pred = native_probs(model, ev, device).argmax(1).permute(1, 2, 0)  # on the device
         scores.append(dice_per_class(pred, torch.from_numpy(ev.volume.label), num_classes).mean())
     return float(torch.stack(scores).mean())
 
 
-def _mean_defined(values: list[float | None]) -> tuple[float | None, int]:
+UNITS = {"dice": "fraction", "hd95": "mm", "assd": "mm"}
+STATISTICS = ("mean and sample standard deviation (ddof 1, null for one value) over subjects; "
+              "HD95 and ASSD over the subjects where they are defined")
+
+
+def _stats_defined(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and sample std (ddof 1) of the defined values, and how many are undefined."""
     defined = [v for v in values if v is not None]
-    return (float(np.mean(defined)) if defined else None), len(values) - len(defined)
+    mean = float(np.mean(defined)) if defined else None
+    std = float(np.std(defined, ddof=1)) if len(defined) > 1 else None
+    return mean, std, len(values) - len(defined)
 
 
 def summarize(
-    per_subject: dict[str, list[dict[str, float | None]]], struct_names: tuple[str, ...]
+    per_subject: dict[str, list[dict[str, float | None]]],
+    struct_names: tuple[str, ...],
+    selected_on: dict | None = None,
 ) -> dict:
-    """The summary.json structure from per-subject, per-structure metrics."""
+    """The summary.json structure from per-subject, per-structure metrics.
+
+    Each metric's mean over subjects has its std beside it (``dice_std``, ``mean_dice_std``,
+    see STATISTICS); ``selected_on`` says which checkpoint made the predictions (see
+    `utils.run.selected_on`; None: not known)."""
     per_structure = {}
     for k, name in enumerate(struct_names):
         entry: dict[str, float | int | None] = {}
         for metric in ("dice", "hd95", "assd"):
-            mean, undefined = _mean_defined([m[k][metric] for m in per_subject.values()])
+            mean, std, undefined = _stats_defined([m[k][metric] for m in per_subject.values()])
             entry[metric] = mean
+            entry[f"{metric}_std"] = std
             if metric != "dice":
                 entry[f"{metric}_undefined"] = undefined
         per_structure[name] = entry
     subject_means = {
         sid: float(np.mean([m["dice"] for m in metrics])) for sid, metrics in per_subject.items()
     }
+    _, mean_dice_std, _ = _stats_defined(list(subject_means.values()))
     return {
         "mean_dice": float(np.mean(list(subject_means.values()))),
+        "mean_dice_std": mean_dice_std,
+        "units": UNITS,
+        "statistics": STATISTICS,
+        "selected_on": selected_on,
+        "test_ids": list(per_subject),
         "per_structure": per_structure,
         "per_subject": {
             sid: {name: metrics[k] for k, name in enumerate(struct_names)}
@@ -203,17 +256,18 @@ def evaluate_test_set(
     out_dir: Path,
     device: torch.device,
     progress: bool = True,
+    selected_on: dict | None = None,
 ) -> dict:
-    """Predict every test subject, save predictions as NIfTI with the raw affine, write metrics."""
+    """Predict every test subject, save predictions as NIfTI with the raw affine, write metrics
+    (``selected_on``: see `summarize`)."""
     from tqdm import tqdm
 
     per_subject = {}
     for ev in tqdm(volumes, desc="test", disable=not progress, leave=False):
         vol = ev.volume
         pred = predict_native(model, ev, device)
-        save_nifti(out_dir / vol.subject_id / f"pred_seg_id_{vol.subject_id}.nii.gz",
-                   pred, vol.affine, vol.header)
+        save_prediction(prediction_path(out_dir, vol.subject_id), pred, vol)
         per_subject[vol.subject_id] = structure_metrics(pred, vol.label, vol.spacing, num_classes)
-    summary = summarize(per_subject, struct_names)
+    summary = summarize(per_subject, struct_names, selected_on)
     write_test_results(out_dir, summary, struct_names)
     return summary

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from experiment_init import ExperimentConfig
-from utils.io import DataError, read_raw_volume
+from utils.io import DataError, Volume, read_raw_volume
 
 # In-plane and slice spacing outside this range (mm) is almost surely a broken header.
 PLAUSIBLE_SPACING_MM = (0.05, 30.0)
@@ -28,6 +28,24 @@ class Problem:
         return f"{self.path}: id {self.subject_id}: {self.what}"
 
 
+def image_problems(vol: Volume) -> list[str]:
+    """What makes a volume's image unusable (spacing, non-finite values, blank, one slice),
+    each said in a phrase with what to do."""
+    problems = []
+    lo, hi = PLAUSIBLE_SPACING_MM
+    if not all(lo <= s <= hi for s in vol.spacing):
+        problems.append(f"implausible voxel spacing {vol.spacing} mm; fix the header")
+    if not np.isfinite(vol.image).all():
+        problems.append("image holds NaN or infinite values; re-convert it")
+    elif vol.image.min() == vol.image.max():
+        problems.append(f"image intensity is {float(vol.image.flat[0]):g} everywhere; "
+                        "the file is blank: re-convert it")
+    if vol.image.shape[2] == 1:
+        problems.append(f"volume of one slice (shape {vol.image.shape}); a 2D image "
+                        "stored as 3D? re-convert the whole stack of slices")
+    return problems
+
+
 def check_subject(cfg: ExperimentConfig, subject_id: str) -> list[Problem]:
     """Problems of one subject's raw image and label (layout, loading, grid, spacing, labels)."""
     try:
@@ -36,22 +54,7 @@ def check_subject(cfg: ExperimentConfig, subject_id: str) -> list[Problem]:
         msg = str(err)
         path, _, what = msg.partition(": ")
         return [Problem(subject_id, path, what)]
-    problems = []
-    lo, hi = PLAUSIBLE_SPACING_MM
-    if not all(lo <= s <= hi for s in vol.spacing):
-        problems.append(Problem(subject_id, str(vol.image_path),
-                                f"implausible voxel spacing {vol.spacing} mm; fix the header"))
-    if not np.isfinite(vol.image).all():
-        problems.append(Problem(subject_id, str(vol.image_path),
-                                "image holds NaN or infinite values; re-convert it"))
-    elif vol.image.min() == vol.image.max():
-        problems.append(Problem(subject_id, str(vol.image_path),
-                                f"image intensity is {float(vol.image.flat[0]):g} everywhere; "
-                                "the file is blank: re-convert it"))
-    if vol.image.shape[2] == 1:
-        problems.append(Problem(subject_id, str(vol.image_path),
-                                f"volume of one slice (shape {vol.image.shape}); a 2D image "
-                                "stored as 3D? re-convert the whole stack of slices"))
+    problems = [Problem(subject_id, str(vol.image_path), what) for what in image_problems(vol)]
     labels = np.unique(vol.label)
     bad = labels[(labels < 0) | (labels >= cfg.num_classes)]
     if bad.size:

@@ -47,7 +47,9 @@ class Volume:
     """One subject's volume in native resolution.
 
     image: (X, Y, Z) float32; label: (X, Y, Z) int16 class indices or None;
-    spacing: (sx, sy, sz) in mm; affine: 4x4 voxel-to-world matrix of the image file.
+    spacing: (sx, sy, sz) in mm; affine: 4x4 voxel-to-world matrix of the image file;
+    label_values: the value of class 1, 2, ... in label files of its layout (None: the class
+    index itself), see `layout_label_values`.
     """
 
     subject_id: str
@@ -58,6 +60,7 @@ class Volume:
     header: nib.Nifti1Header
     image_path: Path
     label_path: Path | None
+    label_values: tuple[int, ...] | None = None
 
 
 def _disk_full(err: BaseException | None) -> OSError | None:
@@ -220,15 +223,50 @@ def _check_whole_numbers(raw: np.ndarray, label_path: Path) -> None:
                         f"stored as {raw.dtype}); re-save the label with integer values")
 
 
-def _volume(
+def layout_channel(layout: str) -> int | None:
+    """The image channel a layout's 4D files are read at: T2 (0) of the Decathlon prostate
+    images; None where images are 3D."""
+    return 0 if layout == "decathlon" else None
+
+
+def layout_label_values(layout: str) -> tuple[int, ...] | None:
+    """The value of class 1, 2, ... in a layout's label files (MMWHS: 205, ..., 850); None
+    where the file holds the class index itself."""
+    return MMWHS_LABEL_VALUES if layout == "mmwhs" else None
+
+
+def labels_to_classes(raw: np.ndarray, label_values: tuple[int, ...] | None) -> np.ndarray:
+    """Class indices (int16) of a label map holding ``label_values``; other values -> 0."""
+    if label_values is None:
+        return raw.astype(np.int16)
+    label = np.zeros(raw.shape, np.int16)
+    for cls, value in enumerate(label_values, start=1):
+        label[raw == value] = cls
+    return label
+
+
+def classes_to_labels(classes: np.ndarray, label_values: tuple[int, ...] | None) -> np.ndarray:
+    """The inverse of `labels_to_classes`: a class-index map in the file values of a layout
+    (uint8 class indices, or int16 values such as MMWHS's 205, ..., 850)."""
+    if label_values is None:
+        return classes.astype(np.uint8)
+    return np.asarray((0, *label_values), np.int16)[classes]
+
+
+def read_volume(
     subject_id: str,
     image_path: Path,
     label_path: Path | None,
-    channel: int | None = None,
-    label_values: tuple[int, ...] | None = None,
+    layout: str,
+    known_labels_only: bool = False,
 ) -> Volume:
+    """One image (the layout's channel of a 4D file) with, if given, a label file on its grid
+    mapped to class indices. ``known_labels_only``: a label value that is not one of the
+    layout's (`layout_label_values`) is an error instead of background."""
+    label_values = layout_label_values(layout)
     img = load_nifti(image_path)
-    image = _as_3d(np.asarray(img.get_fdata(dtype=np.float32)), image_path, channel)
+    image = _as_3d(np.asarray(img.get_fdata(dtype=np.float32)), image_path,
+                   layout_channel(layout))
     spacing = _spacing(img, image_path)
     label = None
     if label_path is not None:
@@ -242,13 +280,15 @@ def _volume(
         _check_label_space(img.affine, lab_img.affine, min(spacing), image_path, label_path)
         _check_whole_numbers(raw, label_path)
         raw = np.rint(raw).astype(np.int32)
-        if label_values is not None:
-            label = np.zeros(raw.shape, np.int16)
-            for cls, value in enumerate(label_values, start=1):
-                label[raw == value] = cls
-        else:
-            label = raw.astype(np.int16)
-    return Volume(subject_id, image, label, spacing, img.affine, img.header, image_path, label_path)
+        if known_labels_only and label_values is not None:
+            unknown = np.setdiff1d(np.unique(raw), (0, *label_values))
+            if unknown.size:
+                raise DataError(f"{label_path}: label values {unknown.tolist()[:8]} are not "
+                                f"among the layout's (0, {', '.join(map(str, label_values))}); "
+                                "write the dataset's label values")
+        label = labels_to_classes(raw, label_values)
+    return Volume(subject_id, image, label, spacing, img.affine, img.header, image_path,
+                  label_path, label_values)
 
 
 def acdc_ed_frame(patient_dir: Path) -> int:
@@ -311,18 +351,36 @@ def raw_paths(layout: str, root: str | os.PathLike, subject_id: str) -> tuple[Pa
     raise ValueError(f"unknown data layout {layout!r}")
 
 
+# The subject id in a layout's image and label file names (decathlon: prostate_11 is "011").
+_ID_IN_NAME = {"acdc": r"patient(\d+)", "decathlon": r"prostate_(\d+)", "mmwhs": r"mr_train_(\d+)"}
+
+
+def subject_id_in_name(layout: str, name: str) -> str | None:
+    """The subject id a file name (without .nii/.nii.gz) names: ``patient011_frame01`` -> "011"
+    (ACDC), ``prostate_11`` -> "011" (Decathlon), ``mr_train_1011_image`` -> "1011" (MMWHS); a
+    name of digits is the id itself. None when it names none."""
+    if name.isdigit():
+        return name
+    match = re.match(_ID_IN_NAME[layout], name)
+    if match is None:
+        return None
+    return f"{int(match.group(1)):03d}" if layout == "decathlon" else match.group(1)
+
+
+def nifti_stem(path: Path) -> str | None:
+    """A NIfTI file's name without .nii or .nii.gz; None for other files."""
+    for ext in (".nii.gz", ".nii"):
+        if path.name.endswith(ext):
+            return path.name[: -len(ext)]
+    return None
+
+
 def read_raw_volume(
     layout: str, root: str | os.PathLike, subject_id: str, with_label: bool = True
 ) -> Volume:
     """Read one subject in its raw layout, with the label mapped to class indices."""
     image_path, label_path = raw_paths(layout, root, subject_id)
-    return _volume(
-        subject_id,
-        image_path,
-        label_path if with_label else None,
-        channel=0 if layout == "decathlon" else None,  # T2 channel of the 4D Decathlon image
-        label_values=MMWHS_LABEL_VALUES if layout == "mmwhs" else None,
-    )
+    return read_volume(subject_id, image_path, label_path if with_label else None, layout)
 
 
 def save_nifti(

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import yaml
 
+from experiment_init import ConfigError, ExperimentConfig
 from utils.io import atomic_path, write_text_atomic
 
 
@@ -72,6 +73,21 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None
 
 def save_config(run_dir: Path, config: dict[str, Any]) -> None:
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
+def read_run(run_dir: Path) -> tuple[dict[str, Any], ExperimentConfig]:
+    """A run's config.yaml (trainer, flags, ids, provenance) and the configuration it ran
+    with, as recorded then; RunDirError when it is missing or unreadable."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"{path}: not found; --run_dir must name a run directory (the last "
+                          "line a trainer prints)")
+    try:
+        record = yaml.safe_load(path.read_text())
+        return record, ExperimentConfig.from_dict(record["config"])
+    except (yaml.YAMLError, TypeError, KeyError, ConfigError) as err:
+        raise RunDirError(f"{path}: cannot be read as a run's record ({type(err).__name__}: "
+                          f"{err})") from None
 
 
 LAST_CHECKPOINT = "last.pt"
@@ -154,6 +170,16 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
             raise RunDirError(f"{path}: contents do not match the checksum written with them; "
                               "the file was damaged after it was written")
     return state
+
+
+def selected_on(state: dict[str, Any]) -> dict[str, Any]:
+    """What a best.pt checkpoint was chosen on, for summary.json: the set, its iteration, its
+    validation Dice (mean foreground, native resolution) and, for the joint step, its round."""
+    chosen = {"set": "validation", "iteration": int(state["iteration"]),
+              "val_dice": float(state["val_dice"])}
+    if "round" in state:
+        chosen["round"] = int(state["round"])
+    return chosen
 
 
 def periodic_problem(state: dict[str, Any], flags: dict[str, Any]) -> str | None:

@@ -54,6 +54,7 @@ from utils.run import (
     save_config,
     save_periodic_checkpoint,
     seed_everything,
+    selected_on,
 )
 
 # The script of each step, as config.yaml names it.
@@ -316,11 +317,12 @@ class Run:
         print(f"best validation Dice {self.keeper.best_score:.4f} at iteration "
               f"{self.keeper.best_iteration}; {self.guard.total} non-finite steps skipped",
               flush=True)
-        model.load_state_dict(load_checkpoint(self.keeper.path, self.device)["model"])
+        best = load_checkpoint(self.keeper.path, self.device)
+        model.load_state_dict(best["model"])
         summary = evaluate_test_set(model, load_eval_volumes(self.cfg, self.cfg.test),
                                     self.cfg.num_classes, self.cfg.struct_name,
                                     self.run_dir / "test_results", self.device,
-                                    not self.args.no_progress)
+                                    not self.args.no_progress, selected_on(best))
         self.record["provenance"]["ended"] = now()
         save_config(self.run_dir, self.record)
         parts = [f"{k} {v['dice']:.3f}" for k, v in summary["per_structure"].items()]
