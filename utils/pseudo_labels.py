@@ -28,7 +28,9 @@ class PseudoLabelRound:
     against ground truth over kept volumes (None when no ground truth exists); unsure_foreground:
     share of the kept volumes' predicted foreground pixels (argmax before the CRF) whose max
     softmax is below ``SURE_SOFTMAX`` (the CRF erodes a thin structure unless the network is
-    saturated up to its boundary).
+    saturated up to its boundary); before_crf: (N, H, W) the network's argmax the CRF started
+    from, for the round's figure (None without the CRF, where it is ``labels``; checkpoints
+    leave it out).
     """
 
     images: torch.Tensor
@@ -39,6 +41,7 @@ class PseudoLabelRound:
     dice_after_crf: float | None = None
     overlap: dict[str, float] = field(default_factory=dict)
     unsure_foreground: float | None = None
+    before_crf: torch.Tensor | None = None
 
 
 # A foreground pixel counts as sure when its max softmax reaches this.
@@ -133,7 +136,7 @@ def make_pseudo_labels(
     """
     from tqdm import tqdm
 
-    kept_img, kept_lbl, kept, dropped, overlap = [], [], [], [], {}
+    kept_img, kept_lbl, kept_raw, kept, dropped, overlap = [], [], [], [], [], {}
     dice_raw, dice_crf = [], []
     n_fg = n_unsure = 0
     for sid, (images, gt) in tqdm(volumes.items(), desc="pseudo-labels", disable=not progress,
@@ -148,16 +151,18 @@ def make_pseudo_labels(
         fg = argmax > 0
         n_fg += int(fg.sum())
         n_unsure += int((fg & (top < SURE_SOFTMAX)).sum())
+        raw = argmax.cpu()
         if use_crf:
             labels = torch.from_numpy(crf_refine_volume(images[:, 0].numpy(),
                                                         probs.cpu().numpy(), crf_params))
+            kept_raw.append(raw.to(torch.uint8))
         else:
-            labels = argmax.cpu()
+            labels = raw
         kept_img.append(images)
         kept_lbl.append(labels)
         kept.append(sid)
         if gt is not None:
-            dice_raw.append(float(dice_per_class(argmax.cpu(), gt, num_classes).mean()))
+            dice_raw.append(float(dice_per_class(raw, gt, num_classes).mean()))
             dice_crf.append(float(dice_per_class(labels, gt, num_classes).mean()))
     if not kept:
         raise ConfigError(
@@ -173,4 +178,5 @@ def make_pseudo_labels(
         dice_after_crf=float(np.mean(dice_crf)) if dice_crf else None,
         overlap=overlap,
         unsure_foreground=n_unsure / n_fg if n_fg else None,
+        before_crf=torch.cat(kept_raw) if kept_raw else None,
     )
