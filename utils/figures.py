@@ -146,6 +146,12 @@ def tile(panels: list[list[np.ndarray]], gap: int = GAP_PX) -> tuple[np.ndarray,
             [int(left + w / 2) for left, w in zip(lefts, widths)])
 
 
+def margins(title: str) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) pixels around the canvas in `render_png`: row names on the
+    left, the title and column names above, the legend below."""
+    return 96, 8, 22 + 15 * (title.count("\n") + 1), 30
+
+
 def render_png(canvas: np.ndarray, title: str, row_names: Sequence[str],
                col_names: Sequence[str], row_centres: Sequence[int],
                col_centres: Sequence[int], struct_names: Sequence[str]) -> bytes:
@@ -158,8 +164,7 @@ def render_png(canvas: np.ndarray, title: str, row_names: Sequence[str],
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    left, right, bottom = 96, 8, 30
-    top = 22 + 15 * (title.count("\n") + 1)
+    left, right, top, bottom = margins(title)
     h, w = canvas.shape[:2]
     fig_w, fig_h = w + left + right, h + top + bottom
     fig = plt.figure(figsize=(fig_w / DPI, fig_h / DPI), dpi=DPI)
@@ -207,6 +212,18 @@ def write_png(path: str | os.PathLike, png: bytes) -> None:
         tmp.write_bytes(png)
 
 
+def montage_canvas(image: np.ndarray, rows: Sequence[tuple[str, np.ndarray | None]],
+                   spacing_xy: tuple[float, float], slices: Sequence[int],
+                   num_classes: int) -> tuple[np.ndarray, list[int], list[int]]:
+    """The panels of `volume_montage` tiled (`tile`): canvas (H, W, 3) and the centres of its
+    rows and columns."""
+    bx, by = crop_box([labels for _, labels in rows])
+    window = intensity_window(image[bx, by][..., list(slices)])
+    shape = panel_shape((bx.stop - bx.start, by.stop - by.start), spacing_xy)
+    return tile([[panel(image[bx, by, z], None if labels is None else labels[bx, by, z], window,
+                        shape, num_classes) for z in slices] for _, labels in rows])
+
+
 def volume_montage(image: np.ndarray, rows: Sequence[tuple[str, np.ndarray | None]],
                    spacing_xy: tuple[float, float], struct_names: Sequence[str], title: str,
                    slices: Sequence[int], col_names: Sequence[str] | None = None) -> bytes:
@@ -214,13 +231,8 @@ def volume_montage(image: np.ndarray, rows: Sequence[tuple[str, np.ndarray | Non
     per ``(name, labels (X, Y, Z) or None)`` of ``rows`` (None: the image alone), all cropped
     to the labels' foreground (`crop_box`). Columns are named ``col_names`` (default
     ``slice <z>``)."""
-    bx, by = crop_box([labels for _, labels in rows])
-    window = intensity_window(image[bx, by][..., list(slices)])
-    shape = panel_shape((bx.stop - bx.start, by.stop - by.start), spacing_xy)
-    num_classes = len(struct_names) + 1
-    panels = [[panel(image[bx, by, z], None if labels is None else labels[bx, by, z], window,
-                     shape, num_classes) for z in slices] for _, labels in rows]
-    canvas, row_c, col_c = tile(panels)
+    canvas, row_c, col_c = montage_canvas(image, rows, spacing_xy, slices,
+                                          len(struct_names) + 1)
     return render_png(canvas, title, [name for name, _ in rows],
                       col_names or [f"slice {z}" for z in slices], row_c, col_c, struct_names)
 
@@ -266,3 +278,30 @@ def write_pseudo_label_figure(path: str | os.PathLike, title: str, images: np.nd
                  for name, labels in rows]
     write_png(path, volume_montage(np.moveaxis(images, 0, -1), as_volume, (1.0, 1.0),
                                    struct_names, title, picks, [slice_names[i] for i in picks]))
+
+
+def difference_plot(subject_ids: Sequence[str], differences: Sequence[float],
+                    ylabel: str) -> bytes:
+    """PNG bytes of a bar chart of one value per subject (e.g. joint minus baseline mean Dice),
+    subjects in the given order, gains green and losses red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * len(subject_ids) + 1.2), 2.8), dpi=DPI)
+    try:
+        ax.bar(range(len(differences)), differences,
+               color=["#2ca02c" if d >= 0 else "#d62728" for d in differences])
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(subject_ids)), subject_ids, rotation=90, fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(f"mean {float(np.mean(differences)):+.4f} over {len(differences)} subjects",
+                     fontsize=9)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
