@@ -51,6 +51,16 @@ def test_baseline_run_writes_the_output_contract(baseline_dir, env):
     assert pred.shape == img.shape
     np.testing.assert_allclose(pred.affine, img.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
+    figures = baseline_dir / "test_results" / "figures"
+    assert sorted(p.name for p in figures.iterdir()) == [f"{s}.png" for s in
+                                                         sorted(summary["per_subject"])]
+    for png in figures.iterdir():
+        assert_small_png(png)
+
+
+def assert_small_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 300_000, (path, len(data))
 
 
 def test_joint_run_after_baseline(baseline_dir, env):
@@ -64,6 +74,14 @@ def test_joint_run_after_baseline(baseline_dir, env):
     assert "pseudo-label Dice vs ground truth" in proc.stdout
     log = (run_dir / "log.csv").read_text()
     assert "pseudo_dice_after_crf" in log and "loss_local" in log
+    rounds = run_dir / "pseudo_labels"
+    assert sorted(p.name for p in rounds.iterdir()) == ["round1.png", "round2.png"]
+    for png in rounds.iterdir():
+        assert_small_png(png)
+    report = run_dir.parent / "report.html"
+    run(["scripts/compare_runs.py", str(baseline_dir), str(run_dir), "--out", str(report)], env)
+    text = report.read_text()
+    assert text.count("src=\"data:image/png;base64,") == 7 and "<h2>Largest losses</h2>" in text
 
 
 def test_joint_without_baseline_names_the_expected_checkpoint(env):

@@ -283,3 +283,17 @@ def test_overlap_maps_predictions_back_before_comparing():
             preds.append(_Threshold()(warped).argmax(1))
         unmapped.append(float(dice_per_class(preds[0], preds[1], 3).mean()))
     assert sum(u < 0.8 for u in unmapped) >= 6, unmapped
+
+
+def test_pseudo_labels_keep_the_argmax_the_crf_started_from():
+    images, gt = _volume(z=2, size=48)
+    model = NoisyOracle(gt, 3, flip=0.15)
+    args = ({"001": (images, gt)}, 3, crf_params_for("prostate_md"), torch.device("cpu"),
+            torch.Generator().manual_seed(0))
+    out = make_pseudo_labels(model, *args, progress=False)
+    # the oracle's noisy map is its argmax; the round's figure shows exactly what was scored
+    assert torch.equal(out.before_crf.long(), model.logits.argmax(1))
+    assert out.before_crf.dtype == torch.uint8 and not torch.equal(out.before_crf, out.labels)
+    assert float(dice_per_class(out.before_crf, gt, 3).mean()) == pytest.approx(
+        out.dice_before_crf)
+    assert make_pseudo_labels(model, *args, progress=False, use_crf=False).before_crf is None

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.figures import write_subject_figure
 from utils.io import (
     Volume,
     atomic_path,
@@ -268,6 +269,9 @@ def evaluate_test_set(
         pred = predict_native(model, ev, device)
         save_prediction(prediction_path(out_dir, vol.subject_id), pred, vol)
         per_subject[vol.subject_id] = structure_metrics(pred, vol.label, vol.spacing, num_classes)
+        write_subject_figure(out_dir / "figures" / f"{vol.subject_id}.png", vol.subject_id,
+                             vol.image, vol.label, pred, vol.spacing,
+                             [m["dice"] for m in per_subject[vol.subject_id]], struct_names)
     summary = summarize(per_subject, struct_names, selected_on)
     write_test_results(out_dir, summary, struct_names)
     return summary

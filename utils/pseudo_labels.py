@@ -28,7 +28,9 @@ class PseudoLabelRound:
     against ground truth over kept volumes (None when no ground truth exists); unsure_foreground:
     share of the kept volumes' predicted foreground pixels (argmax before the CRF) whose max
     softmax is below ``SURE_SOFTMAX`` (the CRF erodes a thin structure unless the network is
-    saturated up to its boundary).
+    saturated up to its boundary); before_crf: (N, H, W) the network's argmax the CRF started
+    from, for the round's figure (None without the CRF, where it is ``labels``; checkpoints
+    leave it out).
     """
 
     images: torch.Tensor
@@ -39,6 +41,7 @@ class PseudoLabelRound:
     dice_after_crf: float | None = None
     overlap: dict[str, float] = field(default_factory=dict)
     unsure_foreground: float | None = None
+    before_crf: torch.Tensor | None = None
 
 
 # A foreground pixel counts as sure when its max softmax reaches this.
@@ -184,4 +187,6 @@ def make_pseudo_labels(
         dice_after_crf=float(np.mean(dice_crf)) if dice_crf else None,
         overlap=overlap,
         unsure_foreground=n_unsure / n_fg if n_fg else None,
+        before_crf=torch.cat([argmax.to(torch.uint8) for _, _, argmax, _ in rows])
+        if use_crf else None,
     )

@@ -9,7 +9,7 @@ pseudo-labels its periodic checkpoint holds.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from models.unet import UNet
 from utils.crf import CRFParams
 from utils.device import release_freed_memory
+from utils.figures import write_pseudo_label_figure
 from utils.pseudo_labels import SURE_SOFTMAX, PseudoLabelRound, make_pseudo_labels
 from utils.run import load_checkpoint
 from utils.training import Run, on_device
@@ -76,6 +77,8 @@ def self_train(
             network = baseline_network(baseline, run) if index == 0 else \
                 restore_best(run, model, optimizer)
             pseudo = label_pool(network, pool, labelling, run)
+            write_round_figure(run, index, pseudo, pool)
+            pseudo = replace(pseudo, before_crf=None)  # only the figure needs it
         if iterations.start >= run.start_iteration:
             log_quality(run, index, pseudo, iterations.start)
         release_freed_memory()  # of the pseudo-labelling, before training grows the heap
@@ -123,6 +126,25 @@ def resumed_pseudo_labels(state: dict[str, Any] | None, index: int,
         return None
     return PseudoLabelRound(images=torch.cat([pool[sid][0] for sid in state["pseudo"]["kept"]]),
                             **state["pseudo"])
+
+
+def write_round_figure(run: Run, index: int, pseudo: PseudoLabelRound, pool: Pool) -> None:
+    """``pseudo_labels/round<k>.png`` in the run directory: a few pool slices with the
+    pseudo-labels before and after the CRF and the pool's ground truth where it has one."""
+    truths = [pool[sid][1] for sid in pseudo.kept]
+    gt = None if any(t is None for t in truths) else torch.cat(truths).numpy()
+    names = [f"{sid} slice {z}" for sid in pseudo.kept for z in range(pool[sid][0].shape[0])]
+    title = f"round {index + 1}: pseudo-labels of {len(pseudo.kept)} pool volumes"
+    if pseudo.dice_before_crf is not None:
+        title += (f"\nmean foreground Dice vs ground truth {pseudo.dice_before_crf:.3f} before "
+                  f"the CRF, {pseudo.dice_after_crf:.3f} after")
+    after = pseudo.labels.numpy()
+    before = after if pseudo.before_crf is None else pseudo.before_crf.numpy()
+    if pseudo.before_crf is None:
+        title += " (--crf 0: no CRF)"
+    write_pseudo_label_figure(run.run_dir / "pseudo_labels" / f"round{index + 1}.png", title,
+                              pseudo.images[:, 0].numpy(), before, after, gt,
+                              run.cfg.struct_name, names)
 
 
 def log_quality(run: Run, index: int, pseudo: PseudoLabelRound, iteration: int) -> None:
