@@ -217,7 +217,7 @@ def test_report_rows_are_ground_truth_baseline_joint(tmp_path, load_script):
     from utils.io import read_raw_volume
 
     vol = read_raw_volume("acdc", raw, "002")
-    preds = [compare.prediction(d, "002") for d in (baseline, joint)]
+    preds = [compare.prediction(d, "002", "acdc") for d in (baseline, joint)]
     assert not np.array_equal(*preds)
     canvas, _, _ = montage_canvas(vol.image, [("ground truth", vol.label),
                                               ("baseline", preds[0]), ("joint", preds[1])],
