@@ -82,6 +82,9 @@ def test_killed_baseline_resumes_to_the_same_weights(tmp_path, demo_env, whole):
     assert f"skipping {last} (not a readable PyTorch checkpoint" in again.stdout
     assert f"resuming from {previous} (iteration {resumed_from})" in again.stdout
     assert f"resuming {last.parents[1]} at iteration {resumed_from + 1}" in again.stdout
+    assert f"the lock of pid {proc.pid} on host" in again.stderr  # left by the killed run
+    assert "is stale (that process is gone); taking it over" in again.stderr
+    assert not (last.parents[1] / "run.lock").exists()
     summary = json.loads((last.parents[1] / "test_results" / "summary.json").read_text())
     assert set(summary["per_structure"]) == {"rv", "myo", "lv"}
     rows = (last.parents[1] / "log.csv").read_text().strip().splitlines()
@@ -137,6 +140,7 @@ def test_baseline_stopped_by_sigusr1_checkpoints_requeues_and_resumes(tmp_path, 
     assert "requeued: scontrol requeue 120_3" in stderr
     assert record.read_text() == "requeue 120_3\n"
     assert not (stopped_dir / "test_results").exists()
+    assert not (stopped_dir / "run.lock").exists()
 
     again = _run([*cmd, "--resume"], _no_slurm(demo_env))
     assert again.returncode == 0, again.stderr

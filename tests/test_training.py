@@ -21,8 +21,10 @@ from losses.dice import soft_dice_loss
 from utils.device import resolve_device
 from utils.flags import BASELINE, add_flags, parse_flags, resolve_flags
 from utils.io import DataError
+from utils.preemption import Preempted
 from utils.run import RunDirError
 from utils.training import (
+    BestKeeper,
     NonFiniteGuard,
     RunFinished,
     TrainingStopped,
@@ -54,20 +56,46 @@ def _args(*flags: str) -> argparse.Namespace:
     return parser.parse_args(list(flags))
 
 
-def test_run_directory_is_never_silently_replaced(tmp_path):
+def test_run_directory_is_never_silently_replaced(tmp_path, capsys):
     run = tmp_path / "run"
     assert open_run_dir(run, _args()) is None and run.is_dir()
-    (run / "config.yaml").write_text("x")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "best.pt").write_text("x")
     with pytest.raises(RunDirError, match="--resume to continue it, --overwrite to replace it"):
         open_run_dir(run, _args())
+    (run / "run.lock").write_text("{}")  # the caller's lock stays
     assert open_run_dir(run, _args("--overwrite")) is None
-    assert not (run / "config.yaml").exists()
+    assert [p.name for p in run.iterdir()] == ["run.lock"]
     (run / "config.yaml").write_text("x")  # killed before the first checkpoint: starts afresh
     assert open_run_dir(run, _args("--resume")) is None
+    assert not (run / "config.yaml").exists()
     (run / "test_results").mkdir()
     (run / "test_results" / "summary.json").write_text("{}")
     with pytest.raises(RunFinished):
         open_run_dir(run, _args("--resume"))
+    with pytest.raises(RunDirError, match="a run with these settings exists"):
+        open_run_dir(run, _args())
+
+
+def test_a_directory_without_checkpoint_or_results_is_not_a_run(tmp_path, capsys):
+    """What a start that failed, or was killed before its first validation, leaves is reused
+    by a new start; files that no run writes are not deleted without --overwrite."""
+    run = tmp_path / "run"
+    for name in ("config.yaml", "log.csv", ".config.yaml.x1.tmp.yaml", "tensorboard/ev"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / ".best.pt.x2.tmp.pt").write_text("torn")  # never renamed
+    assert open_run_dir(run, _args()) is None
+    assert list(run.iterdir()) == []
+    assert f"starting {run} afresh: it holds no periodic checkpoint or test results, only " \
+        ".config.yaml.x1.tmp.yaml, checkpoints, config.yaml, log.csv, tensorboard" in \
+        capsys.readouterr().out
+    (run / "config.yaml").write_text("x")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=r"holds files no run writes \(notes.txt\); move them"):
+        open_run_dir(run, _args())
+    assert (run / "notes.txt").is_file() and (run / "config.yaml").is_file()
 
 
 def test_flags_not_given_take_the_init_file_settings():
@@ -128,6 +156,63 @@ def test_an_edited_init_file_reaches_the_run(edited_config, tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="--bt_size=3 must be an even number.*batch_size_ft of "
                        "experiment_init/init_tiny.py"):
         joint.main(common)
+
+
+def test_a_failed_start_leaves_nothing_in_the_way(edited_config, tmp_path, monkeypatch):
+    """A start refused for a flag or a data file makes no run directory, so the corrected
+    command runs; a directory such a start left (config.yaml only) is not a run either."""
+    common = _tiny_dataset(edited_config, tmp_path, monkeypatch)
+    baseline = _trainer("tr_baseline")
+    run = tmp_path / "runs" / "tiny" / "baseline" / "tr1_c1_v0"
+    with pytest.raises(ConfigError, match=r"^--lr_seg=-1.0: must be a positive number$"):
+        baseline.main([*common, "--lr_seg", "-1"])
+    with pytest.raises(ConfigError, match="init_tiny.py: n_iter = 0 .the default of --n_iter. "
+                       "must be at least 1"):
+        edited_config("tiny", n_iter="n_iter = 0")
+        baseline.main(common)
+    edited_config("tiny", n_iter="n_iter = 1")
+    assert not (tmp_path / "runs").exists()
+
+    baseline.main(common)  # generates the data; then a dataset of its own that is not regenerated
+    edited_config("tiny", demo_n_patients="", demo_seed="")
+    label = next((tmp_path / "data" / "raw" / "patient003").glob("*_gt.nii.gz"))
+    label.rename(label.with_name("moved"))
+    with pytest.raises(DataError, match=f"{label}: id 003: file not found"):
+        baseline.main([*common, "--ver", "1"])
+    assert not run.with_name("tr1_c1_v1").exists()
+    label.with_name("moved").rename(label)
+    baseline.main([*common, "--ver", "1"])
+    assert (run.with_name("tr1_c1_v1") / "test_results" / "summary.json").is_file()
+
+    # What such a start used to leave behind (before the checks came first) is reused.
+    run.with_name("tr1_c1_v2").mkdir()
+    (run.with_name("tr1_c1_v2") / "config.yaml").write_text("flags: {lr_seg: -1}\n")
+    baseline.main([*common, "--ver", "2"])
+    assert (run.with_name("tr1_c1_v2") / "test_results" / "summary.json").is_file()
+
+
+def test_the_lock_is_released_on_every_way_out(edited_config, tmp_path, monkeypatch):
+    common = _tiny_dataset(edited_config, tmp_path, monkeypatch)
+    baseline = _trainer("tr_baseline")
+    lock = tmp_path / "runs" / "tiny" / "baseline" / "tr1_c1_v0" / "run.lock"
+    baseline.main(common)
+    assert lock.parent.is_dir() and not lock.exists()
+    with pytest.raises(RunDirError, match="a run with these settings exists"):
+        baseline.main(common)
+    assert not lock.exists()
+    with pytest.raises(RunFinished):
+        baseline.main([*common, "--resume"])
+    assert not lock.exists()
+    for stop in (KeyboardInterrupt(), TrainingStopped("diverged"),
+                 Preempted(lock.parent, 0, "SIGTERM")):
+        def validate(*args, stop=stop):
+            assert lock.exists()  # held while the run runs
+            raise stop
+
+        monkeypatch.setattr(BestKeeper, "update", validate)
+        with pytest.raises(type(stop)):
+            baseline.main([*common, "--overwrite"])
+        assert not lock.exists(), stop
 
 
 @pytest.mark.parametrize("error", [ConfigError("--x=1 is bad"), DataError("a.nii: unreadable"),
@@ -262,6 +347,7 @@ def test_a_tagged_variant_has_its_own_directories_and_baseline(edited_config, tm
         joint.main([*flags, "--tag", "abl"])
     except TrainingStopped:  # one baseline iteration may label nothing; the start is checked
         pass
+    assert not (runs / "joint" / "abl" / "tr1_c1_v0" / "original" / "run.lock").exists()
     record = yaml.safe_load((runs / "joint" / "abl" / "tr1_c1_v0" / "original" / "config.yaml")
                             .read_text())
     assert record["flags"]["baseline_checkpoint"] == str(base / "checkpoints" / "best.pt")

@@ -61,64 +61,64 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         raise ConfigError(f"{err} (its default is batch_size_ft of "
                           f"experiment_init/init_{cfg.dataset}.py)") from err
-    baseline_ckpt = find_baseline(cfg, args)
-    baseline = load_checkpoint(baseline_ckpt)["model"]  # refused here if it is not plain data
-    run = start_run(args, cfg, JOINT, f"pool {len(cfg.unlabeled_ids())} volumes, "
-                    f"{args.n_rounds} rounds x {args.n_iter_per_round} iterations, reduction "
-                    f"'{args.loss_reduction}'", baseline_checkpoint=str(baseline_ckpt))
-    device = run.device
-    lab_img, lab_lbl = (t.to(device) for t in load_slices(cfg, run.ids["labeled_ids"]))
-    pool = {sid: load_slices(cfg, [sid]) for sid in run.ids["pool_ids"]}
-    if args.pretr_n_iter is not None:
-        print(f"starting from {baseline_ckpt} (best of its run; --pretr_n_iter "
-              f"{args.pretr_n_iter})", flush=True)
-    model = on_device(JointUNet(cfg.num_classes), device)
-    model.load_encoder_decoder(baseline)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
-    dice_loss = segmentation_loss(args.dsc_loss, cfg.num_classes)
-    settings = JointSettings(
-        num_classes=cfg.num_classes, n_seg=cfg.mtask_bs, bt_size=args.bt_size,
-        no_of_pos_eles=args.no_of_pos_eles, temp_fac=args.temp_fac, lamda_local=args.lamda_local,
-        inter_image=args.local_loss_exp_no == 1, loss_reduction=args.loss_reduction,
-        rd_en=bool(args.rd_en), sigma=args.sigma,
-        ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot))
-    run.resume(model, optimizer)
-
-    def train(rnd: Round) -> None:
-        data, complete = build_joint_data(lab_img, lab_lbl, rnd.pseudo.images.to(device),
-                                          rnd.pseudo.labels.to(device), cfg.num_classes,
-                                          cfg.min_labels_dice_slice)
-        if data.unl_index.numel() == 0:
-            raise TrainingStopped(
-                f"round {rnd.index + 1}: the pseudo-labels hold no structure in any slice, so "
-                f"the contrastive term has nothing to work on; is the baseline {baseline_ckpt} "
-                "trained (see its test_results)?")
-        print(describe(rnd, args.n_rounds, f"{data.unl_index.numel()} slices with " + (
-            "every class" if complete else "the most classes (none has every class)"),
-            bool(args.crf)), flush=True)
-
-        def step(it: int) -> dict[str, torch.Tensor]:
-            loss, loss_seg, loss_lcl = joint_iteration(model, optimizer, data, settings,
-                                                       dice_loss, run.generator, run.guard.ok, it,
-                                                       run.precision)
-            return {"loss": loss, "loss_seg": loss_seg, "loss_local": loss_lcl}
-
-        run.train(model, optimizer, rnd.iterations, step, f"joint round {rnd.index + 1}",
-                  best_extra={"round": rnd.index + 1}, progress_extra=rnd.checkpoint)
-
     try:
         crf = CRFParams(**cfg.crf_params)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"experiment_init/init_{cfg.dataset}.py: crf_params "
                           f"{cfg.crf_params!r} cannot be used: {err}") from err
-    # Default: as many CRF processes as the run's CPU threads, so that the sweep's workers,
-    # each given a share of the CPUs, keep to their share.
-    workers = min(args.crf_workers or torch.get_num_threads(), available_cpus())
-    labelling = Labelling(crf, bool(args.crf), bool(args.test_aug_overlap),
-                          args.test_f1_threshold, workers)
-    self_train(run, model, optimizer, baseline, pool, labelling, args.n_rounds,
-               args.n_iter_per_round, train)
-    run.finish(model)
+    baseline_ckpt = find_baseline(cfg, args)
+    baseline = load_checkpoint(baseline_ckpt)["model"]  # refused here if it is not plain data
+    plan = (f"pool {len(cfg.unlabeled_ids())} volumes, {args.n_rounds} rounds x "
+            f"{args.n_iter_per_round} iterations, reduction '{args.loss_reduction}'")
+    with start_run(args, cfg, JOINT, plan, baseline_checkpoint=str(baseline_ckpt)) as run:
+        device = run.device
+        lab_img, lab_lbl = (t.to(device) for t in load_slices(cfg, run.ids["labeled_ids"]))
+        pool = {sid: load_slices(cfg, [sid]) for sid in run.ids["pool_ids"]}
+        if args.pretr_n_iter is not None:
+            print(f"starting from {baseline_ckpt} (best of its run; --pretr_n_iter "
+                  f"{args.pretr_n_iter})", flush=True)
+        model = on_device(JointUNet(cfg.num_classes), device)
+        model.load_encoder_decoder(baseline)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
+        dice_loss = segmentation_loss(args.dsc_loss, cfg.num_classes)
+        settings = JointSettings(
+            num_classes=cfg.num_classes, n_seg=cfg.mtask_bs, bt_size=args.bt_size,
+            no_of_pos_eles=args.no_of_pos_eles, temp_fac=args.temp_fac,
+            lamda_local=args.lamda_local, inter_image=args.local_loss_exp_no == 1,
+            loss_reduction=args.loss_reduction, rd_en=bool(args.rd_en), sigma=args.sigma,
+            ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot))
+        run.resume(model, optimizer)
+
+        def train(rnd: Round) -> None:
+            data, complete = build_joint_data(lab_img, lab_lbl, rnd.pseudo.images.to(device),
+                                              rnd.pseudo.labels.to(device), cfg.num_classes,
+                                              cfg.min_labels_dice_slice)
+            if data.unl_index.numel() == 0:
+                raise TrainingStopped(
+                    f"round {rnd.index + 1}: the pseudo-labels hold no structure in any slice, "
+                    "so the contrastive term has nothing to work on; is the baseline "
+                    f"{baseline_ckpt} trained (see its test_results)?")
+            print(describe(rnd, args.n_rounds, f"{data.unl_index.numel()} slices with " + (
+                "every class" if complete else "the most classes (none has every class)"),
+                bool(args.crf)), flush=True)
+
+            def step(it: int) -> dict[str, torch.Tensor]:
+                loss, loss_seg, loss_lcl = joint_iteration(model, optimizer, data, settings,
+                                                           dice_loss, run.generator,
+                                                           run.guard.ok, it, run.precision)
+                return {"loss": loss, "loss_seg": loss_seg, "loss_local": loss_lcl}
+
+            run.train(model, optimizer, rnd.iterations, step, f"joint round {rnd.index + 1}",
+                      best_extra={"round": rnd.index + 1}, progress_extra=rnd.checkpoint)
+
+        # Default: as many CRF processes as the run's CPU threads, so that the sweep's
+        # workers, each given a share of the CPUs, keep to their share.
+        workers = min(args.crf_workers or torch.get_num_threads(), available_cpus())
+        labelling = Labelling(crf, bool(args.crf), bool(args.test_aug_overlap),
+                              args.test_f1_threshold, workers)
+        self_train(run, model, optimizer, baseline, pool, labelling, args.n_rounds,
+                   args.n_iter_per_round, train)
+        run.finish(model)
 
 
 if __name__ == "__main__":

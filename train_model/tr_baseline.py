@@ -30,30 +30,31 @@ from utils.training import on_device, run_main, segmentation_loss, start_run  # 
 def main(argv: list[str] | None = None) -> None:
     args, cfg = parse_flags(BASELINE, argv, __doc__.splitlines()[0])
     val_ids = cfg.val_ids(args.no_of_tr_imgs, args.comb_tr_imgs)
-    run = start_run(args, cfg, BASELINE, f"validation {val_ids}, {args.n_iter} iterations")
-    images, labels = (t.to(run.device) for t in load_slices(cfg, run.ids["labeled_ids"]))
-    slices = torch.arange(images.shape[0], device=run.device)  # drawn from with replacement
-    model = on_device(UNet(cfg.num_classes), run.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
-    loss_fn = segmentation_loss(args.dsc_loss, cfg.num_classes)
-    run.resume(model, optimizer)
+    with start_run(args, cfg, BASELINE, f"validation {val_ids}, {args.n_iter} iterations") as run:
+        images, labels = (t.to(run.device) for t in load_slices(cfg, run.ids["labeled_ids"]))
+        slices = torch.arange(images.shape[0], device=run.device)  # drawn from with replacement
+        model = on_device(UNet(cfg.num_classes), run.device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
+        loss_fn = segmentation_loss(args.dsc_loss, cfg.num_classes)
+        run.resume(model, optimizer)
 
-    def step(it: int) -> dict[str, torch.Tensor]:
-        idx = draw(slices, cfg.batch_size, run.generator, "labeled slice")
-        x, y = augment_batch(images[idx], to_onehot(labels[idx], cfg.num_classes), run.generator,
-                             rd_en=bool(args.rd_en), sigma=args.sigma, ri_en=bool(args.ri_en))
-        if not args.en_1hot:
-            y = F.one_hot(y.argmax(1), cfg.num_classes).permute(0, 3, 1, 2).float()
-        model.train()
-        with run.precision.autocast():
-            logits = model(x.contiguous(memory_format=torch.channels_last))
-        loss = loss_fn(logits.float(), y)
-        if run.guard.ok(loss, it):
-            run.precision.step(loss, optimizer)
-        return {"loss_seg": loss.detach()}
+        def step(it: int) -> dict[str, torch.Tensor]:
+            idx = draw(slices, cfg.batch_size, run.generator, "labeled slice")
+            x, y = augment_batch(images[idx], to_onehot(labels[idx], cfg.num_classes),
+                                 run.generator, rd_en=bool(args.rd_en), sigma=args.sigma,
+                                 ri_en=bool(args.ri_en))
+            if not args.en_1hot:
+                y = F.one_hot(y.argmax(1), cfg.num_classes).permute(0, 3, 1, 2).float()
+            model.train()
+            with run.precision.autocast():
+                logits = model(x.contiguous(memory_format=torch.channels_last))
+            loss = loss_fn(logits.float(), y)
+            if run.guard.ok(loss, it):
+                run.precision.step(loss, optimizer)
+            return {"loss_seg": loss.detach()}
 
-    run.train(model, optimizer, range(args.n_iter), step, "baseline")
-    run.finish(model)
+        run.train(model, optimizer, range(args.n_iter), step, "baseline")
+        run.finish(model)
 
 
 if __name__ == "__main__":

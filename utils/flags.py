@@ -14,8 +14,10 @@ The output is two bash array assignments, each word quoted for the shell.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +98,9 @@ FLAGS: tuple[Flag, ...] = (
     _both("resume", resume_free=True, action="store_true",
           help="continue an interrupted run from its last periodic checkpoint (a run not "
           "started yet starts, a finished one is left as it is)"),
+    _both("force_unlock", resume_free=True, action="store_true",
+          help="take over the run directory's lock held by a process on another host (check "
+          "that it is gone first; a dead process on this host is taken over without it)"),
     _both("ckpt_every", resume_free=True, type=positive_int, default=200,
           help="iterations between periodic checkpoints (for --resume)"),
     _both("no_progress", resume_free=True, action="store_true", help="hide progress bars"),
@@ -163,6 +168,22 @@ INIT_FILE_DEFAULTS = {
 # Flags that may differ between an interrupted run and its resumption.
 RESUME_FREE_FLAGS = tuple(f.name for f in FLAGS if f.resume_free)
 
+# What a flag's value must be for a run to use it: flag -> (test, the rule in words). Checked
+# on the resolved values, before a run directory is made.
+VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr_seg": (lambda v: 0 < v < math.inf, "a positive number"),
+    "n_iter": (lambda v: v >= 1, "at least 1"),
+    "n_iter_per_round": (lambda v: v >= 1, "at least 1"),
+    "n_rounds": (lambda v: v >= 1, "at least 1"),
+    "ver": (lambda v: v >= 0, "at least 0"),
+    "seed": (lambda v: 0 <= v < 2**32, "in 0..2**32-1 (numpy's range)"),
+    "sigma": (lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "temp_fac": (lambda v: 0 < v < math.inf, "a positive number"),
+    "lamda_local": (lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "test_f1_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "max_bad_steps": (lambda v: v >= 1, "at least 1"),
+}
+
 
 def add_flags(parser: argparse.ArgumentParser, steps: tuple[str, ...] = STEPS) -> None:
     """Add to ``parser`` the flags that every one of ``steps`` accepts."""
@@ -200,17 +221,35 @@ def check_tag(tag: str | None) -> None:
                           "without path separators, other than '.' and '..'")
 
 
+def check_values(args: argparse.Namespace, from_init: dict[str, str], dataset: str) -> None:
+    """Raise ConfigError for the first flag of ``args`` whose value breaks its `VALUE_RULES`
+    rule; ``from_init`` names the flags that took an init-file setting (flag -> setting)."""
+    for name, (ok, rule) in VALUE_RULES.items():
+        value = getattr(args, name, None)
+        if value is None or ok(value):
+            continue
+        if name in from_init:
+            raise ConfigError(f"experiment_init/init_{dataset}.py: {from_init[name]} = {value} "
+                              f"(the default of --{name}) must be {rule}")
+        raise ConfigError(f"--{name}={value}: must be {rule}")
+
+
 def parse_flags(
     step: str, argv: list[str] | None = None, description: str | None = None
 ) -> tuple[argparse.Namespace, ExperimentConfig]:
-    """Parse one step's command line, read its dataset's configuration and resolve the flags
-    whose default is an init-file setting (`INIT_FILE_DEFAULTS`)."""
+    """Parse one step's command line, read its dataset's configuration, resolve the flags
+    whose default is an init-file setting (`INIT_FILE_DEFAULTS`) and check the values
+    (`VALUE_RULES`)."""
     args = parser(step, description).parse_args(argv)
     check_tag(args.tag)
     cfg = load(args.dataset, args.data_root, args.out_dir)
     if step == JOINT and args.n_iter_per_round is None:
         args.n_iter_per_round = args.n_iter  # the original's name of the same setting
-    return resolve_flags(args, cfg, **INIT_FILE_DEFAULTS[step]), cfg
+    from_init = {flag: setting for flag, setting in INIT_FILE_DEFAULTS[step].items()
+                 if getattr(args, flag) is None}
+    resolved = resolve_flags(args, cfg, **INIT_FILE_DEFAULTS[step])
+    check_values(resolved, from_init, cfg.dataset)
+    return resolved, cfg
 
 
 def route(argv: list[str]) -> dict[str, list[str]]:

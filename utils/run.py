@@ -10,6 +10,7 @@ Layout of a run directory::
     checkpoints/last.pt    periodic checkpoint for --resume
     checkpoints/previous.pt  the periodic checkpoint before it, the fallback of --resume
     test_results/          summary.json, per-subject predictions and metrics
+    run.lock               who writes the run now (utils/run_lock.py); gone once it ends
 
 Checkpoints hold data only (tensors, numbers, strings, lists, dicts): they are read with
 ``torch.load(weights_only=True)``, which cannot run code, so a checkpoint from elsewhere

@@ -1,15 +1,15 @@
-"""The skeleton both trainers share: the start of a run (`start_run`: seed, device, run
-directory, resume, config.yaml, input checks, logs, keep-best, guard) and its periodic step
-(`Run.train`: validate, log, checkpoint around the method's own iteration), then the test of
-the best checkpoint (`Run.finish`).
+"""The skeleton both trainers share: the start of a run (`start_run`: seed, device, input
+checks, run directory and its lock, resume, config.yaml, logs, keep-best, guard) and its
+periodic step (`Run.train`: validate, log, checkpoint around the method's own iteration), then
+the test of the best checkpoint (`Run.finish`).
 
 The project's own errors, each a user-facing stop that `run_main` reports in one line:
 `experiment_init.ConfigError` (settings and flags), `utils.io.DataError` (data files),
 `utils.io.DiskFullError` (a write that found no space), `utils.run.RunDirError` (run
 directories and checkpoints) and `TrainingStopped` (a run that cannot go on). Any other
-exception is a programming error and keeps its traceback. A run
-stopped by SIGTERM or SIGUSR1 (`utils.preemption`) exits with status 75 after writing its
-periodic checkpoint.
+exception is a programming error and keeps its traceback. A run stopped by SIGTERM or
+SIGUSR1 (`utils.preemption`) exits with status 75 after writing its periodic checkpoint. The
+run directory's lock is released on each of these ways out.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from utils.run import (
     seed_everything,
     selected_on,
 )
+from utils.run_lock import LOCK_NAME, RunLock, lock_run_dir
 
 # The script of each step, as config.yaml names it.
 TRAINERS = {BASELINE: "tr_baseline", JOINT: "prop_method_joint_tr_rand_init"}
@@ -85,29 +86,55 @@ def run_directory(cfg: ExperimentConfig, args: argparse.Namespace, step: str) ->
     return path / args.loss_reduction if step == JOINT else path
 
 
+# What a run writes in its directory (utils/run.py); the atomic writer's temporary files are
+# these names with a leading "." and a suffix.
+RUN_FILES = ("config.yaml", "log.csv", "curves.png", "tensorboard", "checkpoints",
+             "test_results", LOCK_NAME)
+
+
+def holds_results(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds what a run produced: a checkpoint or test results. A start
+    that failed, or was stopped before its first validation, leaves neither and is not a run."""
+    return any(p.is_file() and not p.name.startswith(".")
+               for sub in ("checkpoints", "test_results") for p in (run_dir / sub).rglob("*"))
+
+
 def open_run_dir(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
-    """Create the run directory, or find the state to resume from.
+    """Find the state to resume from, or empty the run directory (but for its lock) for a
+    fresh start; the caller holds the directory's lock (`utils.run_lock.lock_run_dir`).
 
     Returns the last periodic checkpoint when ``--resume`` finds one (after checking that the
     flags match the interrupted run's), else None for a fresh start. Never silently replaces a
-    previous run's results: an existing directory needs --resume or --overwrite.
+    previous run's results: a directory holding a checkpoint or test results needs --resume or
+    --overwrite. One holding neither is reused, unless it holds files no run writes.
     """
-    flags = resume_flags(args)
-    if getattr(args, "resume", False) and run_dir.is_dir():
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "resume", False):
         if (run_dir / "test_results" / "summary.json").is_file():
             raise RunFinished(run_dir)
-        state = load_latest_checkpoint(run_dir / "checkpoints", flags)
+        state = load_latest_checkpoint(run_dir / "checkpoints", resume_flags(args))
         if state is not None:
             return state
-        shutil.rmtree(run_dir)  # interrupted before its first checkpoint: nothing to keep
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not args.overwrite:
-            raise RunDirError(
-                f"{run_dir}: a run with these settings exists; pass --resume to continue it, "
-                "--overwrite to replace it, or change --ver"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    elif holds_results(run_dir) and not args.overwrite:
+        raise RunDirError(
+            f"{run_dir}: a run with these settings exists; pass --resume to continue it, "
+            "--overwrite to replace it, or change --ver"
+        )
+    left = sorted(e.name for e in run_dir.iterdir() if e.name != LOCK_NAME)
+    if left and not args.overwrite:
+        foreign = [name for name in left if name not in RUN_FILES
+                   and not name.startswith(tuple(f".{known}." for known in RUN_FILES))]
+        if foreign:
+            raise RunDirError(f"{run_dir}: holds files no run writes ({', '.join(foreign)}); "
+                              "move them away, or pass --overwrite to delete them")
+        print(f"starting {run_dir} afresh: it holds no periodic checkpoint or test results, "
+              f"only {', '.join(left)} of a start that stopped early", flush=True)
+    for entry in left:
+        path = run_dir / entry
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     return None
 
 
@@ -205,25 +232,41 @@ class Run:
     val_ids, [pool_ids,] test_ids), ``state`` (the interrupted run's last.pt, or None),
     ``start_iteration`` (the first iteration to run, set by `resume`), ``keeper``, ``guard``,
     ``log``, ``record`` (what config.yaml holds), ``stop`` (SIGTERM/SIGUSR1 received, from
-    here until `finish`), ``precision`` (--amp: the forward's autocast and the update step).
+    here until `finish`), ``lock`` (the run directory's, held until `close`), ``precision``
+    (--amp: the forward's autocast and the update step).
+
+    Used as a context manager (``with start_run(...) as run:``), it closes on every way out:
+    the end, an error, a pre-emption, Ctrl-C.
     """
 
     def __init__(self, args: argparse.Namespace, cfg: ExperimentConfig, device: torch.device,
                  generator: torch.Generator, run_dir: Path, ids: dict[str, list[str]],
-                 state: dict[str, Any] | None, record: dict[str, Any],
+                 state: dict[str, Any] | None, record: dict[str, Any], lock: RunLock,
                  precision: MixedPrecision | None = None) -> None:
         self.args, self.cfg, self.device, self.generator = args, cfg, device, generator
         self.precision = precision or MixedPrecision(device.type, None)
         self.run_dir, self.ids, self.state, self.record = run_dir, ids, state, record
+        self.lock = lock
         self.start_iteration = 0
         self.saved_iteration = -1  # the iteration checkpoints/last.pt holds
         self.started = time.time()
-        self.stop = StopRequests()
-        self.stop.install()
         self.keeper = BestKeeper(run_dir, load_eval_volumes(cfg, ids["val_ids"]),
                                  cfg.num_classes, device)
         self.guard = NonFiniteGuard(args.max_bad_steps)
         self.log = RunLog(run_dir, rows=state["log_rows"] if state else None)
+        self.stop = StopRequests()
+        self.stop.install()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Put back the signal handlers and release the run directory's lock."""
+        self.stop.restore()
+        self.lock.release()
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
         """Load an interrupted run's last.pt into ``model``, ``optimizer``, the keeper, the
@@ -338,12 +381,13 @@ def start_run(
 ) -> Run:
     """The start both trainers share, after their flags are parsed (`utils.flags.parse_flags`).
 
-    Seeds every random source, picks the device, opens the run directory (or finds the
-    interrupted run's state for --resume), writes config.yaml (resolved flags, the
-    ``recorded`` extras among them, the configuration, the ids and the provenance; a resumed
-    run adds its own provenance under ``provenance.resumed``), prints the run's first
-    line (``<step> <dataset> <tr>/<comb>: labeled [...], <plan> on <device>``), checks every
-    input volume, and loads the validation volumes. Training starts after `Run.resume`.
+    Seeds every random source, picks the device, checks every input volume, takes the run
+    directory's lock and opens the directory (or finds the interrupted run's state for
+    --resume), writes config.yaml (resolved flags, the ``recorded`` extras among them, the
+    configuration, the ids and the provenance; a resumed run adds its own provenance under
+    ``provenance.resumed``), prints the run's first line (``<step> <dataset> <tr>/<comb>:
+    labeled [...], <plan> on <device>``) and loads the validation volumes. Training starts
+    after `Run.resume`; the caller closes the run (``with``), which releases the lock.
     """
     ids = {"labeled_ids": cfg.labeled_ids(args.no_of_tr_imgs, args.comb_tr_imgs),
            "val_ids": cfg.val_ids(args.no_of_tr_imgs, args.comb_tr_imgs)}
@@ -356,25 +400,32 @@ def start_run(
     configure_backend(device, args.low_memory)
     threads, threads_from = set_cpu_threads(args.threads)
     generator = seed_everything(seed)
-    run_dir = run_directory(cfg, args, step)
-    state = open_run_dir(run_dir, args)
-    if state is None:
-        flags = {**vars(args), "seed": seed, "device": str(device), "threads": threads,
-                 **recorded}
-        record = {"trainer": TRAINERS[step], "flags": flags, "config": cfg.to_dict(), **ids,
-                  "provenance": {**session(device), "ended": None}}
-    else:
-        written = run_dir / "config.yaml"
-        record = yaml.safe_load(written.read_text()) if written.is_file() else {}
-        record.setdefault("provenance", {"ended": None}).setdefault("resumed", []).append(
-            session(device))
-    save_config(run_dir, record)
-    print(f"{step} {cfg.dataset} {args.no_of_tr_imgs}/{args.comb_tr_imgs}: labeled "
-          f"{ids['labeled_ids']}, {plan} on {device} ({threads} CPU threads: {threads_from}"
-          f"{'' if args.amp == 'off' else '; --amp ' + args.amp})", flush=True)
+    # The inputs are checked before the run directory is made or touched: a start refused for
+    # its data leaves nothing in the way of the corrected command.
     ensure_demo_data(cfg)
     verify_inputs(cfg, ids["labeled_ids"] + ids.get("pool_ids", []), ids["val_ids"] + cfg.test)
-    return Run(args, cfg, device, generator, run_dir, ids, state, record, precision)
+    run_dir = run_directory(cfg, args, step)
+    lock = lock_run_dir(run_dir, args.force_unlock)
+    try:
+        state = open_run_dir(run_dir, args)
+        if state is None:
+            flags = {**vars(args), "seed": seed, "device": str(device), "threads": threads,
+                     **recorded}
+            record = {"trainer": TRAINERS[step], "flags": flags, "config": cfg.to_dict(), **ids,
+                      "provenance": {**session(device), "ended": None}}
+        else:
+            written = run_dir / "config.yaml"
+            record = yaml.safe_load(written.read_text()) if written.is_file() else {}
+            record.setdefault("provenance", {"ended": None}).setdefault("resumed", []).append(
+                session(device))
+        save_config(run_dir, record)
+        print(f"{step} {cfg.dataset} {args.no_of_tr_imgs}/{args.comb_tr_imgs}: labeled "
+              f"{ids['labeled_ids']}, {plan} on {device} ({threads} CPU threads: "
+              f"{threads_from}{'' if args.amp == 'off' else '; --amp ' + args.amp})", flush=True)
+        return Run(args, cfg, device, generator, run_dir, ids, state, record, lock, precision)
+    except BaseException:
+        lock.release()
+        raise
 
 
 def run_main(main: Callable[[], None]) -> None:
