@@ -104,6 +104,41 @@ def test_killed_baseline_resumes_to_the_same_weights(tmp_path, demo_env, whole):
     assert changed.returncode == 0  # a finished run is never touched, whatever the flags
 
 
+def test_resume_puts_back_the_best_checkpoint_of_its_iteration(tmp_path, demo_env, whole):
+    """A run killed after a validation improved best.pt but before its next periodic
+    checkpoint leaves a best.pt from after last.pt; the resumed run must not use it (the
+    joint trainer relabels from best.pt at each round). Here: the finished run's last.pt
+    with a later, different best.pt beside it, resumed with nothing left to train."""
+    import shutil
+
+    root, run_dir = whole
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "test_results")
+    best = torch.load(copy / "checkpoints" / "best.pt", weights_only=True)
+    best.pop("checksum")
+    later = {**best, "iteration": 99, "val_dice": 1.0,
+             "model": {k: torch.zeros_like(v) if v.is_floating_point() else v
+                       for k, v in best["model"].items()}}
+    save_checkpoint(copy / "checkpoints" / "best.pt", later)
+    out_root = tmp_path / "out"
+    last = torch.load(copy / "checkpoints" / "last.pt", weights_only=True)
+    last.pop("checksum")
+    last["args"]["out_dir"] = str(out_root)  # as if the run had been started there
+    save_checkpoint(copy / "checkpoints" / "last.pt", last)
+    (copy / "checkpoints" / "previous.pt").unlink()
+    target = out_root / run_dir.relative_to(root)
+    target.parent.mkdir(parents=True)
+    shutil.move(copy, target)
+    again = _run(_cmd(out_root, "--resume"), _no_slurm(demo_env))
+    assert again.returncode == 0, again.stderr
+    restored = torch.load(target / "checkpoints" / "best.pt", weights_only=True)
+    assert restored["iteration"] == best["iteration"]
+    a = json.loads((run_dir / "test_results" / "summary.json").read_text())
+    b = json.loads((target / "test_results" / "summary.json").read_text())
+    assert a["per_subject"] == b["per_subject"]
+
+
 SCONTROL = """#!/usr/bin/env bash
 printf '%s\\n' "$*" >> {record}
 """

@@ -15,6 +15,7 @@ run directory's lock is released on each of these ways out.
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import sys
 import time
@@ -184,21 +185,35 @@ class BestKeeper:
         self.device = device
         self.best_score = -1.0
         self.best_iteration = -1
+        # What best.pt holds, copied: each periodic checkpoint carries it, so that a resumed
+        # run can put back the best.pt of its checkpoint's iteration (a killed run may have
+        # written a later one before its next periodic checkpoint).
+        self.best_state: dict[str, Any] | None = None
 
     def update(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
                extra: dict[str, Any] | None = None) -> float:
         score = validation_score(model, self.volumes, self.num_classes, self.device)
         if score > self.best_score:
             self.best_score, self.best_iteration = score, iteration
-            save_checkpoint(self.path, {
+            self.best_state = copy.deepcopy({
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "iteration": iteration,
                 "val_dice": score,
                 **(extra or {}),
             })
+            save_checkpoint(self.path, self.best_state)
         release_freed_memory()
         return score
+
+    def restore(self, best_state: dict[str, Any] | None) -> None:
+        """Rewrite best.pt as it was when the periodic checkpoint being resumed was written
+        (``best_state``; None: no best yet, and any best.pt is from after it)."""
+        self.best_state = best_state
+        if best_state is not None:
+            save_checkpoint(self.path, best_state)
+        elif self.path.exists():
+            self.path.unlink()
 
 
 class NonFiniteGuard:
@@ -277,6 +292,8 @@ class Run:
         model.load_state_dict(s["model"])
         optimizer.load_state_dict(s["optimizer"])
         self.keeper.best_score, self.keeper.best_iteration = s["best_score"], s["best_iteration"]
+        if "best" in s:  # absent from checkpoints written before it was added
+            self.keeper.restore(s["best"])
         self.guard.total, self.guard.consecutive = s["bad_total"], s["bad_consecutive"]
         restore_rng_state(s["rng"], self.generator)
         self.precision.load_state_dict(s.get("grad_scaler", {}))
@@ -329,6 +346,7 @@ class Run:
             "optimizer": optimizer.state_dict(),
             "best_score": self.keeper.best_score,
             "best_iteration": self.keeper.best_iteration,
+            "best": self.keeper.best_state,
             "bad_total": self.guard.total,
             "bad_consecutive": self.guard.consecutive,
             "log_rows": self.log.rows,
