@@ -81,7 +81,9 @@ def test_a_directory_without_checkpoint_or_results_is_not_a_run(tmp_path, capsys
     """What a start that failed, or was killed before its first validation, leaves is reused
     by a new start; files that no run writes are not deleted without --overwrite."""
     run = tmp_path / "run"
-    for name in ("config.yaml", "log.csv", ".config.yaml.x1.tmp.yaml", "tensorboard/ev"):
+    # pseudo_labels/: the round figure, written before the round's first checkpoint
+    for name in ("config.yaml", "log.csv", ".config.yaml.x1.tmp.yaml", "tensorboard/ev",
+                 "pseudo_labels/round1.png"):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("x")
     (run / "checkpoints").mkdir()
@@ -89,7 +91,8 @@ def test_a_directory_without_checkpoint_or_results_is_not_a_run(tmp_path, capsys
     assert open_run_dir(run, _args()) is None
     assert list(run.iterdir()) == []
     assert f"starting {run} afresh: it holds no periodic checkpoint or test results, only " \
-        ".config.yaml.x1.tmp.yaml, checkpoints, config.yaml, log.csv, tensorboard" in \
+        ".config.yaml.x1.tmp.yaml, checkpoints, config.yaml, log.csv, pseudo_labels, " \
+        "tensorboard" in \
         capsys.readouterr().out
     (run / "config.yaml").write_text("x")
     (run / "notes.txt").write_text("mine")

@@ -90,7 +90,7 @@ def run_directory(cfg: ExperimentConfig, args: argparse.Namespace, step: str) ->
 # What a run writes in its directory (utils/run.py); the atomic writer's temporary files are
 # these names with a leading "." and a suffix.
 RUN_FILES = ("config.yaml", "log.csv", "curves.png", "tensorboard", "checkpoints",
-             "test_results", LOCK_NAME)
+             "test_results", "pseudo_labels", LOCK_NAME)
 
 
 def holds_results(run_dir: Path) -> bool:
