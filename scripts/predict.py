@@ -45,14 +45,25 @@ from utils.training import TRAINERS, on_device, run_main  # noqa: E402
 MAX_EXIT = 100  # exit statuses above it mean other things to shells and schedulers
 
 
+# Name endings of the label files beside the images in the ACDC (and demo) and MMWHS raw
+# layouts (utils/io.py); a folder's such files are not inputs.
+LABEL_ENDINGS = ("_gt", "_label")
+
+
 def input_files(paths: list[Path]) -> list[Path]:
-    """The NIfTI files named by ``paths``: files as given, folders' .nii/.nii.gz files sorted."""
+    """The NIfTI files named by ``paths``: files as given; a folder's .nii/.nii.gz files,
+    sorted, but for label files (`LABEL_ENDINGS`), which are named on stdout and left out."""
     files = []
     for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.is_file() and nifti_stem(p))
-        else:
+        if not path.is_dir():
             files.append(path)
+            continue
+        for p in sorted(p for p in path.iterdir() if p.is_file() and nifti_stem(p)):
+            if nifti_stem(p).endswith(LABEL_ENDINGS):
+                print(f"ignoring {p}: a label file (name ends with "
+                      f"{' or '.join(LABEL_ENDINGS)}); name it to segment it", flush=True)
+            else:
+                files.append(p)
     return files
 
 

@@ -145,3 +145,20 @@ def test_a_run_without_its_record_is_one_line_error(tmp_path, demo_env):
     proc = predict(demo_env, tmp_path / "nothing", tmp_path / "out", tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "config.yaml: not found" in proc.stderr
+
+
+def test_a_folders_label_files_are_not_inputs(tmp_path, capsys, load_script):
+    """A patient folder of the ACDC or MMWHS layout holds each image's label file beside it;
+    segmenting those as images would be wrong. Files named explicitly are always inputs."""
+    predict = load_script("predict")
+    names = ["p1_frame01.nii.gz", "p1_frame01_gt.nii.gz", "mr_train_1001_image.nii.gz",
+             "mr_train_1001_label.nii.gz", "notes.txt", "b.nii"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    explicit = tmp_path / "p1_frame01_gt.nii.gz"
+    found = predict.input_files([tmp_path, explicit])
+    assert found == [tmp_path / "b.nii", tmp_path / "mr_train_1001_image.nii.gz",
+                     tmp_path / "p1_frame01.nii.gz", explicit]
+    out = capsys.readouterr().out
+    assert f"ignoring {tmp_path / 'p1_frame01_gt.nii.gz'}: a label file" in out
+    assert f"ignoring {tmp_path / 'mr_train_1001_label.nii.gz'}: a label file" in out
