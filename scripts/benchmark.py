@@ -8,7 +8,11 @@ Prints a table and one JSON line per figure, e.g.
 Figures are medians over ``--repeats`` runs after one warm-up run; network and joint steps
 are timed alternately and ``overhead_ratio`` is the median ratio of back-to-back pairs.
 ``joint_batch`` (batch sampling and augmentation alone) shows the host-side part of the
-overhead. ``crf_volume_w<n>`` times the CRF stage alone over n worker processes (1, 2, and all
+overhead. ``baseline_step`` is the baseline trainer's iteration, ``validation`` one validation
+(two volumes in native resolution), and ``protocol_estimate`` the dataset's whole default
+protocol built from these figures (`protocol_seconds`). ``--steps_only`` stops after the step
+figures; ``--profile FILE`` writes torch.profiler's table of the joint step.
+``crf_volume_w<n>`` times the CRF stage alone over n worker processes (1, 2, and all
 available CPUs when more), ``crf_scaling_w<n>`` its speed-up over one worker divided by n.
 Synthetic slices of the dataset's crop size are used (no data needed); the joint step is the
 trainer's own `utils.joint_training.joint_iteration`. ``--quick`` uses a quarter of the crop
@@ -50,6 +54,7 @@ from losses.local_contrastive import local_contrastive_loss, sample_positive_ind
 from models import cpu_training  # noqa: E402
 from models.unet import JointUNet, UNet  # noqa: E402
 from utils.augment import to_onehot  # noqa: E402
+from utils.baseline_training import BaselineSettings, baseline_iteration  # noqa: E402
 from utils.crf import CRFParams, CRFPool  # noqa: E402
 from utils.device import (  # noqa: E402
     available_cpus,
@@ -57,7 +62,8 @@ from utils.device import (  # noqa: E402
     resolve_device,
     set_cpu_threads,
 )
-from utils.evaluation import predict_slices  # noqa: E402
+from utils.evaluation import predict_slices, prepare_volume, validation_score  # noqa: E402
+from utils.io import Volume  # noqa: E402
 from utils.joint_training import (  # noqa: E402
     JointSettings,
     build_joint_data,
@@ -293,6 +299,13 @@ def main() -> None:
                         "concurrent_figures) against one alone")
     parser.add_argument("--seconds", type=float, default=30.0,
                         help="--concurrent: seconds each process steps")
+    parser.add_argument("--steps_only", action="store_true",
+                        help="stop after the step figures and peak memory")
+    parser.add_argument("--compile", default=None, choices=("default", "reduce-overhead"),
+                        help="time the steps with the network under torch.compile in this mode "
+                        "(an experiment: the trainers do not compile)")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="also write torch.profiler's table of 5 joint steps to FILE")
     parser.add_argument("--rate_worker", type=float, default=None, help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
@@ -310,7 +323,8 @@ def main() -> None:
             "cpu_features": " ".join(features), "cpus": len(os.sched_getaffinity(0)),
             "commit": (git_state()["git_commit"] or "?")[:7],
             "dataset": args.dataset, "batch": f"{n_all}x1x{size[0]}x{size[1]}",
-            "amp": args.amp or "off", "threads": torch.get_num_threads(), "quick": args.quick,
+            "amp": args.amp or "off", "compile": args.compile or "off",
+            "threads": torch.get_num_threads(), "quick": args.quick,
             "low_memory": args.low_memory or args.reference}
     print(f"{'figure':<26}{'value':>12}  unit   ({', '.join(f'{k}={v}' for k, v in info.items())})",
           flush=True)
@@ -352,10 +366,12 @@ def main() -> None:
     data, _ = build_joint_data(lab_img, lab_lbl, unl_img, unl_lbl, cfg.num_classes,
                                cfg.min_labels_dice_slice)
     model = JointUNet(cfg.num_classes).to(device, memory_format=torch.channels_last)
-    if device.type == "cpu":  # as the trainers
+    if device.type == "cpu" and not args.compile:  # as the trainers
         cpu_training.install(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     guard = NonFiniteGuard(max_consecutive=10)  # the trainer's check (one sync per step)
+    if args.compile:
+        model.forward = torch.compile(model.forward, mode=args.compile)
 
     def joint() -> None:
         joint_iteration(model, opt, data, s, soft_dice_loss, gen, guard.ok, 0, precision)
@@ -395,6 +411,16 @@ def main() -> None:
         report("peak_memory", torch.cuda.max_memory_allocated() / 2**30, "GiB")
     else:  # ru_maxrss is in KiB on Linux
         report("peak_memory", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "GiB")
+    if args.profile:
+        write_profile(Path(args.profile), joint, device)
+    if args.steps_only:
+        print_json(figures, info)
+        return
+    t_base = baseline_figure(cfg, lab_img, lab_lbl, repeats, device, precision, args.compile,
+                             gen)
+    report("baseline_step", t_base, "s")
+    t_val = validation_figure(model, cfg, size, repeats, device)
+    report("validation", t_val, "s")
 
     emb = torch.randn(2 * s.bt_size, 16, *size, device=device, requires_grad=True)
     onehot = to_onehot(torch.cat([lab_lbl[: s.bt_size], unl_lbl[: s.bt_size]]), cfg.num_classes)
@@ -424,27 +450,35 @@ def main() -> None:
             make_pseudo_labels(model, pool, cfg.num_classes, crf, device, gen, progress=False)
 
     # inner=1: the CRF runs on the CPU and takes about a second; batching calls gains nothing.
-    report("pseudo_label_volume", timed(pseudo, repeats, device, inner=1), "s")
-    crf_figures(model, unl_img, crf, repeats, device, report)
+    t_pseudo = timed(pseudo, repeats, device, inner=1)
+    report("pseudo_label_volume", t_pseudo, "s")
+    crf = crf_figures(model, unl_img, crf, repeats, device, report)
+    if not args.quick:
+        minutes = protocol_seconds(cfg, t_base, statistics.median(joint_times), t_val,
+                                   t_pseudo - crf[1] + min(crf.values())) / 60
+        report("protocol_estimate", minutes, "min")
     print_json(figures, info)
 
 
 def crf_figures(model: nn.Module, images: torch.Tensor, crf: CRFParams, repeats: int,
-                device: torch.device, report: Callable[[str, float, str], None]) -> None:
+                device: torch.device, report: Callable[[str, float, str], None]
+                ) -> dict[int, float]:
     """The CRF stage of pseudo-labelling alone, per 10-slice volume, over `CRFPool`s of 1, 2
     and (when more) all available CPUs' workers: 4 volumes per sample, handed to the pool as
-    `make_pseudo_labels` does on this device. Figures ``crf_volume_w<n>`` (s),
-    ``crf_scaling_w<n>`` (speed-up over 1 worker / n) and ``crf_pool_start_w<n>`` (the first
-    pass's extra seconds: starting the processes, each importing this script again)."""
-    volumes = [(images[s : s + 10, 0].cpu().numpy(),
-                predict_slices(model, images[s : s + 10], device).cpu().numpy())
-               for s in range(0, 40, 10)]
+    `make_pseudo_labels` does on this device (2n volumes for n > 2 workers, so that every
+    worker has two). Figures ``crf_volume_w<n>`` (s), ``crf_scaling_w<n>`` (speed-up over 1
+    worker / n) and ``crf_pool_start_w<n>`` (the first pass's extra seconds: starting the
+    processes, each importing this script again). Returns seconds per volume by n."""
+    four = [(images[s : s + 10, 0].cpu().numpy(),
+             predict_slices(model, images[s : s + 10], device).cpu().numpy())
+            for s in range(0, 40, 10)]
     cpus = available_cpus()
     seconds: dict[int, float] = {}
     for n in [1, 2] + ([cpus] if cpus > 2 else []):
+        volumes = four * max(1, n // 2)
         with CRFPool(crf, n, eager=device.type == "cuda") as pool:
 
-            def refine(pool: CRFPool = pool) -> None:
+            def refine(pool: CRFPool = pool, volumes: list = volumes) -> None:
                 for pending in [pool.refine(*volume) for volume in volumes]:
                     pending.result()
 
@@ -456,6 +490,82 @@ def crf_figures(model: nn.Module, images: torch.Tensor, crf: CRFParams, repeats:
         if n > 1:
             report(f"crf_scaling_w{n}", seconds[1] / (n * seconds[n]), "x")
             report(f"crf_pool_start_w{n}", first - seconds[n] * len(volumes), "s")
+    return seconds
+
+
+def baseline_figure(cfg: experiment_init.ExperimentConfig, images: torch.Tensor,
+                    labels: torch.Tensor, repeats: int, device: torch.device,
+                    precision: MixedPrecision, compile_mode: str | None,
+                    generator: torch.Generator) -> float:
+    """Seconds per baseline iteration (`utils.baseline_training.baseline_iteration`: the
+    `UNet` on ``cfg.batch_size`` augmented slices of ``images`` (N, 1, H, W))."""
+    model = UNet(cfg.num_classes).to(device, memory_format=torch.channels_last)
+    if device.type == "cpu" and not compile_mode:
+        cpu_training.install(model)
+    if compile_mode:
+        model.forward = torch.compile(model.forward, mode=compile_mode)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    s = BaselineSettings(cfg.num_classes, cfg.batch_size)
+    slices = torch.arange(images.shape[0], device=device)
+    guard = NonFiniteGuard(max_consecutive=10)
+
+    def step() -> None:
+        baseline_iteration(model, opt, images, labels, slices, s, soft_dice_loss, generator,
+                           guard.ok, 0, precision)
+
+    return timed(step, repeats, device)
+
+
+def validation_figure(model: nn.Module, cfg: experiment_init.ExperimentConfig,
+                      size: tuple[int, int], repeats: int, device: torch.device) -> float:
+    """Seconds per validation as `utils.training.BestKeeper` runs it (`validation_score`,
+    native resolution) on two synthetic 10-slice volumes of 1.2 x the crop at 1.4 mm."""
+    shape = (int(size[0] * 1.2), int(size[1] * 1.2))
+    gen = torch.Generator().manual_seed(1)
+    volumes = []
+    for i in range(2):
+        img, lbl = synthetic_slices(10, shape, cfg.num_classes, gen)
+        vol = Volume(f"v{i}", img[:, 0].permute(1, 2, 0).numpy().copy(),
+                     lbl.permute(1, 2, 0).numpy().astype("int16"), (1.4, 1.4, 10.0),
+                     torch.eye(4).numpy(), None, Path(f"v{i}.nii.gz"), None)
+        volumes.append(prepare_volume(vol, cfg.target_resolution, size))
+
+    def validate() -> None:  # in float32, as the trainers validate
+        validation_score(model, volumes, cfg.num_classes, device)
+
+    return timed(validate, repeats, device, inner=1)
+
+
+def validations(iterations: int, every: int) -> int:
+    """How many validations `utils.training.Run.train` runs over ``iterations`` iterations:
+    every ``every`` from the first, and at the last."""
+    return len(range(0, iterations, every)) + ((iterations - 1) % every != 0)
+
+
+def protocol_seconds(cfg: experiment_init.ExperimentConfig, baseline_step: float,
+                     joint_step: float, validation: float, pseudo_label_volume: float) -> float:
+    """The dataset's whole default protocol from measured parts: ``n_iter`` baseline steps,
+    ``n_rounds`` x ``n_iter_per_round`` joint steps, their validations, and each round's
+    pseudo-labels of the unlabeled pool (as 10-slice volumes). The final test evaluations and
+    start-up are not counted."""
+    n_val = (validations(cfg.n_iter, cfg.val_step_update)
+             + cfg.n_rounds * validations(cfg.n_iter_per_round, cfg.val_step_update))
+    return (cfg.n_iter * baseline_step + cfg.n_rounds * cfg.n_iter_per_round * joint_step
+            + n_val * validation + cfg.n_rounds * len(cfg.unlabeled_ids()) * pseudo_label_volume)
+
+
+def write_profile(path: Path, step: Callable[[], None], device: torch.device) -> None:
+    """torch.profiler's table of 5 calls of ``step`` (after the warm-up), by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                            else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
 
 
 def print_json(figures: list[tuple[str, float, str]], info: dict[str, object]) -> None:

@@ -17,13 +17,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from models.unet import UNet  # noqa: E402
-from utils.augment import augment_batch, to_onehot  # noqa: E402
+from utils.baseline_training import BaselineSettings, baseline_iteration  # noqa: E402
 from utils.dataset import load_slices  # noqa: E402
 from utils.flags import BASELINE, parse_flags  # noqa: E402
-from utils.sampling import draw  # noqa: E402
 from utils.training import on_device, run_main, segmentation_loss, start_run  # noqa: E402
 
 
@@ -38,20 +36,13 @@ def main(argv: list[str] | None = None) -> None:
         loss_fn = segmentation_loss(args.dsc_loss, cfg.num_classes)
         run.resume(model, optimizer)
 
+        s = BaselineSettings(cfg.num_classes, cfg.batch_size, bool(args.rd_en), args.sigma,
+                             bool(args.ri_en), bool(args.en_1hot))
+
         def step(it: int) -> dict[str, torch.Tensor]:
-            idx = draw(slices, cfg.batch_size, run.generator, "labeled slice")
-            x, y = augment_batch(images[idx], to_onehot(labels[idx], cfg.num_classes),
-                                 run.generator, rd_en=bool(args.rd_en), sigma=args.sigma,
-                                 ri_en=bool(args.ri_en))
-            if not args.en_1hot:
-                y = F.one_hot(y.argmax(1), cfg.num_classes).permute(0, 3, 1, 2).float()
-            model.train()
-            with run.precision.autocast():
-                logits = model(x.contiguous(memory_format=torch.channels_last))
-            loss = loss_fn(logits.float(), y)
-            if run.guard.ok(loss, it):
-                run.precision.step(loss, optimizer)
-            return {"loss_seg": loss.detach()}
+            return {"loss_seg": baseline_iteration(model, optimizer, images, labels, slices, s,
+                                                   loss_fn, run.generator, run.guard.ok, it,
+                                                   run.precision)}
 
         run.train(model, optimizer, range(args.n_iter), step, "baseline")
         run.finish(model)
