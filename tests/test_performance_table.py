@@ -27,7 +27,7 @@ def test_columns_rows_units_and_header(tmp_path, load_script):
     out = table.table([table.read_run(a), table.read_run(b)], goals=True)
     lines = out.splitlines()
     assert lines[0].startswith("Machine: Test CPU 9000 (2 CPUs; features: avx2 avx512_bf16)")
-    assert "commit abc1234" in lines[0]
+    assert lines[0].endswith("all columns: `40x1x192x192` batch, cpu, commit abc1234.")
     assert "| figure | amp off, 2 threads | amp bf16, 2 threads | goal |" in lines
     assert "| network_step | 2.500 s | 1.250 s |  |" in lines
     assert "| overhead_ratio | 1.012 | 0.990 | ≤ 1.10 |" in lines
@@ -39,3 +39,27 @@ def test_a_file_without_figures_is_an_error(tmp_path, load_script):
     (tmp_path / "x.txt").write_text("nothing here\n")
     with pytest.raises(SystemExit, match="x.txt: no benchmark JSON lines"):
         table.read_run(tmp_path / "x.txt")
+
+
+def test_gpu_columns_name_compile_and_take_the_gpu_goals(tmp_path, load_script):
+    table = load_script("performance_table")
+    a = tmp_path / "a.txt"
+    info = {"device": "cuda", "machine": "Test GPU", "cpus": 16, "commit": "abc1234",
+            "batch": "40x1x192x192", "threads": 16}
+    a.write_text(json.dumps({"name": "overhead_ratio", "value": 1.5, "unit": "x", **info,
+                             "amp": "bf16", "compile": "off"}) + "\n")
+    b = tmp_path / "b.txt"
+    b.write_text(json.dumps({"name": "protocol_estimate", "value": 11.73, "unit": "min", **info,
+                             "amp": "bf16", "compile": "reduce-overhead"}) + "\n")
+    lines = table.table([table.read_run(a), table.read_run(b)], goals=True).splitlines()
+    assert "| figure | amp bf16 | amp bf16, compile reduce-overhead | goal |" in lines
+    assert "| overhead_ratio | 1.500 |  | ≤ 1.25 |" in lines
+    assert "| protocol_estimate |  | 11.7 min | < 15 min |" in lines
+
+
+def test_short_times_in_milliseconds(load_script):
+    table = load_script("performance_table")
+    assert table.cell(0.0344, "s") == "34.4 ms"
+    assert table.cell(0.1, "s") == "0.100 s"
+    assert table.cell(3.9169, "s") == "3.917 s"
+    assert table.cell(11.73, "min") == "11.7 min"
