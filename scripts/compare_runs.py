@@ -9,7 +9,9 @@ self-contained HTML file (pictures embedded as PNG) holds the two runs' per-stru
 each test subject's mean-Dice difference (second run minus first) as a plot, and for the
 subjects with the largest gains and losses the ground truth and both runs' predictions side by
 side; the predictions are read from test_results/<id>/pred_seg_id_<id>.nii.gz and the images
-and labels from the raw data named in the first run's config.yaml.
+and labels from the raw data named in the first run's config.yaml. ``--figures DIR`` also
+writes the report's pictures as PNG files there (dice_differences.png, gain_<id>.png,
+loss_<id>.png), e.g. for a paper or a README.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from utils.figures import (  # noqa: E402
     difference_plot,
     slices_to_show,
     volume_montage,
+    write_png,
 )
 from utils.io import (  # noqa: E402
     DataError,
@@ -142,8 +145,11 @@ def _img(png: bytes, alt: str) -> str:
             f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">')
 
 
-def html_report(first_dir: Path, second_dir: Path) -> str:
-    """The self-contained HTML comparison of two runs (second minus first)."""
+def html_report(first_dir: Path, second_dir: Path,
+                pictures: dict[str, bytes] | None = None) -> str:
+    """The self-contained HTML comparison of two runs (second minus first); its PNG pictures
+    are also put in ``pictures`` by file name when given."""
+    pictures = {} if pictures is None else pictures
     first, second = load_summary(first_dir), load_summary(second_dir)
     names = ("baseline", "joint")
     config = yaml.safe_load((first_dir / "config.yaml").read_text())["config"]
@@ -152,6 +158,7 @@ def html_report(first_dir: Path, second_dir: Path) -> str:
     plot = difference_plot(order, [diffs[s] for s in order],
                            f"mean Dice, {names[1]} − {names[0]}")
     gains, losses = extremes(diffs)
+    pictures["dice_differences.png"] = plot
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{names[1]} vs {names[0]}: {html.escape(short_name(second_dir))}</title>",
@@ -166,13 +173,15 @@ def html_report(first_dir: Path, second_dir: Path) -> str:
         "<h2>Per subject: difference in mean foreground Dice</h2>",
         _img(plot, "per-subject Dice differences"),
     ]
-    for heading, ids in (("Largest gains", gains), ("Largest losses", losses)):
+    for heading, kind, ids in (("Largest gains", "gain", gains),
+                               ("Largest losses", "loss", losses)):
         parts.append(f"<h2>{heading}</h2>")
         for sid in ids:
             parts.append(f"<h3 id='subject-{html.escape(sid)}'>subject {html.escape(sid)}: "
                          f"{diffs[sid]:+.4f}</h3>")
-            parts.append(_img(subject_png(first_dir, second_dir, sid, config, first, second,
-                                          names), f"subject {sid}"))
+            png = subject_png(first_dir, second_dir, sid, config, first, second, names)
+            pictures[f"{kind}_{sid}.png"] = png
+            parts.append(_img(png, f"subject {sid}"))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -182,14 +191,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path,
                         help="write an HTML report of exactly two runs (baseline, joint) here")
+    parser.add_argument("--figures", type=Path, metavar="DIR",
+                        help="with --out: also write the report's pictures as PNG files here")
     args = parser.parse_args(argv)
+    if args.figures is not None and args.out is None:
+        parser.error("--figures writes the pictures of a report: give --out REPORT.html too")
     if args.out is None:
         print(table(args.run_dirs))
         return
     if len(args.run_dirs) != 2:
         parser.error("--out compares exactly two runs: BASELINE JOINT")
-    write_text_atomic(args.out, html_report(*args.run_dirs))
+    pictures: dict[str, bytes] = {}
+    write_text_atomic(args.out, html_report(*args.run_dirs, pictures))
     print(f"wrote {args.out}")
+    if args.figures is not None:
+        args.figures.mkdir(parents=True, exist_ok=True)
+        for name, png in pictures.items():
+            write_png(args.figures / name, png)
+        print(f"wrote {len(pictures)} pictures to {args.figures}")
 
 
 if __name__ == "__main__":

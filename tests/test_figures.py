@@ -239,3 +239,23 @@ def test_report_needs_two_runs_and_table_keeps_many(tmp_path, load_script, capsy
     with pytest.raises(SystemExit):
         compare.main([str(baseline), str(joint), str(joint), "--out", str(tmp_path / "r.html")])
     assert not (tmp_path / "r.html").exists()
+
+
+def test_report_figures_are_the_pictures_of_the_report(tmp_path, load_script):
+    compare = load_script("compare_runs")
+    _, baseline, joint = _fake_runs(tmp_path, n=8)
+    out, figures = tmp_path / "report.html", tmp_path / "figs"
+    compare.main([str(baseline), str(joint), "--out", str(out), "--figures", str(figures)])
+    text = out.read_text()
+    embedded = [base64.b64decode(s) for s in re.findall(r'base64,([^"]*)"', text)]
+    gains_part, losses_part = text.split("<h2>Largest gains</h2>")[1].split(
+        "<h2>Largest losses</h2>")
+    names = (["dice_differences.png"]
+             + [f"gain_{s}.png" for s in re.findall(r"id='subject-(\d+)'", gains_part)]
+             + [f"loss_{s}.png" for s in re.findall(r"id='subject-(\d+)'", losses_part)])
+    assert sorted(p.name for p in figures.iterdir()) == sorted(names)
+    # each file holds the picture shown at its place in the report
+    assert [(figures / n).read_bytes() for n in names] == embedded
+    with pytest.raises(SystemExit):
+        compare.main([str(baseline), str(joint), "--figures", str(tmp_path / "other")])
+    assert not (tmp_path / "other").exists()
