@@ -64,13 +64,33 @@ def read_run(path: Path) -> list[dict]:
 
 
 def column_name(row: dict) -> str:
-    """The settings that tell runs apart: amp, threads on CPU, compile where used."""
-    parts = [f"amp {row.get('amp', 'off')}"]
+    """The settings that tell runs apart: device, amp, threads on CPU, compile where used."""
+    parts = [row.get("device", "cpu"), f"amp {row.get('amp', 'off')}"]
     if row.get("device", "cpu") == "cpu":
         parts.append(f"{row.get('threads', '?')} threads")
     if row.get("compile", "off") != "off":
         parts.append(f"compile {row['compile']}")
     return ", ".join(parts)
+
+
+def grouped(descriptions: list[str]) -> str:
+    """'all columns: A' or 'columns 1, 2: A; column 3: B' for the columns' descriptions."""
+    if len(set(descriptions)) == 1:
+        return f"all columns: {descriptions[0]}"
+    parts = []
+    for d in dict.fromkeys(descriptions):
+        cols = [str(i + 1) for i, x in enumerate(descriptions) if x == d]
+        parts.append(f"column{'s' if len(cols) > 1 else ''} {', '.join(cols)}: {d}")
+    return "; ".join(parts)
+
+
+def goal_cell(name: str, devices: list[str]) -> str:
+    """The goal of figure ``name`` on the table's devices (each named when they differ)."""
+    found = {d: GOALS.get(d, {}).get(name) for d in dict.fromkeys(devices)}
+    found = {d: g for d, g in found.items() if g}
+    if len(found) <= 1 and len(set(devices)) == 1:
+        return next(iter(found.values()), "")
+    return "; ".join(f"{d} {g}" for d, g in found.items())
 
 
 def table(runs: list[list[dict]], goals: bool = False) -> str:
@@ -79,13 +99,12 @@ def table(runs: list[list[dict]], goals: bool = False) -> str:
     for rows in runs:
         names += [r["name"] for r in rows if r["name"] not in names]
     first = [rows[0] for rows in runs]
-    machines = sorted({f"{r.get('machine', '?')} ({r.get('cpus', '?')} CPUs; features: "
-                       f"{r.get('cpu_features') or 'none of note'})" for r in first})
-    runs_of = [f"`{r.get('batch', '?')}` batch, {r.get('device')}, commit {r.get('commit', '?')}"
-               for r in first]
-    where = (f"all columns: {runs_of[0]}" if len(set(runs_of)) == 1 else
-             "; ".join(f"column {i + 1}: {w}" for i, w in enumerate(runs_of)))
-    header = [f"Machine: {'; '.join(machines)}. {where}.", ""]
+    devices = [r.get("device", "cpu") for r in first]
+    machines = [f"{r.get('machine', '?')} ({r.get('cpus', '?')} CPUs; features: "
+                f"{r.get('cpu_features') or 'none of note'})" for r in first]
+    where = grouped([f"{m}, `{r.get('batch', '?')}` batch, commit {r.get('commit', '?')}"
+                     for m, r in zip(machines, first, strict=True)])
+    header = [f"Machines: {where}.", ""]
     cols = [column_name(r) for r in first]
     lines = ["| figure | " + " | ".join(cols) + (" | goal |" if goals else " |"),
              "|---|" + "---|" * (len(cols) + goals)]
@@ -94,7 +113,7 @@ def table(runs: list[list[dict]], goals: bool = False) -> str:
         for rows in runs:
             found = [r for r in rows if r["name"] == name]
             cells.append(cell(found[0]["value"], found[0]["unit"]) if found else "")
-        goal = [GOALS.get(first[0].get("device", "cpu"), {}).get(name, "")] if goals else []
+        goal = [goal_cell(name, devices)] if goals else []
         lines.append("| " + " | ".join([name, *cells, *goal]) + " |")
     return "\n".join(header + lines)
 

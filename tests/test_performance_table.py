@@ -26,9 +26,9 @@ def test_columns_rows_units_and_header(tmp_path, load_script):
                                             ("overhead_ratio", 0.99, "x")])
     out = table.table([table.read_run(a), table.read_run(b)], goals=True)
     lines = out.splitlines()
-    assert lines[0].startswith("Machine: Test CPU 9000 (2 CPUs; features: avx2 avx512_bf16)")
-    assert lines[0].endswith("all columns: `40x1x192x192` batch, cpu, commit abc1234.")
-    assert "| figure | amp off, 2 threads | amp bf16, 2 threads | goal |" in lines
+    assert lines[0] == ("Machines: all columns: Test CPU 9000 (2 CPUs; features: avx2 "
+                        "avx512_bf16), `40x1x192x192` batch, commit abc1234.")
+    assert "| figure | cpu, amp off, 2 threads | cpu, amp bf16, 2 threads | goal |" in lines
     assert "| network_step | 2.500 s | 1.250 s |  |" in lines
     assert "| overhead_ratio | 1.012 | 0.990 | ≤ 1.10 |" in lines
     assert "| peak_memory | 3.46 GiB |  | < 4 GB |" in lines
@@ -52,7 +52,7 @@ def test_gpu_columns_name_compile_and_take_the_gpu_goals(tmp_path, load_script):
     b.write_text(json.dumps({"name": "protocol_estimate", "value": 11.73, "unit": "min", **info,
                              "amp": "bf16", "compile": "reduce-overhead"}) + "\n")
     lines = table.table([table.read_run(a), table.read_run(b)], goals=True).splitlines()
-    assert "| figure | amp bf16 | amp bf16, compile reduce-overhead | goal |" in lines
+    assert "| figure | cuda, amp bf16 | cuda, amp bf16, compile reduce-overhead | goal |" in lines
     assert "| overhead_ratio | 1.500 |  | ≤ 1.25 |" in lines
     assert "| protocol_estimate |  | 11.7 min | < 15 min |" in lines
 
@@ -63,3 +63,18 @@ def test_short_times_in_milliseconds(load_script):
     assert table.cell(0.1, "s") == "0.100 s"
     assert table.cell(3.9169, "s") == "3.917 s"
     assert table.cell(11.73, "min") == "11.7 min"
+
+
+def test_cpu_and_gpu_columns_in_one_table(tmp_path, load_script):
+    table = load_script("performance_table")
+    cpu = _write(tmp_path / "cpu.txt", "off", [("overhead_ratio", 1.05, "x")])
+    gpu = tmp_path / "gpu.txt"
+    gpu.write_text(json.dumps({"name": "overhead_ratio", "value": 1.5, "unit": "x",
+                               "device": "cuda", "machine": "Test GPU", "cpus": 16,
+                               "commit": "def5678", "batch": "40x1x192x192", "amp": "off"})
+                   + "\n")
+    lines = table.table([table.read_run(cpu), table.read_run(gpu)], goals=True).splitlines()
+    assert lines[0] == ("Machines: column 1: Test CPU 9000 (2 CPUs; features: avx2 avx512_bf16)"
+                        ", `40x1x192x192` batch, commit abc1234; column 2: Test GPU (16 CPUs; "
+                        "features: none of note), `40x1x192x192` batch, commit def5678.")
+    assert "| overhead_ratio | 1.050 | 1.500 | cpu ≤ 1.10; cuda ≤ 1.25 |" in lines
