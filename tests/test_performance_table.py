@@ -67,14 +67,16 @@ def test_short_times_in_milliseconds(load_script):
 
 def test_cpu_and_gpu_columns_in_one_table(tmp_path, load_script):
     table = load_script("performance_table")
-    cpu = _write(tmp_path / "cpu.txt", "off", [("overhead_ratio", 1.05, "x")])
+    cpu = _write(tmp_path / "cpu.txt", "off", [("overhead_ratio", 1.05, "x"),
+                                               ("crf_scaling_w2", 0.85, "x")])
     gpu = tmp_path / "gpu.txt"
-    gpu.write_text(json.dumps({"name": "overhead_ratio", "value": 1.5, "unit": "x",
-                               "device": "cuda", "machine": "Test GPU", "cpus": 16,
-                               "commit": "def5678", "batch": "40x1x192x192", "amp": "off"})
-                   + "\n")
+    info = {"device": "cuda", "machine": "Test GPU", "cpus": 16, "commit": "def5678",
+            "batch": "40x1x192x192", "amp": "off"}
+    gpu.write_text("\n".join(json.dumps({"name": n, "value": v, "unit": "x", **info})
+                             for n, v in (("overhead_ratio", 1.5), ("crf_scaling_w2", 0.7))))
     lines = table.table([table.read_run(cpu), table.read_run(gpu)], goals=True).splitlines()
     assert lines[0] == ("Machines: column 1: Test CPU 9000 (2 CPUs; features: avx2 avx512_bf16)"
                         ", `40x1x192x192` batch, commit abc1234; column 2: Test GPU (16 CPUs; "
                         "features: none of note), `40x1x192x192` batch, commit def5678.")
     assert "| overhead_ratio | 1.050 | 1.500 | cpu ≤ 1.10; cuda ≤ 1.25 |" in lines
+    assert "| crf_scaling_w2 | 0.850 | 0.700 | ≥ 0.8 |" in lines  # one goal on both
