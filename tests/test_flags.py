@@ -88,3 +88,32 @@ def test_pipeline_script_asks_the_parser_which_step_reads_each_flag(tmp_path):
                      "abl|")
     assert compare == (f"{REPO}/scripts/compare_runs.py|/runs/tr_baseline|"
                        "/runs/prop_method_joint_tr_rand_init|")
+
+
+def test_each_augmentation_and_loss_flag_reaches_its_own_setting():
+    """Every flag a training iteration reads, set away from its default, lands in the
+    iteration's settings under its own name (a swapped pair would show)."""
+    from utils.baseline_training import BaselineSettings
+    from utils.joint_training import JointSettings
+
+    common = ["--dataset", "demo", "--rd_en", "0", "--ri_en", "1", "--en_1hot", "0",
+              "--sigma", "3.5"]
+    args, cfg = parse_flags(BASELINE, common)
+    assert BaselineSettings.from_flags(args, cfg.num_classes, 7) == BaselineSettings(
+        num_classes=cfg.num_classes, batch_size=7, rd_en=False, sigma=3.5, ri_en=True,
+        en_1hot=False)
+    args, cfg = parse_flags(BASELINE, ["--dataset", "demo", "--rd_en", "1", "--ri_en", "0"])
+    got = BaselineSettings.from_flags(args, cfg.num_classes, 7)
+    assert (got.rd_en, got.ri_en, got.en_1hot, got.sigma) == (True, False, True, 5.0)
+
+    args, cfg = parse_flags(JOINT, [*common, "--bt_size", "6", "--no_of_pos_eles", "4",
+                                    "--temp_fac", "0.25", "--lamda_local", "0.7",
+                                    "--local_loss_exp_no", "0", "--loss_reduction", "mean"])
+    assert JointSettings.from_flags(args, cfg.num_classes, 9) == JointSettings(
+        num_classes=cfg.num_classes, n_seg=9, bt_size=6, no_of_pos_eles=4, temp_fac=0.25,
+        lamda_local=0.7, inter_image=False, loss_reduction="mean", rd_en=False, sigma=3.5,
+        ri_en=True, en_1hot=False)
+    args, cfg = parse_flags(JOINT, ["--dataset", "demo", "--rd_en", "1", "--ri_en", "0"])
+    got = JointSettings.from_flags(args, cfg.num_classes, 9)
+    assert (got.rd_en, got.ri_en, got.inter_image, got.loss_reduction) == (
+        True, False, True, "original")

@@ -81,12 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         model.load_encoder_decoder(baseline)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
         dice_loss = segmentation_loss(args.dsc_loss, cfg.num_classes)
-        settings = JointSettings(
-            num_classes=cfg.num_classes, n_seg=cfg.mtask_bs, bt_size=args.bt_size,
-            no_of_pos_eles=args.no_of_pos_eles, temp_fac=args.temp_fac,
-            lamda_local=args.lamda_local, inter_image=args.local_loss_exp_no == 1,
-            loss_reduction=args.loss_reduction, rd_en=bool(args.rd_en), sigma=args.sigma,
-            ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot))
+        settings = JointSettings.from_flags(args, cfg.num_classes, cfg.mtask_bs)
         run.resume(model, optimizer)
 
         def train(rnd: Round) -> None:

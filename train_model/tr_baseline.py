@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         loss_fn = segmentation_loss(args.dsc_loss, cfg.num_classes)
         run.resume(model, optimizer)
 
-        s = BaselineSettings(cfg.num_classes, cfg.batch_size, bool(args.rd_en), args.sigma,
-                             bool(args.ri_en), bool(args.en_1hot))
+        s = BaselineSettings.from_flags(args, cfg.num_classes, cfg.batch_size)
 
         def step(it: int) -> dict[str, torch.Tensor]:
             return {"loss_seg": baseline_iteration(model, optimizer, images, labels, slices, s,

@@ -7,6 +7,7 @@ not finite.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,13 @@ class BaselineSettings:
     sigma: float = 5.0
     ri_en: bool = True
     en_1hot: bool = True
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace, num_classes: int,
+                   batch_size: int) -> BaselineSettings:
+        """The settings of the baseline trainer's parsed flags (`utils.flags.parse_flags`)."""
+        return cls(num_classes=num_classes, batch_size=batch_size, rd_en=bool(args.rd_en),
+                   sigma=args.sigma, ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot))
 
 
 def baseline_iteration(

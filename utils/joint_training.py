@@ -8,6 +8,7 @@ unless the loss is not finite.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,15 @@ class JointSettings:
     sigma: float = 5.0
     ri_en: bool = True
     en_1hot: bool = True
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace, num_classes: int, n_seg: int) -> JointSettings:
+        """The settings of the joint trainer's parsed flags (`utils.flags.parse_flags`)."""
+        return cls(num_classes=num_classes, n_seg=n_seg, bt_size=args.bt_size,
+                   no_of_pos_eles=args.no_of_pos_eles, temp_fac=args.temp_fac,
+                   lamda_local=args.lamda_local, inter_image=args.local_loss_exp_no == 1,
+                   loss_reduction=args.loss_reduction, rd_en=bool(args.rd_en),
+                   sigma=args.sigma, ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot))
 
 
 def joint_batch(
