@@ -485,7 +485,8 @@ def crf_figures(model: nn.Module, images: torch.Tensor, crf: CRFParams, repeats:
             t = time.perf_counter()
             refine()
             first = time.perf_counter() - t
-            seconds[n] = timed(refine, repeats, device, inner=1) / len(volumes)
+            # At most 5 samples: a sample is seconds of CPU work, and its spread is small.
+            seconds[n] = timed(refine, min(repeats, 5), device, inner=1) / len(volumes)
         report(f"crf_volume_w{n}", seconds[n], "s")
         if n > 1:
             report(f"crf_scaling_w{n}", seconds[1] / (n * seconds[n]), "x")
