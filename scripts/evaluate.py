@@ -36,9 +36,8 @@ from utils.evaluation import (  # noqa: E402
 )
 from utils.io import DataError, nifti_stem, read_raw_volume, read_volume, subject_id_in_name  # noqa: E402
 from utils.run import RunDirError, load_checkpoint, read_run, selected_on  # noqa: E402
-from utils.training import run_main  # noqa: E402
+from utils.training import exit_status, run_main  # noqa: E402
 
-MAX_EXIT = 100  # exit statuses above it mean other things to shells and schedulers
 PRED_PREFIX, PRED_SUFFIX = "pred_seg_id_", "_seg"
 
 
@@ -125,7 +124,7 @@ def main() -> None:
     parts = [f"{k} {v['dice']:.3f}" for k, v in summary["per_structure"].items()]
     print(f"{len(per_subject)} subjects: mean Dice {summary['mean_dice']:.4f} ({', '.join(parts)})"
           f"; {len(problems)} not scored; written to {out / 'summary.json'}", flush=True)
-    sys.exit(min(len(problems), MAX_EXIT))
+    sys.exit(exit_status(len(problems)))
 
 
 if __name__ == "__main__":

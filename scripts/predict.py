@@ -40,10 +40,7 @@ from utils.integrity import image_problems  # noqa: E402
 from utils.io import DataError, atomic_path, nifti_stem, read_volume  # noqa: E402
 from utils.preprocess import n4_bias_correction  # noqa: E402
 from utils.run import RunDirError, load_checkpoint, read_run, selected_on  # noqa: E402
-from utils.training import TRAINERS, on_device, run_main  # noqa: E402
-
-MAX_EXIT = 100  # exit statuses above it mean other things to shells and schedulers
-
+from utils.training import TRAINERS, exit_status, on_device, run_main  # noqa: E402
 
 # Name endings of the label files beside the images in the ACDC (and demo) and MMWHS raw
 # layouts (utils/io.py); a folder's such files are not inputs.
@@ -136,7 +133,7 @@ def main() -> None:
         written.add(name)
         print(f"wrote {out}", flush=True)
     print(f"{len(written)} segmented, {failed} skipped", flush=True)
-    sys.exit(min(failed, MAX_EXIT))
+    sys.exit(exit_status(failed))
 
 
 if __name__ == "__main__":

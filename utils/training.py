@@ -446,6 +446,12 @@ def start_run(
         raise
 
 
+def exit_status(failures: int) -> int:
+    """The exit status of a script that counts what it could not do: that number, at most 100
+    (higher statuses mean other things to shells and schedulers)."""
+    return min(failures, 100)
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a script's main: the project's own errors end with one line on stderr and exit
     status 2; any other exception (a programming error) propagates with its traceback."""
