@@ -51,7 +51,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["local_contrastive_loss", "sample_positive_indices"]
+__all__ = ["draw_positive_uniforms", "local_contrastive_loss", "positive_indices",
+           "sample_positive_indices"]
 
 _REDUCTIONS = ("mean", "original")
 # Guards F.normalize against zero vectors (absent-class means are exactly zero).
@@ -79,6 +80,38 @@ def _foreground_masks(labels_onehot: torch.Tensor) -> torch.Tensor:
     return cls == fg
 
 
+def draw_positive_uniforms(n: int, n_fg: int, n_pos: int,
+                           generator: torch.Generator | None = None,
+                           device: torch.device | None = None) -> torch.Tensor:
+    """The random half of :func:`sample_positive_indices`: (N, F, P) float64 U(0, 1) draws on
+    the generator's device (without one, from ``device``'s default generator)."""
+    if n_pos < 1:
+        raise ValueError(f"n_pos must be >= 1, got {n_pos}")
+    if generator is not None:
+        device = generator.device
+    return torch.rand((n, n_fg, n_pos), generator=generator, dtype=torch.float64, device=device)
+
+
+def positive_indices(labels_onehot: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The tensor half of :func:`sample_positive_indices`: pixel ``floor(u * count)`` of its
+    class, in raster order, for the draws ``u`` (N, C-1, P) of :func:`draw_positive_uniforms`.
+    Returns (N, C-1, P, 2) long (row, column), -1 where the class is absent."""
+    device = labels_onehot.device
+    width = labels_onehot.shape[-1]
+    masks = _foreground_masks(labels_onehot)  # (N, F, HW)
+    # cumsum[k] = number of class pixels at flat positions <= k; the j-th (0-based) pixel of the
+    # class is the first position whose cumsum exceeds j, which searchsorted finds in one call.
+    cumsum = masks.to(torch.int64).cumsum(dim=-1).contiguous()
+    counts = cumsum[..., -1:]  # (N, F, 1)
+    rank = torch.floor(u.to(device) * counts).to(torch.int64)
+    # u * count can round up to count itself; keep the rank inside [0, count-1].
+    rank = torch.minimum(rank, (counts - 1).clamp(min=0))
+    flat = torch.searchsorted(cumsum, rank.contiguous(), right=True)  # (N, F, P)
+    pos = torch.stack((flat // width, flat % width), dim=-1)
+    present = (counts > 0).unsqueeze(-1)  # (N, F, 1, 1)
+    return torch.where(present, pos, torch.full_like(pos, -1))
+
+
 def sample_positive_indices(
     labels_onehot: torch.Tensor,
     n_pos: int,
@@ -99,27 +132,9 @@ def sample_positive_indices(
         raise ValueError(f"labels_onehot must be (N, C, H, W), got {tuple(labels_onehot.shape)}")
     if labels_onehot.shape[1] < 2:
         raise ValueError("need at least one foreground class (C >= 2)")
-    if n_pos < 1:
-        raise ValueError(f"n_pos must be >= 1, got {n_pos}")
-    device = labels_onehot.device
-    width = labels_onehot.shape[-1]
-    masks = _foreground_masks(labels_onehot)  # (N, F, HW)
-    # cumsum[k] = number of class pixels at flat positions <= k; the j-th (0-based) pixel of the
-    # class is the first position whose cumsum exceeds j, which searchsorted finds in one call.
-    cumsum = masks.to(torch.int64).cumsum(dim=-1).contiguous()
-    counts = cumsum[..., -1:]  # (N, F, 1)
-    rand_device = generator.device if generator is not None else device
-    u = torch.rand(
-        (*masks.shape[:2], n_pos), generator=generator, dtype=torch.float64, device=rand_device
-    )
-    u = u.to(device)
-    rank = torch.floor(u * counts).to(torch.int64)
-    # u * count can round up to count itself; keep the rank inside [0, count-1].
-    rank = torch.minimum(rank, (counts - 1).clamp(min=0))
-    flat = torch.searchsorted(cumsum, rank.contiguous(), right=True)  # (N, F, P)
-    pos = torch.stack((flat // width, flat % width), dim=-1)
-    present = (counts > 0).unsqueeze(-1)  # (N, F, 1, 1)
-    return torch.where(present, pos, torch.full_like(pos, -1))
+    n, c = labels_onehot.shape[:2]
+    u = draw_positive_uniforms(n, c - 1, n_pos, generator, labels_onehot.device)
+    return positive_indices(labels_onehot, u)
 
 
 def local_contrastive_loss(

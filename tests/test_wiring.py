@@ -223,7 +223,7 @@ def _joint_data() -> joint_training.JointData:
     return joint_training.JointData(lab_img, lab_lbl, every, every, unl_img, unl_lbl, every)
 
 
-_JOINT_BATCH = joint_training.joint_batch
+_JOINT_BATCH = joint_training.joint_batch_from
 
 
 def _run_joint_step(model, settings, monkeypatch):
@@ -237,7 +237,7 @@ def _run_joint_step(model, settings, monkeypatch):
     def record_call(module, args, kwargs):
         recorded["call"] = (args, kwargs)
 
-    monkeypatch.setattr(joint_training, "joint_batch", recording_batch)
+    monkeypatch.setattr(joint_training, "joint_batch_from", recording_batch)
     hook = model.register_forward_pre_hook(record_call, with_kwargs=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     losses = joint_training.joint_iteration(model, optimizer, _joint_data(), settings,

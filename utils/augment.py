@@ -4,6 +4,11 @@ Everything here works on whole batches with one ``grid_sample`` call per warp, o
 the input tensors. Random numbers always come from an explicit CPU ``torch.Generator`` and are
 moved to the data device afterwards, so a run is reproducible from its seed whatever the device.
 
+Each augmentation is two halves: ``draw_*`` makes every random choice on the host, as tensors of
+fixed shape (``AugmentDraws``), and ``apply_*`` / ``warp_*`` applies them with tensor operations
+whose shapes do not depend on the draws, so a CUDA graph can capture them
+(``utils.captured_step``). ``augment_batch`` is the two together.
+
 Layouts:
     images:         (N, 1, H, W) float32, normalised intensities (roughly [0, 1]).
     labels_onehot:  (N, C, H, W) float32, channel 0 = background.
@@ -202,6 +207,31 @@ def apply_affine(
     return img, lab
 
 
+def draw_affine(n: int, height: int, width: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random half of :func:`affine_augment`: (N, 2, 3) float32 matrices
+    (:func:`affine_matrices` of :func:`sample_affine_params`) and (N,) bool, the slices whose
+    choice is an identity (kept bit for bit). CPU tensors."""
+    choice, rot_deg, scale, flip, k45 = sample_affine_params(n, generator)
+    theta = affine_matrices(choice, rot_deg, scale, flip, k45, height, width)
+    identity = ((choice == AFF_NONE) | ((choice == AFF_FLIP) & ~flip)
+                | ((choice == AFF_ROT45) & (k45 == 0)) | ((choice == AFF_SCALE) & (scale == 1.0)))
+    return theta, identity
+
+
+def warp_affine(images: torch.Tensor, labels_onehot: torch.Tensor, theta: torch.Tensor,
+                identity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor half of :func:`affine_augment`: :func:`apply_affine` with ``theta`` (N, 2, 3),
+    except that identity slices (``identity`` (N,) bool) and empty slices keep their input."""
+    n = images.shape[0]
+    img, lab = apply_affine(images, labels_onehot, host_to_device(theta, images.device))
+    # Identity outcomes keep the exact input (grid_sample at pixel centres is only exact up to
+    # rounding), and empty slices are never touched.
+    keep = (host_to_device(identity, images.device)
+            | (images.amax(dim=(1, 2, 3)) <= EMPTY_SLICE_MAX)).view(n, 1, 1, 1)
+    return torch.where(keep, images, img), torch.where(keep, labels_onehot, lab)
+
+
 def affine_augment(
     images: torch.Tensor, labels_onehot: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,22 +251,7 @@ def affine_augment(
         (images, labels_onehot), same shapes and device; labels remain one-hot.
     """
     n, _, h, w = images.shape
-    dev = images.device
-    choice, rot_deg, scale, flip, k45 = (host_to_device(t, dev)
-                                         for t in sample_affine_params(n, generator))
-    theta = affine_matrices(choice, rot_deg, scale, flip, k45, h, w)
-    img, lab = apply_affine(images, labels_onehot, theta)
-
-    # Identity outcomes keep the exact input (grid_sample at pixel centres is only exact up to
-    # rounding), and empty slices are never touched.
-    keep = (
-        (choice == AFF_NONE)
-        | ((choice == AFF_FLIP) & ~flip)
-        | ((choice == AFF_ROT45) & (k45 == 0))
-        | ((choice == AFF_SCALE) & (scale == 1.0))
-        | (images.amax(dim=(1, 2, 3)) <= EMPTY_SLICE_MAX)
-    ).view(n, 1, 1, 1)
-    return torch.where(keep, images, img), torch.where(keep, labels_onehot, lab)
+    return warp_affine(images, labels_onehot, *draw_affine(n, h, w, generator))
 
 
 def upsample_displacements(control: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -294,6 +309,37 @@ def dense_warp(
     return out[:, :c_img], out[:, c_img:]
 
 
+def draw_deformation(n: int, sigma: float, generator: torch.Generator,
+                     k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random half of :func:`random_deformation`: (N, 2, 3, 3) float32 control-point
+    displacements in pixels (zero for the slices before k) and (N,) bool, the deformed slices
+    k... CPU tensors; k as in :func:`random_deformation`."""
+    if k is None:
+        if n <= 1:
+            k = n
+        else:
+            k = min(int(torch.randint(1, DEFORM_MAX_K + 1, (1,), generator=generator)), n - 1)
+    elif not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    control = torch.zeros((n, 2, 3, 3), dtype=torch.float32)
+    if k < n:
+        control[k:] = torch.randn((n - k, 2, 3, 3), generator=generator,
+                                  dtype=torch.float32) * sigma
+    return control, torch.arange(n) >= k
+
+
+def warp_deformation(images: torch.Tensor, labels_onehot: torch.Tensor, control: torch.Tensor,
+                     deformed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor half of :func:`random_deformation`: warp every slice by its upsampled
+    ``control`` (N, 2, 3, 3) and keep the result where ``deformed`` (N,) bool, the input
+    elsewhere (every slice is warped so that the shapes do not depend on the draw)."""
+    h, w = images.shape[-2:]
+    disp = upsample_displacements(host_to_device(control, images.device), h, w)
+    img_d, lab_d = dense_warp(images, labels_onehot, disp)
+    keep = ~host_to_device(deformed, images.device).view(-1, 1, 1, 1)
+    return torch.where(keep, images, img_d), torch.where(keep, labels_onehot, lab_d)
+
+
 def random_deformation(
     images: torch.Tensor,
     labels_onehot: torch.Tensor,
@@ -318,21 +364,8 @@ def random_deformation(
     Returns:
         (images, labels_onehot) of the input shapes; slices before k are returned unchanged.
     """
-    n, _, h, w = images.shape
-    if k is None:
-        if n <= 1:
-            return images, labels_onehot
-        k = int(torch.randint(1, DEFORM_MAX_K + 1, (1,), generator=generator))
-        k = min(k, n - 1)
-    elif not 0 <= k <= n:
-        raise ValueError(f"k must be in [0, {n}], got {k}")
-    m = n - k
-    if m == 0:
-        return images, labels_onehot
-    control = torch.randn((m, 2, 3, 3), generator=generator, dtype=torch.float32) * sigma
-    disp = upsample_displacements(host_to_device(control, images.device), h, w)
-    img_d, lab_d = dense_warp(images[k:], labels_onehot[k:], disp)
-    return torch.cat([images[:k], img_d], dim=0), torch.cat([labels_onehot[:k], lab_d], dim=0)
+    control, deformed = draw_deformation(images.shape[0], sigma, generator, k)
+    return warp_deformation(images, labels_onehot, control, deformed)
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
@@ -340,15 +373,31 @@ def adjust_contrast(images: torch.Tensor, factor: torch.Tensor | float) -> torch
 
     Args:
         images: (N, 1, H, W) float.
-        factor: a scalar or (N,) contrast factors.
+        factor: a scalar (a number or 0-d tensor) or (N,) contrast factors.
 
     Returns:
         (N, 1, H, W): (x - mean) * factor + mean, the mean over each image's pixels.
     """
     mean = images.mean(dim=(-2, -1), keepdim=True)
-    if isinstance(factor, torch.Tensor):
+    if isinstance(factor, torch.Tensor) and factor.dim() > 0:
         factor = factor.to(device=images.device, dtype=images.dtype).view(-1, 1, 1, 1)
     return (images - mean) * factor + mean
+
+
+def draw_intensity(generator: torch.Generator) -> torch.Tensor:
+    """The random half of :func:`intensity_augment`: (2,) float32, the contrast factor
+    U(0.8, 1.2) and the brightness shift U(-0.1, 0.1), in that order."""
+    contrast = _uniform(1, 0.8, 1.2, generator)
+    shift = _uniform(1, -0.1, 0.1, generator)
+    return torch.cat([contrast, shift]).to(torch.float32)
+
+
+def apply_intensity(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """The tensor half of :func:`intensity_augment` with ``draws`` (2,) of
+    :func:`draw_intensity`."""
+    half = images.shape[0] // 2
+    contrast, shift = host_to_device(draws, images.device).to(images.dtype)
+    return torch.cat([adjust_contrast(images[:half], contrast), images[half:] + shift])
 
 
 def intensity_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -365,10 +414,43 @@ def intensity_augment(images: torch.Tensor, generator: torch.Generator) -> torch
     Returns:
         (N, 1, H, W) augmented images.
     """
-    half = images.shape[0] // 2
-    contrast = float(_uniform(1, 0.8, 1.2, generator))
-    shift = float(_uniform(1, -0.1, 0.1, generator))
-    return torch.cat([adjust_contrast(images[:half], contrast), images[half:] + shift])
+    return apply_intensity(images, draw_intensity(generator))
+
+
+class AugmentDraws(NamedTuple):
+    """Every random choice of one :func:`augment_batch` call of N slices (CPU tensors, or
+    their copies on the device): ``theta`` (N, 2, 3) and ``identity`` (N,) of
+    :func:`draw_affine`, ``control`` (N, 2, 3, 3) and ``deformed`` (N,) of
+    :func:`draw_deformation` (none deformed without deformation), ``intensity`` (2,) of
+    :func:`draw_intensity` (unused without it)."""
+
+    theta: torch.Tensor
+    identity: torch.Tensor
+    control: torch.Tensor
+    deformed: torch.Tensor
+    intensity: torch.Tensor
+
+
+def draw_augment(n: int, height: int, width: int, generator: torch.Generator,
+                 rd_en: bool = True, sigma: float = 5.0, ri_en: bool = True) -> AugmentDraws:
+    """The draws of :func:`augment_batch` for N slices of H x W, in its order."""
+    theta, identity = draw_affine(n, height, width, generator)
+    control, deformed = (draw_deformation(n, sigma, generator) if rd_en
+                         else draw_deformation(n, sigma, generator, k=n))
+    intensity = draw_intensity(generator) if ri_en else torch.tensor([1.0, 0.0])
+    return AugmentDraws(theta, identity, control, deformed, intensity)
+
+
+def apply_augment(images: torch.Tensor, labels_onehot: torch.Tensor, draws: AugmentDraws,
+                  rd_en: bool = True, ri_en: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`augment_batch` with its random choices given (``draw_augment``)."""
+    images, labels_onehot = warp_affine(images, labels_onehot, draws.theta, draws.identity)
+    if rd_en:
+        images, labels_onehot = warp_deformation(images, labels_onehot, draws.control,
+                                                 draws.deformed)
+    if ri_en:
+        images = apply_intensity(images, draws.intensity)
+    return images, labels_onehot
 
 
 def augment_batch(
@@ -395,12 +477,24 @@ def augment_batch(
     Returns:
         (images, labels_onehot) of the input shapes; labels are soft if rd_en.
     """
-    images, labels_onehot = affine_augment(images, labels_onehot, generator)
-    if rd_en:
-        images, labels_onehot = random_deformation(images, labels_onehot, sigma, generator)
-    if ri_en:
-        images = intensity_augment(images, generator)
-    return images, labels_onehot
+    n, _, h, w = images.shape
+    draws = draw_augment(n, h, w, generator, rd_en, sigma, ri_en)
+    return apply_augment(images, labels_onehot, draws, rd_en, ri_en)
+
+
+def draw_set_intensity(generator: torch.Generator) -> torch.Tensor:
+    """The random half of :func:`set_intensity_augment`: (2,) float32, the brightness shift
+    U(-0.3, 0.3) and the contrast factor U(0.7, 1.3), in that order."""
+    shift = _uniform(1, -0.3, 0.3, generator)
+    contrast = _uniform(1, 0.7, 1.3, generator)
+    return torch.cat([shift, contrast]).to(torch.float32)
+
+
+def apply_set_intensity(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """The tensor half of :func:`set_intensity_augment` with ``draws`` (2,) of
+    :func:`draw_set_intensity`."""
+    shift, contrast = host_to_device(draws, images.device).to(images.dtype)
+    return adjust_contrast(images + shift, contrast).clamp(0.0, 1.5)
 
 
 def set_intensity_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -418,6 +512,4 @@ def set_intensity_augment(images: torch.Tensor, generator: torch.Generator) -> t
     Returns:
         (N, 1, H, W) images with values in [0, 1.5].
     """
-    shift = float(_uniform(1, -0.3, 0.3, generator))
-    contrast = float(_uniform(1, 0.7, 1.3, generator))
-    return adjust_contrast(images + shift, contrast).clamp(0.0, 1.5)
+    return apply_set_intensity(images, draw_set_intensity(generator))

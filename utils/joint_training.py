@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from losses.local_contrastive import local_contrastive_loss, sample_positive_indices
-from utils.augment import augment_batch, to_onehot
+from losses.local_contrastive import (
+    draw_positive_uniforms,
+    local_contrastive_loss,
+    positive_indices,
+)
+from utils.augment import AugmentDraws, apply_augment, draw_augment, draw_set_intensity, to_onehot
+from utils.device import host_to_device
 from utils.mixed_precision import MixedPrecision
 from utils.sampling import (
-    contrastive_batch,
     contrastive_index,
+    contrastive_sets,
+    pair_layout,
     pick_joint_slices,
     slices_with_min_labels,
 )
@@ -27,11 +34,12 @@ from utils.sampling import (
 
 @dataclass
 class JointData:
-    """Slice pools of one self-training round, on the training device.
+    """Slice pools of one self-training round.
 
-    lab_img (N, 1, H, W), lab_lbl (N, H, W): labeled slices; dice_index: those with enough
-    labels for the Dice batch; lab_index: those for the contrastive term. unl_img, unl_lbl,
-    unl_index: the same for the pseudo-labeled pool.
+    lab_img (N, 1, H, W), lab_lbl (N, H, W): labeled slices, on the training device;
+    dice_index: those with enough labels for the Dice batch; lab_index: those for the
+    contrastive term (CPU: batches are drawn on the host). unl_img, unl_lbl, unl_index: the
+    same for the pseudo-labeled pool.
     """
 
     lab_img: torch.Tensor
@@ -56,8 +64,9 @@ def build_joint_data(
     ``contrastive_index``). Images (N, 1, H, W), labels (N, H, W), on the training device."""
     unl_index, complete = contrastive_index(unl_lbl, num_classes)
     data = JointData(lab_img, lab_lbl,
-                     slices_with_min_labels(lab_lbl, num_classes, min_labels_dice),
-                     contrastive_index(lab_lbl, num_classes)[0], unl_img, unl_lbl, unl_index)
+                     slices_with_min_labels(lab_lbl, num_classes, min_labels_dice).cpu(),
+                     contrastive_index(lab_lbl, num_classes)[0].cpu(), unl_img, unl_lbl,
+                     unl_index.cpu())
     return data, complete
 
 
@@ -88,30 +97,86 @@ class JointSettings:
                    sigma=args.sigma, ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot))
 
 
+class JointDraws(NamedTuple):
+    """Every random choice of one joint iteration, in the order they are drawn (CPU tensors,
+    or their copies on the device): the slice numbers ``dice`` (n_seg,), ``lab`` (B/2,) and
+    ``unl`` (B/2,) of ``pick_joint_slices``; the Dice slices' ``augment`` draws; ``sets``
+    (2, 2), the intensity draws of contrastive set 1 and set 2; ``positive`` (2B, C-1, P)
+    float64, the uniforms of the positive pixels."""
+
+    dice: torch.Tensor
+    lab: torch.Tensor
+    unl: torch.Tensor
+    augment: AugmentDraws
+    sets: torch.Tensor
+    positive: torch.Tensor
+
+
+def draw_joint(data: JointData, s: JointSettings, generator: torch.Generator) -> JointDraws:
+    """The random half of :func:`joint_batch`, on the host."""
+    dice_i, lab_i, unl_i = pick_joint_slices(
+        data.lab_img.shape[0], data.dice_index, data.lab_index, data.unl_index, s.n_seg,
+        s.bt_size, generator)
+    h, w = data.lab_img.shape[-2:]
+    augment = draw_augment(s.n_seg, h, w, generator, s.rd_en, s.sigma, s.ri_en)
+    sets = torch.stack([draw_set_intensity(generator), draw_set_intensity(generator)])
+    positive = draw_positive_uniforms(2 * s.bt_size, s.num_classes - 1, s.no_of_pos_eles,
+                                      generator)
+    return JointDraws(dice_i, lab_i, unl_i, augment, sets, positive)
+
+
+def joint_batch_from(
+    data: JointData, s: JointSettings, draws: JointDraws, layout: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensor half of :func:`joint_batch`: its batch for the given ``draws`` and pair
+    ``layout`` (``utils.sampling.pair_layout``); shapes do not depend on the draws."""
+    dev = data.lab_img.device
+    dice_i, lab_i, unl_i = (host_to_device(t, dev) for t in (draws.dice, draws.lab, draws.unl))
+    # The original augments the Dice slices whatever --data_aug says (it only names the output).
+    x, y = apply_augment(data.lab_img[dice_i], to_onehot(data.lab_lbl[dice_i], s.num_classes),
+                         draws.augment, rd_en=s.rd_en, ri_en=s.ri_en)
+    if not s.en_1hot:
+        y = F.one_hot(y.argmax(1), s.num_classes).permute(0, 3, 1, 2).float()
+    xc, yc = contrastive_sets(torch.cat([data.lab_img[lab_i], data.unl_img[unl_i]]),
+                              torch.cat([data.lab_lbl[lab_i], data.unl_lbl[unl_i]]),
+                              *layout, s.num_classes, draws.sets)
+    pos_idx = positive_indices(yc, draws.positive)
+    images = torch.cat([x, xc]).contiguous(memory_format=torch.channels_last)
+    return images, y, yc, pos_idx
+
+
 def joint_batch(
     data: JointData, s: JointSettings, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One joint batch (METHOD §7.3), built as the original builds it.
 
     Returns images (20 + 2B, 1, H, W): the augmented Dice slices, then the contrastive sets
-    (``utils.sampling.contrastive_batch``; pair i is images 20 + i and 20 + B + i); Dice labels
+    (``utils.sampling.contrastive_sets``; pair i is images 20 + i and 20 + B + i); Dice labels
     (20, C, H, W), soft after deformation; contrastive one-hot labels (2B, C, H, W); and
     positive-pixel indices (2B, C-1, P, 2).
     """
-    dice_i, lab_i, unl_i = pick_joint_slices(
-        data.lab_img.shape[0], data.dice_index, data.lab_index, data.unl_index, s.n_seg,
-        s.bt_size, generator)
-    # The original augments the Dice slices whatever --data_aug says (it only names the output).
-    x, y = augment_batch(data.lab_img[dice_i], to_onehot(data.lab_lbl[dice_i], s.num_classes),
-                         generator, rd_en=s.rd_en, sigma=s.sigma, ri_en=s.ri_en)
-    if not s.en_1hot:
-        y = F.one_hot(y.argmax(1), s.num_classes).permute(0, 3, 1, 2).float()
-    xc, yc = contrastive_batch(torch.cat([data.lab_img[lab_i], data.unl_img[unl_i]]),
-                               torch.cat([data.lab_lbl[lab_i], data.unl_lbl[unl_i]]),
-                               s.inter_image, s.num_classes, generator)
-    pos_idx = sample_positive_indices(yc, s.no_of_pos_eles, generator)  # on yc's device
-    images = torch.cat([x, xc]).contiguous(memory_format=torch.channels_last)
-    return images, y, yc, pos_idx
+    return joint_batch_from(data, s, draw_joint(data, s, generator),
+                            pair_layout(s.bt_size, s.inter_image))
+
+
+def joint_losses(
+    model: torch.nn.Module,
+    data: JointData,
+    s: JointSettings,
+    draws: JointDraws,
+    layout: tuple[torch.Tensor, torch.Tensor],
+    dice_loss,
+    precision: MixedPrecision,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Dice + λ·local loss, Dice loss, local contrastive loss) of the batch of ``draws``:
+    the network under ``precision``'s autocast, both losses in float32."""
+    images, y, yc, pos_idx = joint_batch_from(data, s, draws, layout)
+    with precision.autocast():
+        logits, emb = model(images, s.n_seg)
+    loss_seg = dice_loss(logits.float(), y)
+    loss_lcl = local_contrastive_loss(emb.float(), yc, pos_idx, temperature=s.temp_fac,
+                                      inter_image=s.inter_image, reduction=s.loss_reduction)
+    return loss_seg + s.lamda_local * loss_lcl, loss_seg, loss_lcl
 
 
 def joint_iteration(
@@ -130,14 +195,10 @@ def joint_iteration(
     None); both losses are computed in float32. Returns (loss, dice loss, local contrastive
     loss), detached."""
     precision = precision or MixedPrecision(data.lab_img.device.type, None)
-    images, y, yc, pos_idx = joint_batch(data, s, generator)
     model.train()
-    with precision.autocast():
-        logits, emb = model(images, s.n_seg)
-    loss_seg = dice_loss(logits.float(), y)
-    loss_lcl = local_contrastive_loss(emb.float(), yc, pos_idx, temperature=s.temp_fac,
-                                      inter_image=s.inter_image, reduction=s.loss_reduction)
-    loss = loss_seg + s.lamda_local * loss_lcl
+    loss, loss_seg, loss_lcl = joint_losses(model, data, s, draw_joint(data, s, generator),
+                                            pair_layout(s.bt_size, s.inter_image), dice_loss,
+                                            precision)
     if step_ok(loss, iteration):
         precision.step(loss, optimizer)
     return loss.detach(), loss_seg.detach(), loss_lcl.detach()

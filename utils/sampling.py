@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.augment import set_intensity_augment, to_onehot
+from utils.augment import apply_set_intensity, draw_set_intensity, to_onehot
 from utils.device import host_to_device
 from utils.io import DataError
 
@@ -156,6 +156,24 @@ def pick_joint_slices(
     return dice, lab, unl
 
 
+def contrastive_sets(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    num_classes: int,
+    set_draws: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor half of :func:`contrastive_batch`: the pair layout ``first``, ``second``
+    (B,) of :func:`pair_layout` and ``set_draws`` (2, 2), one :func:`draw_set_intensity` per
+    set, given."""
+    first, second = (host_to_device(t, images.device) for t in (first, second))
+    onehot = to_onehot(labels, num_classes)
+    x1 = apply_set_intensity(images[first], set_draws[0])
+    x2 = apply_set_intensity(images[second], set_draws[1])
+    return torch.cat([x1, x2]), torch.cat([onehot[first], onehot[second]])
+
+
 def contrastive_batch(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -176,7 +194,5 @@ def contrastive_batch(
         same-slice pair is pixel-aligned with identical labels.
     """
     first, second = pair_layout(images.shape[0], inter_image)
-    onehot = to_onehot(labels, num_classes)
-    x1 = set_intensity_augment(images[first], generator)
-    x2 = set_intensity_augment(images[second], generator)
-    return torch.cat([x1, x2]), torch.cat([onehot[first], onehot[second]])
+    set_draws = torch.stack([draw_set_intensity(generator), draw_set_intensity(generator)])
+    return contrastive_sets(images, labels, first, second, num_classes, set_draws)
