@@ -15,7 +15,7 @@ figures; ``--profile FILE`` writes torch.profiler's table of the joint step.
 ``crf_volume_w<n>`` times the CRF stage alone over n worker processes (1, 2, and all
 available CPUs when more), ``crf_scaling_w<n>`` its speed-up over one worker divided by n.
 Synthetic slices of the dataset's crop size are used (no data needed); the joint step is the
-trainer's own `utils.joint_training.joint_iteration`. ``--quick`` uses a quarter of the crop
+trainer's own `utils.joint_training.joint_stepper`. ``--quick`` uses a quarter of the crop
 area and fewer repeats (a smoke run that finishes in about two minutes on two CPU cores).
 
 ``--reference`` times only the peer the issue measured on another machine: the plain PyTorch
@@ -55,6 +55,7 @@ from models import cpu_training  # noqa: E402
 from models.unet import JointUNet, UNet  # noqa: E402
 from utils.augment import to_onehot  # noqa: E402
 from utils.baseline_training import BaselineSettings, baseline_iteration  # noqa: E402
+from utils.captured_step import CapturedStep, check_graph_settings  # noqa: E402
 from utils.crf import CRFParams, CRFPool  # noqa: E402
 from utils.device import (  # noqa: E402
     available_cpus,
@@ -68,7 +69,7 @@ from utils.joint_training import (  # noqa: E402
     JointSettings,
     build_joint_data,
     joint_batch,
-    joint_iteration,
+    joint_stepper,
 )
 from utils.mixed_precision import MixedPrecision, cpu_flags, mixed_precision  # noqa: E402
 from utils.provenance import device_name, git_state  # noqa: E402
@@ -304,6 +305,9 @@ def main() -> None:
     parser.add_argument("--compile", default=None, choices=("default", "reduce-overhead"),
                         help="time the steps with the network under torch.compile in this mode "
                         "(an experiment: the trainers do not compile)")
+    parser.add_argument("--cuda_graph", type=int, default=0, choices=(0, 1),
+                        help="as the joint trainer's --cuda_graph 1: the network step and the "
+                        "joint step each replayed from one CUDA graph")
     parser.add_argument("--profile", default=None, metavar="FILE",
                         help="also write torch.profiler's table of 5 joint steps to FILE")
     parser.add_argument("--rate_worker", type=float, default=None, help=argparse.SUPPRESS)
@@ -324,6 +328,7 @@ def main() -> None:
             "commit": (git_state()["git_commit"] or "?")[:7],
             "dataset": args.dataset, "batch": f"{n_all}x1x{size[0]}x{size[1]}",
             "amp": args.amp or "off", "compile": args.compile or "off",
+            "cuda_graph": bool(args.cuda_graph),
             "threads": torch.get_num_threads(), "quick": args.quick,
             "low_memory": args.low_memory or args.reference}
     print(f"{'figure':<26}{'value':>12}  unit   ({', '.join(f'{k}={v}' for k, v in info.items())})",
@@ -336,6 +341,8 @@ def main() -> None:
         print(f"{fig:<26}{value:>12.4f}  {unit}", flush=True)
 
     precision = mixed_precision(args.amp or "off", device)
+    if args.cuda_graph:
+        check_graph_settings(device, args.amp or "off")
     autocast = precision.autocast
 
     if args.rate_worker is not None:
@@ -373,8 +380,11 @@ def main() -> None:
     if args.compile:
         model.forward = torch.compile(model.forward, mode=args.compile)
 
+    joint_step = joint_stepper(model, opt, data, s, soft_dice_loss, gen, guard.ok, precision,
+                               bool(args.cuda_graph))
+
     def joint() -> None:
-        joint_iteration(model, opt, data, s, soft_dice_loss, gen, guard.ok, 0, precision)
+        joint_step(0)
 
     synchronize(device)
     t_ready = time.perf_counter()
@@ -389,11 +399,20 @@ def main() -> None:
         memory_format=torch.channels_last)
     y = to_onehot(lab_lbl[: s.n_seg], cfg.num_classes)
 
-    def network() -> None:
-        model.train()
+    def network_loss(_: tuple = ()) -> tuple[torch.Tensor]:
         with autocast():
             logits, _ = model(batch, s.n_seg)
-        precision.step(soft_dice_loss(logits.float(), y), opt)
+        return (soft_dice_loss(logits.float(), y),)
+
+    if args.cuda_graph:
+        network_graph = CapturedStep(network_loss, model, opt, (), graph=True)
+
+        def network() -> None:
+            network_graph(())
+    else:
+        def network() -> None:
+            model.train()
+            precision.step(network_loss()[0], opt)
 
     # Interleaved: the ratio is that of back-to-back pairs of steps (median over pairs).
     net_times, joint_times = sample_times([network, joint], repeats, device)
@@ -576,4 +595,7 @@ def print_json(figures: list[tuple[str, float, str]], info: dict[str, object]) -
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except experiment_init.ConfigError as err:  # a setting this machine cannot run
+        raise SystemExit(f"error: {err}") from None

@@ -65,12 +65,15 @@ def read_run(path: Path) -> list[dict]:
 
 
 def column_name(row: dict) -> str:
-    """The settings that tell runs apart: device, amp, threads on CPU, compile where used."""
+    """The settings that tell runs apart: device, amp, threads on CPU, compile and CUDA graphs
+    where used."""
     parts = [row.get("device", "cpu"), f"amp {row.get('amp', 'off')}"]
     if row.get("device", "cpu") == "cpu":
         parts.append(f"{row.get('threads', '?')} threads")
     if row.get("compile", "off") != "off":
         parts.append(f"compile {row['compile']}")
+    if row.get("cuda_graph"):
+        parts.append("CUDA graph")
     return ", ".join(parts)
 
 

@@ -12,6 +12,7 @@ from utils.augment import (
     AFF_ROT45,
     AFF_ROTATE,
     AFF_SCALE,
+    N_AFFINE_CHOICES,
     affine_augment,
     affine_matrices,
     apply_affine,
@@ -194,6 +195,34 @@ def test_affine_augment_valid_reproducible_and_skips_empty_slices():
     # changed and some are returned bit for bit.
     assert changed.sum() >= 10 and unchanged_exact.sum() >= 3
     assert not torch.equal(affine_augment(images, labels, _gen(8))[0], img)
+
+
+def test_affine_augment_does_what_each_slice_drew():
+    # Read the draws back from a copy of the generator; check each choice's outcome exactly.
+    n = 200
+    images, labels = _random_batch(n, 24, 24, 3, seed=4)
+    img, lab = affine_augment(images, labels, _gen(11))
+    choice, _, scale, flip, k45 = sample_affine_params(n, _gen(11))
+    # Every identity outcome occurs among the 200 slices of this seed.
+    assert ((choice == AFF_ROT45) & (k45 == 0)).any() and ((choice == AFF_FLIP) & ~flip).any()
+    assert ((choice == AFF_SCALE) & (scale == 1.0)).any()
+    for i in range(n):
+        c, expect = int(choice[i]), None
+        if c == AFF_NONE or (c == AFF_FLIP and not flip[i]) or (c == AFF_ROT45 and k45[i] == 0) \
+                or (c == AFF_SCALE and scale[i] == 1.0):
+            assert torch.equal(img[i], images[i]) and torch.equal(lab[i], labels[i]), i
+            continue
+        if c == AFF_FLIP:
+            expect = images[i].flip(-1), labels[i].flip(-1)
+        elif c == AFF_ROT45 and k45[i] % 2 == 0:
+            k = int(k45[i]) // 2
+            expect = images[i].rot90(k, (-2, -1)), labels[i].rot90(k, (-2, -1))
+        if expect is not None:
+            assert torch.equal(lab[i], expect[1]), i
+            torch.testing.assert_close(img[i], expect[0], rtol=0, atol=1e-5, msg=str(i))
+        else:  # a rotation or a scaling: the image is resampled
+            assert not torch.equal(img[i], images[i]), i
+    assert {int(c) for c in choice} == set(range(N_AFFINE_CHOICES))
 
 
 def test_affine_none_choice_is_identity_matrix():

@@ -51,10 +51,16 @@ def test_gpu_columns_name_compile_and_take_the_gpu_goals(tmp_path, load_script):
     b = tmp_path / "b.txt"
     b.write_text(json.dumps({"name": "protocol_estimate", "value": 11.73, "unit": "min", **info,
                              "amp": "bf16", "compile": "reduce-overhead"}) + "\n")
-    lines = table.table([table.read_run(a), table.read_run(b)], goals=True).splitlines()
-    assert "| figure | cuda, amp bf16 | cuda, amp bf16, compile reduce-overhead | goal |" in lines
-    assert "| overhead_ratio | 1.500 |  | ≤ 1.25 |" in lines
-    assert "| protocol_estimate |  | 11.7 min | < 15 min |" in lines
+    c = tmp_path / "c.txt"
+    c.write_text(json.dumps({"name": "joint_step", "value": 0.0142, "unit": "s", **info,
+                             "amp": "bf16", "compile": "off", "cuda_graph": True}) + "\n")
+    lines = table.table([table.read_run(a), table.read_run(b), table.read_run(c)],
+                        goals=True).splitlines()
+    assert ("| figure | cuda, amp bf16 | cuda, amp bf16, compile reduce-overhead "
+            "| cuda, amp bf16, CUDA graph | goal |") in lines
+    assert "| joint_step |  |  | 14.2 ms | ≤ 15 ms (bf16) |" in lines
+    assert "| overhead_ratio | 1.500 |  |  | ≤ 1.25 |" in lines
+    assert "| protocol_estimate |  | 11.7 min |  | < 15 min |" in lines
 
 
 def test_short_times_in_milliseconds(load_script):

@@ -159,6 +159,11 @@ def test_an_edited_init_file_reaches_the_run(edited_config, tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="--bt_size=3 must be an even number.*batch_size_ft of "
                        "experiment_init/init_tiny.py"):
         joint.main(common)
+    # --cuda_graph 1 off a GPU is refused before the joint run's directory is made.
+    made = sorted((tmp_path / "runs").rglob("*"))
+    with pytest.raises(ConfigError, match="--cuda_graph 1 needs a CUDA GPU"):
+        joint.main([*common, "--bt_size", "2", "--cuda_graph", "1"])
+    assert sorted((tmp_path / "runs").rglob("*")) == made
 
 
 def test_a_failed_start_leaves_nothing_in_the_way(edited_config, tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from utils.crf import CRFParams  # noqa: E402
 from utils.dataset import load_slices  # noqa: E402
 from utils.device import available_cpus  # noqa: E402
 from utils.flags import BASELINE, JOINT, parse_flags  # noqa: E402
-from utils.joint_training import JointSettings, build_joint_data, joint_iteration  # noqa: E402
+from utils.joint_training import JointSettings, build_joint_data, joint_stepper  # noqa: E402
 from utils.run import RunDirError, load_checkpoint  # noqa: E402
 from utils.sampling import pair_layout  # noqa: E402
 from utils.self_training import Labelling, Round, describe, self_train  # noqa: E402
@@ -97,10 +97,11 @@ def main(argv: list[str] | None = None) -> None:
                 "every class" if complete else "the most classes (none has every class)"),
                 bool(args.crf)), flush=True)
 
+            iteration = joint_stepper(model, optimizer, data, settings, dice_loss, run.generator,
+                                      run.guard.ok, run.precision, bool(args.cuda_graph))
+
             def step(it: int) -> dict[str, torch.Tensor]:
-                loss, loss_seg, loss_lcl = joint_iteration(model, optimizer, data, settings,
-                                                           dice_loss, run.generator,
-                                                           run.guard.ok, it, run.precision)
+                loss, loss_seg, loss_lcl = iteration(it)
                 return {"loss": loss, "loss_seg": loss_seg, "loss_local": loss_lcl}
 
             run.train(model, optimizer, rnd.iterations, step, f"joint round {rnd.index + 1}",

@@ -9,6 +9,7 @@ unless the loss is not finite.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ from losses.local_contrastive import (
     positive_indices,
 )
 from utils.augment import AugmentDraws, apply_augment, draw_augment, draw_set_intensity, to_onehot
+from utils.captured_step import CapturedStep
 from utils.device import host_to_device
 from utils.mixed_precision import MixedPrecision
 from utils.sampling import (
@@ -202,3 +204,36 @@ def joint_iteration(
     if step_ok(loss, iteration):
         precision.step(loss, optimizer)
     return loss.detach(), loss_seg.detach(), loss_lcl.detach()
+
+
+def joint_stepper(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: JointData,
+    s: JointSettings,
+    dice_loss,
+    generator: torch.Generator,
+    step_ok: Callable[[torch.Tensor, int], bool],
+    precision: MixedPrecision,
+    cuda_graph: bool = False,
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The trainer's iteration ``step(it) -> (loss, dice loss, local loss)`` over one round's
+    ``data``: :func:`joint_iteration`, or with ``cuda_graph`` a ``utils.captured_step``
+    step (a CUDA graph on a GPU, the same step eagerly elsewhere) with the same draws from
+    ``generator``, where ``step_ok`` only counts the non-finite losses the step skipped."""
+    if not cuda_graph:
+        return lambda it: joint_iteration(model, optimizer, data, s, dice_loss, generator,
+                                          step_ok, it, precision)
+    device = data.lab_img.device
+    layout = tuple(t.to(device) for t in pair_layout(s.bt_size, s.inter_image))
+    example = draw_joint(data, s, torch.Generator().manual_seed(0))  # shapes only
+    captured = CapturedStep(
+        lambda draws: joint_losses(model, data, s, draws, layout, dice_loss, precision),
+        model, optimizer, example, graph=device.type == "cuda")
+
+    def step(it: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss, loss_seg, loss_lcl = captured(draw_joint(data, s, generator))
+        step_ok(loss, it)
+        return loss, loss_seg, loss_lcl
+
+    return step

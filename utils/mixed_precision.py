@@ -48,7 +48,9 @@ class MixedPrecision:
         """The forward's context: autocast to ``dtype``, or nothing in float32."""
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        # No cast cache: a CUDA graph must capture the weights' casts (each weight is cast once
+        # per forward here anyway).
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=False)
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """Zero the gradients, backpropagate ``loss`` (scaled for fp16) and step the optimizer

@@ -31,6 +31,7 @@ from experiment_init import ConfigError, ExperimentConfig
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
 from models import cpu_training
+from utils.captured_step import check_graph_settings
 from utils.dataset import ensure_demo_data, load_eval_volumes, verify_inputs
 from utils.device import (
     configure_backend,
@@ -154,8 +155,15 @@ def segmentation_loss(
         return lambda logits, y: soft_dice_loss(logits, y, include_background=False)
     from losses.cross_entropy import class_weights
 
-    weights = class_weights(num_classes)
-    return lambda logits, y: weighted_cross_entropy_loss(logits, y, weights.to(logits.device))
+    weights = {torch.device("cpu"): class_weights(num_classes)}
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # One copy per device, made before any CUDA graph capture (the first, warm-up step).
+        if logits.device not in weights:
+            weights[logits.device] = weights[torch.device("cpu")].to(logits.device)
+        return weighted_cross_entropy_loss(logits, y, weights[logits.device])
+
+    return loss
 
 
 def on_device(
@@ -415,6 +423,8 @@ def start_run(
     seed = args.seed if args.seed is not None else args.ver
     device = resolve_device(args.device)
     precision = mixed_precision(args.amp, device)
+    if getattr(args, "cuda_graph", 0):
+        check_graph_settings(device, args.amp)
     configure_backend(device, args.low_memory)
     threads, threads_from = set_cpu_threads(args.threads)
     generator = seed_everything(seed)

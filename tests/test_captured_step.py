@@ -1,0 +1,170 @@
+"""The joint iteration replayed from a CUDA graph (``--cuda_graph 1``, utils/captured_step.py).
+
+On the CPU the captured step runs eagerly from its input buffers, which checks everything but
+the capture itself: the draws reach the buffers in the order the batch reads them, the update
+is the trainer's Adam step, a non-finite loss skips it without touching the weights or the Adam
+state, and an optimizer loaded from an ordinary run is switched over. The last test runs the
+real graph on a CUDA GPU against the eager trainer's steps (skipped without one).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import utils.joint_training as jt
+from experiment_init import ConfigError
+from losses.dice import soft_dice_loss
+from losses.local_contrastive import draw_positive_uniforms
+from models.unet import JointUNet
+from utils.augment import apply_set_intensity, draw_augment, draw_set_intensity
+from utils.captured_step import check_graph_settings, make_capturable, tensors
+from utils.mixed_precision import MixedPrecision
+from utils.sampling import pair_layout, pick_joint_slices
+from utils.training import NonFiniteGuard
+
+SETTINGS = jt.JointSettings(num_classes=3, n_seg=4, bt_size=4, no_of_pos_eles=2)
+
+
+def _pool(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slices holding all three classes at random places; image = class-coded + noise."""
+    gen = torch.Generator().manual_seed(seed)
+    lab = torch.zeros(n, size, size, dtype=torch.uint8)
+    for i in range(n):
+        r, c = torch.randint(2, size - 14, (2,), generator=gen).tolist()
+        lab[i, r : r + 12, c : c + 12] = 1
+        lab[i, r + 3 : r + 8, c + 2 : c + 9] = 2
+    img = lab[:, None].float() / 2 + 0.05 * torch.rand(n, 1, size, size, generator=gen) + 0.1
+    return img, lab
+
+
+def _data(device: torch.device) -> jt.JointData:
+    # Distinct pools: the labeled slices are darker, so a swapped pool changes every loss.
+    (li, ll), (ui, ul) = _pool(8, 32, seed=0), _pool(8, 32, seed=1)
+    data, _ = jt.build_joint_data(li.to(device) * 0.5, ll.to(device), ui.to(device),
+                                  ul.to(device), SETTINGS.num_classes, 2)
+    return data
+
+
+def _model(device: torch.device) -> JointUNet:
+    torch.manual_seed(0)
+    return JointUNet(SETTINGS.num_classes).to(device, memory_format=torch.channels_last)
+
+
+def _steps(model, optimizer, data, cuda_graph: bool, n: int, guard=None) -> list[list[float]]:
+    guard = guard or NonFiniteGuard(max_consecutive=5)
+    step = jt.joint_stepper(model, optimizer, data, SETTINGS, soft_dice_loss,
+                            torch.Generator().manual_seed(7), guard.ok,
+                            MixedPrecision(data.lab_img.device.type, None), cuda_graph)
+    return [[float(t) for t in step(it)] for it in range(n)]
+
+
+def _assert_same_updates(a: torch.nn.Module, b: torch.nn.Module, start: dict) -> None:
+    """The weights' changes since ``start`` agree within 5 % (fused and for-each Adam round
+    differently; a bias before batch norm has a gradient of rounding noise, which Adam turns
+    into steps of up to lr, so biases are left out)."""
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        if x.is_floating_point() and not name.endswith("bias"):
+            dx, dy = x - start[name], y - start[name]
+            assert (dx - dy).norm() <= 0.05 * dy.norm(), name
+
+
+def test_captured_steps_follow_the_trainers_steps_after_an_ordinary_start():
+    data = _data(torch.device("cpu"))
+    eager, captured = _model(data.lab_img.device), _model(data.lab_img.device)
+    opt_e = torch.optim.Adam(eager.parameters(), lr=1e-3)
+    opt_c = torch.optim.Adam(captured.parameters(), lr=1e-3)
+    # Both start ordinarily (as a run resumed with --cuda_graph 1 after one without it).
+    _steps(eager, opt_e, data, False, 1)
+    _steps(captured, opt_c, data, False, 1)
+    start = copy.deepcopy(captured.state_dict())
+    losses_e = _steps(eager, opt_e, data, False, 3)
+    losses_c = _steps(captured, opt_c, data, True, 3)
+    assert opt_c.param_groups[0]["fused"] and opt_c.param_groups[0]["capturable"]
+    assert losses_c[0] == losses_e[0]  # the same weights and the same batch: the same losses
+    # Afterwards fused and for-each Adam round differently.
+    torch.testing.assert_close(torch.tensor(losses_c), torch.tensor(losses_e), rtol=1e-4,
+                               atol=1e-6)
+    assert len({round(x[0], 6) for x in losses_c}) == 3  # a new batch each step
+    _assert_same_updates(captured, eager, start)
+    moved = max((captured.state_dict()[k].float() - v.float()).abs().max().item()
+                for k, v in start.items())
+    assert moved > 1e-4  # the updates were not skipped
+    for p_c, p_e in zip(captured.parameters(), eager.parameters(), strict=True):
+        assert opt_c.state[p_c]["step"].item() == opt_e.state[p_e]["step"].item() == 4
+
+
+def test_a_non_finite_loss_skips_the_update_and_the_adam_state():
+    data = _data(torch.device("cpu"))
+    model = _model(data.lab_img.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = NonFiniteGuard(max_consecutive=5)
+    _steps(model, optimizer, data, True, 1, guard)
+    weights = copy.deepcopy(model.state_dict())
+    adam = copy.deepcopy(optimizer.state_dict()["state"])
+    finite = data.unl_img.clone()
+    data.unl_img.fill_(float("nan"))  # in place: the step reads the round's pools
+    losses = _steps(model, optimizer, data, True, 2, guard)
+    assert all(not torch.isfinite(torch.tensor(x[0])) for x in losses)
+    assert guard.total == 2 and guard.consecutive == 2
+    for name, value in model.state_dict().items():
+        if "running" not in name and "num_batches" not in name:  # BN statistics move on
+            assert torch.equal(value, weights[name]), name
+    for i, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, adam[i][key]), (i, key)
+    data.unl_img.copy_(finite)
+    _steps(model, optimizer, data, True, 1, guard)
+    assert guard.consecutive == 0
+    assert next(iter(optimizer.state.values()))["step"].item() == 2
+    assert not torch.equal(next(model.parameters()), next(iter(weights.values())))
+
+
+def test_the_joint_draws_are_taken_in_order_and_the_batch_is_theirs():
+    data = _data(torch.device("cpu"))
+    draws = jt.draw_joint(data, SETTINGS, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the same sequence, drawn part by part
+    picked = pick_joint_slices(8, data.dice_index, data.lab_index, data.unl_index,
+                               SETTINGS.n_seg, SETTINGS.bt_size, g)
+    augment = draw_augment(SETTINGS.n_seg, 32, 32, g)
+    sets = [draw_set_intensity(g), draw_set_intensity(g)]
+    positive = draw_positive_uniforms(2 * SETTINGS.bt_size, 2, SETTINGS.no_of_pos_eles, g)
+    for a, b in zip(tensors(draws), tensors((*picked, augment, torch.stack(sets), positive)),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(sets[0], sets[1])
+    # The batch of the draws: set 2's first image is the second slice of pair 0 with set 2's
+    # brightness and contrast (labeled slice lab[0], pair layout (L0, L0)).
+    images = jt.joint_batch_from(data, SETTINGS, draws, pair_layout(4))[0]
+    expect = apply_set_intensity(data.lab_img[draws.lab[:1]], sets[1])
+    assert torch.equal(images[SETTINGS.n_seg + SETTINGS.bt_size], expect[0])
+
+
+def test_make_capturable_refuses_another_optimizer():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="Adam"):
+        make_capturable(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_cuda_graph_is_refused_off_a_gpu_and_with_fp16():
+    with pytest.raises(ConfigError, match="--cuda_graph 1 needs a CUDA GPU"):
+        check_graph_settings(torch.device("cpu"), "off")
+    with pytest.raises(ConfigError, match="--amp fp16"):
+        check_graph_settings(torch.device("cuda"), "fp16")
+    check_graph_settings(torch.device("cuda"), "bf16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures a CUDA graph")
+def test_graph_replays_follow_the_eager_steps_on_a_gpu():
+    data = _data(torch.device("cuda"))
+    eager, captured = _model(data.lab_img.device), _model(data.lab_img.device)
+    start = copy.deepcopy(eager.state_dict())
+    opt_e = torch.optim.Adam(eager.parameters(), lr=1e-3)
+    opt_c = torch.optim.Adam(captured.parameters(), lr=1e-3)
+    losses_e = _steps(eager, opt_e, data, False, 4)
+    losses_c = _steps(captured, opt_c, data, True, 4)  # the warm-up must not train
+    torch.testing.assert_close(torch.tensor(losses_c), torch.tensor(losses_e), rtol=1e-3,
+                               atol=1e-4)
+    _assert_same_updates(captured, eager, start)
