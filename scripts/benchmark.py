@@ -380,7 +380,7 @@ def main() -> None:
     if args.compile:
         model.forward = torch.compile(model.forward, mode=args.compile)
 
-    joint_step = joint_stepper(model, opt, data, s, soft_dice_loss, gen, guard.ok, precision,
+    joint_step = joint_stepper(model, opt, data, s, soft_dice_loss, gen, guard, precision,
                                bool(args.cuda_graph))
 
     def joint() -> None:

@@ -365,6 +365,9 @@ def test_augment_batch_order_and_reproducibility():
     a = augment_batch(images, labels, _gen(21))
     b = augment_batch(images, labels, _gen(21))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # The input's layout: the loss's sums round by memory order, so a channels-last label
+    # would change training in the last bits.
+    assert a[0].is_contiguous() and a[1].is_contiguous()
     c = augment_batch(images, labels, _gen(22))
     assert not torch.equal(a[0], c[0])
     # with deformation off: intensity(affine(x)) from the same random stream

@@ -56,7 +56,7 @@ def _model(device: torch.device) -> JointUNet:
 def _steps(model, optimizer, data, cuda_graph: bool, n: int, guard=None) -> list[list[float]]:
     guard = guard or NonFiniteGuard(max_consecutive=5)
     step = jt.joint_stepper(model, optimizer, data, SETTINGS, soft_dice_loss,
-                            torch.Generator().manual_seed(7), guard.ok,
+                            torch.Generator().manual_seed(7), guard,
                             MixedPrecision(data.lab_img.device.type, None), cuda_graph)
     return [[float(t) for t in step(it)] for it in range(n)]
 
@@ -108,6 +108,8 @@ def test_a_non_finite_loss_skips_the_update_and_the_adam_state():
     data.unl_img.fill_(float("nan"))  # in place: the step reads the round's pools
     losses = _steps(model, optimizer, data, True, 2, guard)
     assert all(not torch.isfinite(torch.tensor(x[0])) for x in losses)
+    assert guard.total == 1  # the last step's loss is read at the next step or when settled
+    guard.settle()
     assert guard.total == 2 and guard.consecutive == 2
     for name, value in model.state_dict().items():
         if "running" not in name and "num_batches" not in name:  # BN statistics move on
@@ -117,6 +119,7 @@ def test_a_non_finite_loss_skips_the_update_and_the_adam_state():
             assert torch.equal(value, adam[i][key]), (i, key)
     data.unl_img.copy_(finite)
     _steps(model, optimizer, data, True, 1, guard)
+    guard.settle()
     assert guard.consecutive == 0
     assert next(iter(optimizer.state.values()))["step"].item() == 2
     assert not torch.equal(next(model.parameters()), next(iter(weights.values())))
@@ -157,7 +160,11 @@ def test_cuda_graph_is_refused_off_a_gpu_and_with_fp16():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures a CUDA graph")
-def test_graph_replays_follow_the_eager_steps_on_a_gpu():
+def test_graph_replays_follow_the_eager_steps_on_a_gpu(monkeypatch):
+    # Full float32 products, so that only the Adam implementations and cuDNN's summation
+    # order tell the two apart.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     data = _data(torch.device("cuda"))
     eager, captured = _model(data.lab_img.device), _model(data.lab_img.device)
     start = copy.deepcopy(eager.state_dict())
@@ -165,6 +172,8 @@ def test_graph_replays_follow_the_eager_steps_on_a_gpu():
     opt_c = torch.optim.Adam(captured.parameters(), lr=1e-3)
     losses_e = _steps(eager, opt_e, data, False, 4)
     losses_c = _steps(captured, opt_c, data, True, 4)  # the warm-up must not train
-    torch.testing.assert_close(torch.tensor(losses_c), torch.tensor(losses_e), rtol=1e-3,
+    torch.testing.assert_close(torch.tensor(losses_c[0]), torch.tensor(losses_e[0]), rtol=1e-4,
+                               atol=1e-6)
+    torch.testing.assert_close(torch.tensor(losses_c), torch.tensor(losses_e), rtol=2e-2,
                                atol=1e-4)
     _assert_same_updates(captured, eager, start)

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,24 @@ def test_guard_skips_and_counts_then_stops():
     with pytest.raises(TrainingStopped, match="3 consecutive non-finite losses up to "
                        "iteration 6.*best checkpoint"):
         guard.ok(torch.tensor(-math.inf), 6)
+
+
+def test_guard_counts_a_later_loss_at_the_next_call_or_when_settled():
+    guard = NonFiniteGuard(max_consecutive=3)
+    guard.later(torch.tensor(math.nan), 0)
+    assert guard.total == 0  # not read yet: the GPU may still be computing it
+    guard.later(torch.tensor(1.0), 1)
+    assert guard.total == 1 and guard.consecutive == 1
+    guard.settle()
+    assert guard.total == 1 and guard.consecutive == 0
+    guard.later(torch.tensor(math.nan), 2)
+    assert guard.ok(torch.tensor(math.inf), 3) is False and guard.total == 3
+    guard.later(torch.tensor(math.nan), 4)
+    with pytest.raises(TrainingStopped, match="3 consecutive non-finite losses up to "
+                       "iteration 4"):
+        guard.settle()
+    guard.settle()  # nothing is counted twice
+    assert guard.total == 4
 
 
 def _args(*flags: str) -> argparse.Namespace:
@@ -164,6 +183,49 @@ def test_an_edited_init_file_reaches_the_run(edited_config, tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="--cuda_graph 1 needs a CUDA GPU"):
         joint.main([*common, "--bt_size", "2", "--cuda_graph", "1"])
     assert sorted((tmp_path / "runs").rglob("*")) == made
+
+
+def _sigterm_after(iteration: int, monkeypatch, step, module) -> None:
+    """Make ``module.baseline_iteration`` run ``step`` and send SIGTERM to this process after
+    ``iteration``."""
+    def stepping_then_stopping(*args):
+        loss = step(*args)
+        if args[9] == iteration:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(module, "baseline_iteration", stepping_then_stopping)
+
+
+def test_losses_counted_later_are_settled_before_the_log_and_the_checkpoint(
+        edited_config, tmp_path, monkeypatch):
+    """A step that skips itself on the device (--cuda_graph 1) is counted by the guard one
+    step later; the run settles the count before it logs or checkpoints, so the last
+    iteration's non-finite loss is in log.csv, last.pt and the final line."""
+    common = _tiny_dataset(edited_config, tmp_path, monkeypatch)
+    baseline = _trainer("tr_baseline")
+
+    def skipped_step(*args):
+        step_ok, it = args[8], args[9]
+        loss = torch.tensor(math.nan)
+        step_ok.__self__.later(loss, it)  # the run's NonFiniteGuard, as joint_stepper uses it
+        return loss
+
+    monkeypatch.setattr(baseline, "baseline_iteration", skipped_step)
+    run = tmp_path / "runs" / "tiny" / "baseline" / "tr1_c1_v0"
+    # Stopped by SIGTERM after iteration 1, which is not validated: last.pt counts it.
+    _sigterm_after(1, monkeypatch, skipped_step, baseline)
+    with pytest.raises(Preempted):
+        baseline.main([*common, "--n_iter", "3", "--max_bad_steps", "9"])
+    stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert stopped["iteration"] == 1 and stopped["bad_total"] == 2
+    monkeypatch.setattr(baseline, "baseline_iteration", skipped_step)
+    baseline.main([*common, "--n_iter", "3", "--max_bad_steps", "9", "--resume"])
+    rows = (run / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert float(rows[-1].split(",")[header.index("bad_steps")]) == 3
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert last["bad_total"] == 3 and last["bad_consecutive"] == 3
 
 
 def test_a_failed_start_leaves_nothing_in_the_way(edited_config, tmp_path, monkeypatch):

@@ -337,7 +337,10 @@ def warp_deformation(images: torch.Tensor, labels_onehot: torch.Tensor, control:
     disp = upsample_displacements(host_to_device(control, images.device), h, w)
     img_d, lab_d = dense_warp(images, labels_onehot, disp)
     keep = ~host_to_device(deformed, images.device).view(-1, 1, 1, 1)
-    return torch.where(keep, images, img_d), torch.where(keep, labels_onehot, lab_d)
+    # torch.where may lay the result out channels-last, and the loss's sums over a different
+    # memory order round differently: keep the (N, C, H, W) layout of the input.
+    return (torch.where(keep, images, img_d).contiguous(),
+            torch.where(keep, labels_onehot, lab_d).contiguous())
 
 
 def random_deformation(

@@ -32,6 +32,7 @@ from utils.sampling import (
     pick_joint_slices,
     slices_with_min_labels,
 )
+from utils.training import NonFiniteGuard
 
 
 @dataclass
@@ -213,17 +214,18 @@ def joint_stepper(
     s: JointSettings,
     dice_loss,
     generator: torch.Generator,
-    step_ok: Callable[[torch.Tensor, int], bool],
+    guard: NonFiniteGuard,
     precision: MixedPrecision,
     cuda_graph: bool = False,
 ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The trainer's iteration ``step(it) -> (loss, dice loss, local loss)`` over one round's
-    ``data``: :func:`joint_iteration`, or with ``cuda_graph`` a ``utils.captured_step``
-    step (a CUDA graph on a GPU, the same step eagerly elsewhere) with the same draws from
-    ``generator``, where ``step_ok`` only counts the non-finite losses the step skipped."""
+    ``data``: :func:`joint_iteration` (``guard.ok`` decides each step), or with ``cuda_graph``
+    a ``utils.captured_step`` step (a CUDA graph on a GPU, the same step eagerly elsewhere)
+    with the same draws from ``generator``, which skips a non-finite step on the device and
+    counts it with ``guard.later``."""
     if not cuda_graph:
         return lambda it: joint_iteration(model, optimizer, data, s, dice_loss, generator,
-                                          step_ok, it, precision)
+                                          guard.ok, it, precision)
     device = data.lab_img.device
     layout = tuple(t.to(device) for t in pair_layout(s.bt_size, s.inter_image))
     example = draw_joint(data, s, torch.Generator().manual_seed(0))  # shapes only
@@ -233,7 +235,7 @@ def joint_stepper(
 
     def step(it: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         loss, loss_seg, loss_lcl = captured(draw_joint(data, s, generator))
-        step_ok(loss, it)
+        guard.later(loss, it)  # no wait for this step: the host draws the next meanwhile
         return loss, loss_seg, loss_lcl
 
     return step

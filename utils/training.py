@@ -225,14 +225,32 @@ class BestKeeper:
 
 
 class NonFiniteGuard:
-    """Counts skipped non-finite steps; too many in a row stop the run."""
+    """Counts skipped non-finite steps; too many in a row stop the run.
+
+    ``ok(loss, it)`` checks a loss before its step (one wait for the GPU per step); a step that
+    skips itself on the device (``utils.captured_step``) is counted with ``later(loss, it)``,
+    checked at the next call or at `settle`, once the GPU has moved on to the next step.
+    """
 
     def __init__(self, max_consecutive: int) -> None:
         self.max_consecutive = max_consecutive
         self.total = 0
         self.consecutive = 0
+        self.pending: tuple[torch.Tensor, int] | None = None
+
+    def later(self, loss: torch.Tensor, iteration: int) -> None:
+        self.settle()
+        self.pending = (loss, iteration)
+
+    def settle(self) -> None:
+        """Count the loss given to `later`, if any (before the counts are read or saved)."""
+        if self.pending is not None:
+            loss, iteration = self.pending
+            self.pending = None
+            self.ok(loss, iteration)
 
     def ok(self, loss: torch.Tensor, iteration: int) -> bool:
+        self.settle()
         if torch.isfinite(loss).item():
             self.consecutive = 0
             return True
@@ -334,6 +352,7 @@ class Run:
             losses = step(it)
             last = it == iterations.stop - 1
             if (it - iterations.start) % self.cfg.val_step_update == 0 or last:
+                self.guard.settle()
                 val = self.keeper.update(model, optimizer, it, best_extra)
                 losses = {k: v.item() for k, v in losses.items()}  # synchronises a GPU
                 self.log.log(it, **losses, val_dice=val, bad_steps=self.guard.total)
@@ -347,6 +366,7 @@ class Run:
                       optimizer: torch.optim.Optimizer,
                       extra: dict[str, Any] | None = None) -> None:
         """Write checkpoints/last.pt: everything needed to continue after ``iteration``."""
+        self.guard.settle()
         save_periodic_checkpoint(self.run_dir / "checkpoints", {
             "args": resume_flags(self.args),
             "iteration": iteration,
