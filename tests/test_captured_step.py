@@ -151,12 +151,15 @@ def test_make_capturable_refuses_another_optimizer():
         make_capturable(torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-def test_cuda_graph_is_refused_off_a_gpu_and_with_fp16():
+def test_cuda_graph_and_compile_are_refused_off_a_gpu_and_a_graph_with_fp16():
     with pytest.raises(ConfigError, match="--cuda_graph 1 needs a CUDA GPU"):
         check_graph_settings(torch.device("cpu"), "off")
+    with pytest.raises(ConfigError, match="--compile 1 needs a CUDA GPU.*leave --compile 0"):
+        check_graph_settings(torch.device("cpu"), "off", cuda_graph=False, compile_network=True)
     with pytest.raises(ConfigError, match="--amp fp16"):
         check_graph_settings(torch.device("cuda"), "fp16")
-    check_graph_settings(torch.device("cuda"), "bf16")
+    check_graph_settings(torch.device("cuda"), "fp16", cuda_graph=False, compile_network=True)
+    check_graph_settings(torch.device("cuda"), "bf16", compile_network=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures a CUDA graph")
@@ -167,13 +170,23 @@ def test_graph_replays_follow_the_eager_steps_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     data = _data(torch.device("cuda"))
     eager, captured = _model(data.lab_img.device), _model(data.lab_img.device)
-    start = copy.deepcopy(eager.state_dict())
+    start = copy.deepcopy(captured.state_dict())
     opt_e = torch.optim.Adam(eager.parameters(), lr=1e-3)
     opt_c = torch.optim.Adam(captured.parameters(), lr=1e-3)
+    guard = NonFiniteGuard(max_consecutive=5)
+    step = jt.joint_stepper(captured, opt_c, data, SETTINGS, soft_dice_loss,
+                            torch.Generator().manual_seed(7), guard,
+                            MixedPrecision("cuda", None), cuda_graph=True)
+    # The capture's warm-up runs changed nothing: weights, batch-norm statistics, Adam steps.
+    for name, value in captured.state_dict().items():
+        assert torch.equal(value, start[name]), name
+    assert all(state["step"].item() == 0 for state in opt_c.state.values())
+    losses_c = [[float(t) for t in step(it)] for it in range(4)]
     losses_e = _steps(eager, opt_e, data, False, 4)
-    losses_c = _steps(captured, opt_c, data, True, 4)  # the warm-up must not train
     torch.testing.assert_close(torch.tensor(losses_c[0]), torch.tensor(losses_e[0]), rtol=1e-4,
                                atol=1e-6)
+    # Later steps: cuDNN's backward sums in a varying order, and Adam's first steps turn
+    # gradients near zero into steps of about lr, so the runs drift apart a little.
     torch.testing.assert_close(torch.tensor(losses_c), torch.tensor(losses_e), rtol=2e-2,
                                atol=1e-4)
-    _assert_same_updates(captured, eager, start)
+    assert all(state["step"].item() == 4 for state in opt_c.state.values())

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
                 bool(args.crf)), flush=True)
 
             iteration = joint_stepper(model, optimizer, data, settings, dice_loss, run.generator,
-                                      run.guard, run.precision, bool(args.cuda_graph))
+                                      run.guard, run.precision, bool(args.cuda_graph),
+                                      bool(args.compile))
 
             def step(it: int) -> dict[str, torch.Tensor]:
                 loss, loss_seg, loss_lcl = iteration(it)

@@ -19,12 +19,15 @@ import torch
 from experiment_init import ConfigError
 
 
-def check_graph_settings(device: torch.device, amp: str) -> None:
-    """Refuse ``--cuda_graph 1`` where it cannot run: off a CUDA GPU, or with fp16's scaler."""
-    if device.type != "cuda":
-        raise ConfigError(f"--cuda_graph 1 needs a CUDA GPU (--device cuda), not {device}; "
-                          "leave --cuda_graph 0 on the CPU")
-    if amp == "fp16":
+def check_graph_settings(device: torch.device, amp: str, cuda_graph: bool = True,
+                         compile_network: bool = False) -> None:
+    """Refuse ``--cuda_graph 1`` or ``--compile 1`` where they cannot run: off a CUDA GPU, or
+    a graph with fp16's scaler."""
+    for flag, used in (("--cuda_graph 1", cuda_graph), ("--compile 1", compile_network)):
+        if used and device.type != "cuda":
+            raise ConfigError(f"{flag} needs a CUDA GPU (--device cuda), not {device}; "
+                              f"leave {flag[:-2]} 0 on the CPU")
+    if cuda_graph and amp == "fp16":
         raise ConfigError("--cuda_graph 1 cannot capture the gradient scaler of --amp fp16; "
                           "use --amp bf16 or --amp off with it")
 

@@ -217,20 +217,24 @@ def joint_stepper(
     guard: NonFiniteGuard,
     precision: MixedPrecision,
     cuda_graph: bool = False,
+    compile_network: bool = False,
 ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The trainer's iteration ``step(it) -> (loss, dice loss, local loss)`` over one round's
     ``data``: :func:`joint_iteration` (``guard.ok`` decides each step), or with ``cuda_graph``
     a ``utils.captured_step`` step (a CUDA graph on a GPU, the same step eagerly elsewhere)
     with the same draws from ``generator``, which skips a non-finite step on the device and
-    counts it with ``guard.later``."""
+    counts it with ``guard.later``. ``compile_network``: the training forward runs
+    ``torch.compile``'d (validation keeps the plain ``model``, whose input sizes vary)."""
+    # Shares the parameters; compiled once, at the first step of the first round.
+    network = torch.compile(model) if compile_network else model
     if not cuda_graph:
-        return lambda it: joint_iteration(model, optimizer, data, s, dice_loss, generator,
+        return lambda it: joint_iteration(network, optimizer, data, s, dice_loss, generator,
                                           guard.ok, it, precision)
     device = data.lab_img.device
     layout = tuple(t.to(device) for t in pair_layout(s.bt_size, s.inter_image))
     example = draw_joint(data, s, torch.Generator().manual_seed(0))  # shapes only
     captured = CapturedStep(
-        lambda draws: joint_losses(model, data, s, draws, layout, dice_loss, precision),
+        lambda draws: joint_losses(network, data, s, draws, layout, dice_loss, precision),
         model, optimizer, example, graph=device.type == "cuda")
 
     def step(it: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

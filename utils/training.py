@@ -443,8 +443,8 @@ def start_run(
     seed = args.seed if args.seed is not None else args.ver
     device = resolve_device(args.device)
     precision = mixed_precision(args.amp, device)
-    if getattr(args, "cuda_graph", 0):
-        check_graph_settings(device, args.amp)
+    if getattr(args, "cuda_graph", 0) or getattr(args, "compile", 0):
+        check_graph_settings(device, args.amp, bool(args.cuda_graph), bool(args.compile))
     configure_backend(device, args.low_memory)
     threads, threads_from = set_cpu_threads(args.threads)
     generator = seed_everything(seed)
