@@ -33,6 +33,22 @@ def blob_volume(shape=(40, 36, 5), seed=0, num_classes=4) -> tuple[np.ndarray, n
     return image, label
 
 
+def nested_squares(n: int, size: int, seed: int):
+    """(n, 1, size, size) images and (n, size, size) long labels: each slice holds a 12-pixel
+    square of class 1 around a 5 x 7 block of class 2 at a random place; image = label / 2 +
+    0.1 + uniform noise of 0.05, so a slice's classes can be read back from its image."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    lab = torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        r, c = torch.randint(2, size - 14, (2,), generator=gen).tolist()
+        lab[i, r : r + 12, c : c + 12] = 1
+        lab[i, r + 3 : r + 8, c + 2 : c + 9] = 2
+    img = lab[:, None].float() / 2 + 0.05 * torch.rand(n, 1, size, size, generator=gen) + 0.1
+    return img, lab
+
+
 def write_nifti(path: Path, data: np.ndarray, spacing=(1.5, 1.5, 8.0)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     affine = np.diag([*spacing, 1.0])

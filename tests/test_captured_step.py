@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from conftest import nested_squares
 
 import utils.joint_training as jt
 from experiment_init import ConfigError
@@ -28,23 +29,12 @@ from utils.training import NonFiniteGuard
 SETTINGS = jt.JointSettings(num_classes=3, n_seg=4, bt_size=4, no_of_pos_eles=2)
 
 
-def _pool(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slices holding all three classes at random places; image = class-coded + noise."""
-    gen = torch.Generator().manual_seed(seed)
-    lab = torch.zeros(n, size, size, dtype=torch.uint8)
-    for i in range(n):
-        r, c = torch.randint(2, size - 14, (2,), generator=gen).tolist()
-        lab[i, r : r + 12, c : c + 12] = 1
-        lab[i, r + 3 : r + 8, c + 2 : c + 9] = 2
-    img = lab[:, None].float() / 2 + 0.05 * torch.rand(n, 1, size, size, generator=gen) + 0.1
-    return img, lab
-
-
 def _data(device: torch.device) -> jt.JointData:
     # Distinct pools: the labeled slices are darker, so a swapped pool changes every loss.
-    (li, ll), (ui, ul) = _pool(8, 32, seed=0), _pool(8, 32, seed=1)
-    data, _ = jt.build_joint_data(li.to(device) * 0.5, ll.to(device), ui.to(device),
-                                  ul.to(device), SETTINGS.num_classes, 2)
+    (li, ll), (ui, ul) = nested_squares(8, 32, seed=0), nested_squares(8, 32, seed=1)
+    data, _ = jt.build_joint_data(li.to(device) * 0.5, ll.to(device, torch.uint8),
+                                  ui.to(device), ul.to(device, torch.uint8),
+                                  SETTINGS.num_classes, 2)
     return data
 
 

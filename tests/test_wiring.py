@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import write_nifti
+from conftest import nested_squares, write_nifti
 from medpy.metric import binary
 
 import utils.joint_training as joint_training
@@ -204,21 +204,9 @@ class _TinyJoint(torch.nn.Module):
         return self.seg_head(f_seg), self.proj_head(f_con)
 
 
-def _pool(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slices holding all three classes at random positions; image = class-coded + noise."""
-    gen = torch.Generator().manual_seed(seed)
-    lab = torch.zeros(n, size, size, dtype=torch.long)
-    for i in range(n):
-        r, c = torch.randint(4, size - 16, (2,), generator=gen).tolist()
-        lab[i, r : r + 12, c : c + 12] = 1
-        lab[i, r + 3 : r + 8, c + 2 : c + 9] = 2
-    img = lab[:, None].float() / 2 + 0.05 * torch.rand(n, 1, size, size, generator=gen) + 0.1
-    return img, lab
-
-
 def _joint_data() -> joint_training.JointData:
-    lab_img, lab_lbl = _pool(6, 32, seed=0)
-    unl_img, unl_lbl = _pool(6, 32, seed=1)
+    lab_img, lab_lbl = nested_squares(6, 32, seed=0)
+    unl_img, unl_lbl = nested_squares(6, 32, seed=1)
     every = torch.arange(6)
     return joint_training.JointData(lab_img, lab_lbl, every, every, unl_img, unl_lbl, every)
 
