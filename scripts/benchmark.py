@@ -54,8 +54,8 @@ from losses.local_contrastive import local_contrastive_loss, sample_positive_ind
 from models import cpu_training  # noqa: E402
 from models.unet import JointUNet, UNet  # noqa: E402
 from utils.augment import to_onehot  # noqa: E402
-from utils.baseline_training import BaselineSettings, baseline_iteration  # noqa: E402
-from utils.captured_step import CapturedStep, check_graph_settings  # noqa: E402
+from utils.baseline_training import BaselineSettings, baseline_stepper  # noqa: E402
+from utils.captured_step import CapturedStep, check_step_flags  # noqa: E402
 from utils.crf import CRFParams, CRFPool  # noqa: E402
 from utils.device import (  # noqa: E402
     available_cpus,
@@ -306,8 +306,8 @@ def main() -> None:
                         help="time the steps with the network under torch.compile in this mode "
                         "(an experiment: the trainers do not compile)")
     parser.add_argument("--cuda_graph", type=int, default=0, choices=(0, 1),
-                        help="as the joint trainer's --cuda_graph 1: the network step and the "
-                        "joint step each replayed from one CUDA graph")
+                        help="as the trainers' --cuda_graph 1: the network, joint and baseline "
+                        "steps each replayed from one CUDA graph")
     parser.add_argument("--profile", default=None, metavar="FILE",
                         help="also write torch.profiler's table of 5 joint steps to FILE")
     parser.add_argument("--rate_worker", type=float, default=None, help=argparse.SUPPRESS)
@@ -342,7 +342,7 @@ def main() -> None:
 
     precision = mixed_precision(args.amp or "off", device)
     if args.cuda_graph:
-        check_graph_settings(device, args.amp or "off")
+        check_step_flags(device, args.amp or "off")
     autocast = precision.autocast
 
     if args.rate_worker is not None:
@@ -436,7 +436,7 @@ def main() -> None:
         print_json(figures, info)
         return
     t_base = baseline_figure(cfg, lab_img, lab_lbl, repeats, device, precision, args.compile,
-                             gen)
+                             gen, bool(args.cuda_graph))
     report("baseline_step", t_base, "s")
     t_val = validation_figure(model, cfg, size, repeats, device)
     report("validation", t_val, "s")
@@ -516,8 +516,8 @@ def crf_figures(model: nn.Module, images: torch.Tensor, crf: CRFParams, repeats:
 def baseline_figure(cfg: experiment_init.ExperimentConfig, images: torch.Tensor,
                     labels: torch.Tensor, repeats: int, device: torch.device,
                     precision: MixedPrecision, compile_mode: str | None,
-                    generator: torch.Generator) -> float:
-    """Seconds per baseline iteration (`utils.baseline_training.baseline_iteration`: the
+                    generator: torch.Generator, cuda_graph: bool = False) -> float:
+    """Seconds per baseline iteration (`utils.baseline_training.baseline_stepper`: the
     `UNet` on ``cfg.batch_size`` augmented slices of ``images`` (N, 1, H, W))."""
     model = UNet(cfg.num_classes).to(device, memory_format=torch.channels_last)
     if device.type == "cpu" and not compile_mode:
@@ -526,12 +526,13 @@ def baseline_figure(cfg: experiment_init.ExperimentConfig, images: torch.Tensor,
         model.forward = torch.compile(model.forward, mode=compile_mode)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     s = BaselineSettings(cfg.num_classes, cfg.batch_size)
-    slices = torch.arange(images.shape[0], device=device)
+    slices = torch.arange(images.shape[0])
     guard = NonFiniteGuard(max_consecutive=10)
+    iteration = baseline_stepper(model, opt, images, labels, slices, s, soft_dice_loss,
+                                 generator, guard, precision, cuda_graph)
 
     def step() -> None:
-        baseline_iteration(model, opt, images, labels, slices, s, soft_dice_loss, generator,
-                           guard.ok, 0, precision)
+        iteration(0)
 
     return timed(step, repeats, device)
 

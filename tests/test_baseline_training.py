@@ -1,6 +1,7 @@
 """utils.baseline_training.baseline_iteration: which slices it draws, what it hands the
-augmentation, which labels go with which image, the re-hardening flag and the skipped step.
-Images encode their slice index (constant value i); labels encode it too (class i mod C)."""
+augmentation's draws and their application, which labels go with which image, the re-hardening
+flag and the skipped step. Images encode their slice index (constant value i); labels encode
+it too (class i mod C)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 import utils.baseline_training as bt
+from utils.augment import draw_augment
 from utils.mixed_precision import MixedPrecision
 
 C, N, HW = 3, 9, 32
@@ -28,11 +30,16 @@ class Probe(nn.Module):
 def _run(monkeypatch, en_1hot: bool, ok: bool):
     seen: dict = {}
 
-    def soft_identity(x, y, generator, **kw):  # stands in for the augmentation
+    def drawing(*args, **kw):  # the real draws, with the flags recorded
+        seen["draw_kw"] = kw
+        return draw_augment(*args, **kw)
+
+    def soft_identity(x, y, draws, **kw):  # stands in for the augmentation
         seen["kw"] = kw
         return x, y * 0.6 + 0.4 / C  # soft labels, as after a deformation
 
-    monkeypatch.setattr(bt, "augment_batch", soft_identity)
+    monkeypatch.setattr(bt, "draw_augment", drawing)
+    monkeypatch.setattr(bt, "apply_augment", soft_identity)
     images = torch.arange(N, dtype=torch.float32).view(N, 1, 1, 1).expand(N, 1, HW, HW).clone()
     labels = (torch.arange(N) % C).view(N, 1, 1).expand(N, HW, HW).to(torch.uint8).clone()
     slices = torch.tensor([2, 5, 7])
@@ -54,7 +61,8 @@ def _run(monkeypatch, en_1hot: bool, ok: bool):
 @pytest.mark.parametrize("en_1hot", [True, False])
 def test_draws_its_slices_and_pairs_each_image_with_its_labels(monkeypatch, en_1hot):
     seen, _, loss = _run(monkeypatch, en_1hot, ok=True)
-    assert seen["kw"] == {"rd_en": False, "sigma": 2.5, "ri_en": True}
+    assert seen["draw_kw"] == {"rd_en": False, "sigma": 2.5, "ri_en": True}
+    assert seen["kw"] == {"rd_en": False, "ri_en": True}
     drawn = seen["logits"][:, 0, 0, 0].round().long()  # the image value = its slice index
     assert drawn.numel() == 16 and set(drawn.tolist()) <= {2, 5, 7}
     assert len(set(drawn.tolist())) > 1  # drawn, not one slice repeated

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from models.unet import UNet  # noqa: E402
-from utils.baseline_training import BaselineSettings, baseline_iteration  # noqa: E402
+from utils.baseline_training import BaselineSettings, baseline_stepper  # noqa: E402
 from utils.dataset import load_slices  # noqa: E402
 from utils.flags import BASELINE, parse_flags  # noqa: E402
 from utils.training import on_device, run_main, segmentation_loss, start_run  # noqa: E402
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     val_ids = cfg.val_ids(args.no_of_tr_imgs, args.comb_tr_imgs)
     with start_run(args, cfg, BASELINE, f"validation {val_ids}, {args.n_iter} iterations") as run:
         images, labels = (t.to(run.device) for t in load_slices(cfg, run.ids["labeled_ids"]))
-        slices = torch.arange(images.shape[0], device=run.device)  # drawn from with replacement
+        slices = torch.arange(images.shape[0])  # drawn from with replacement, on the host
         model = on_device(UNet(cfg.num_classes), run.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
         loss_fn = segmentation_loss(args.dsc_loss, cfg.num_classes)
@@ -38,10 +38,12 @@ def main(argv: list[str] | None = None) -> None:
 
         s = BaselineSettings.from_flags(args, cfg.num_classes, cfg.batch_size)
 
+        iteration = baseline_stepper(model, optimizer, images, labels, slices, s, loss_fn,
+                                     run.generator, run.guard, run.precision,
+                                     bool(args.cuda_graph), bool(args.compile))
+
         def step(it: int) -> dict[str, torch.Tensor]:
-            return {"loss_seg": baseline_iteration(model, optimizer, images, labels, slices, s,
-                                                   loss_fn, run.generator, run.guard.ok, it,
-                                                   run.precision)}
+            return {"loss_seg": iteration(it)}
 
         run.train(model, optimizer, range(args.n_iter), step, "baseline")
         run.finish(model)

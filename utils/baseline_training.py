@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from utils.augment import augment_batch, to_onehot
+from utils.augment import AugmentDraws, apply_augment, draw_augment, to_onehot
+from utils.captured_step import captured_stepper
+from utils.device import host_to_device
 from utils.mixed_precision import MixedPrecision
 from utils.sampling import draw
+from utils.training import NonFiniteGuard
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,44 @@ class BaselineSettings:
                    sigma=args.sigma, ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot))
 
 
+class BaselineDraws(NamedTuple):
+    """Every random choice of one baseline iteration (CPU tensors, or their device copies):
+    the ``slices`` (batch,) drawn and their ``augment`` draws."""
+
+    slices: torch.Tensor
+    augment: AugmentDraws
+
+
+def draw_baseline(slices: torch.Tensor, s: BaselineSettings, height: int, width: int,
+                  generator: torch.Generator) -> BaselineDraws:
+    """The random half of an iteration: ``s.batch_size`` of ``slices`` (CPU indexes into the
+    pool) and their augmentation for H x W slices, on the host."""
+    picked = draw(slices, s.batch_size, generator, "labeled slice")
+    return BaselineDraws(picked, draw_augment(s.batch_size, height, width, generator,
+                                              rd_en=s.rd_en, sigma=s.sigma, ri_en=s.ri_en))
+
+
+def baseline_losses(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    s: BaselineSettings,
+    draws: BaselineDraws,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    precision: MixedPrecision,
+) -> tuple[torch.Tensor]:
+    """(segmentation loss,) of the batch of ``draws`` from images (N, 1, H, W) and labels
+    (N, H, W): the network under ``precision``'s autocast, the loss in float32."""
+    idx = host_to_device(draws.slices, images.device)
+    x, y = apply_augment(images[idx], to_onehot(labels[idx], s.num_classes), draws.augment,
+                         rd_en=s.rd_en, ri_en=s.ri_en)
+    if not s.en_1hot:
+        y = F.one_hot(y.argmax(1), s.num_classes).permute(0, 3, 1, 2).float()
+    with precision.autocast():
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+    return (loss_fn(logits.float(), y),)
+
+
 def baseline_iteration(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -51,19 +93,42 @@ def baseline_iteration(
     iteration: int,
     precision: MixedPrecision,
 ) -> torch.Tensor:
-    """Draw ``s.batch_size`` of ``slices`` (indexes into images (N, 1, H, W) and labels
-    (N, H, W), on the training device), augment, and step unless ``step_ok(loss, iteration)``
-    is False. The network runs under ``precision``'s autocast, the loss in float32. Returns the
-    loss, detached."""
-    idx = draw(slices, s.batch_size, generator, "labeled slice")
-    x, y = augment_batch(images[idx], to_onehot(labels[idx], s.num_classes), generator,
-                         rd_en=s.rd_en, sigma=s.sigma, ri_en=s.ri_en)
-    if not s.en_1hot:
-        y = F.one_hot(y.argmax(1), s.num_classes).permute(0, 3, 1, 2).float()
+    """Draw ``s.batch_size`` of ``slices`` (CPU indexes into images (N, 1, H, W) and labels
+    (N, H, W), which are on the training device), augment, and step unless
+    ``step_ok(loss, iteration)`` is False. The network runs under ``precision``'s autocast, the
+    loss in float32. Returns the loss, detached."""
+    draws = draw_baseline(slices, s, *images.shape[-2:], generator)
     model.train()
-    with precision.autocast():
-        logits = model(x.contiguous(memory_format=torch.channels_last))
-    loss = loss_fn(logits.float(), y)
+    loss = baseline_losses(model, images, labels, s, draws, loss_fn, precision)[0]
     if step_ok(loss, iteration):
         precision.step(loss, optimizer)
     return loss.detach()
+
+
+def baseline_stepper(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    slices: torch.Tensor,
+    s: BaselineSettings,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    generator: torch.Generator,
+    guard: NonFiniteGuard,
+    precision: MixedPrecision,
+    cuda_graph: bool = False,
+    compile_network: bool = False,
+) -> Callable[[int], torch.Tensor]:
+    """The trainer's iteration ``step(it) -> loss``: :func:`baseline_iteration`, or with
+    ``cuda_graph`` a ``utils.captured_step`` step with the same draws (as
+    ``utils.joint_training.joint_stepper``); ``compile_network``: the training forward
+    ``torch.compile``'d."""
+    network = torch.compile(model) if compile_network else model
+    if not cuda_graph:
+        return lambda it: baseline_iteration(network, optimizer, images, labels, slices, s,
+                                             loss_fn, generator, guard.ok, it, precision)
+    step = captured_stepper(
+        lambda g: draw_baseline(slices, s, *images.shape[-2:], g),
+        lambda draws: baseline_losses(network, images, labels, s, draws, loss_fn, precision),
+        model, optimizer, generator, guard)
+    return lambda it: step(it)[0]

@@ -12,15 +12,15 @@ CPU, and in the tests) the same step runs eagerly from the same buffers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from experiment_init import ConfigError
 
 
-def check_graph_settings(device: torch.device, amp: str, cuda_graph: bool = True,
-                         compile_network: bool = False) -> None:
+def check_step_flags(device: torch.device, amp: str, cuda_graph: bool = True,
+                     compile_network: bool = False) -> None:
     """Refuse ``--cuda_graph 1`` or ``--compile 1`` where they cannot run: off a CUDA GPU, or
     a graph with fp16's scaler."""
     for flag, used in (("--cuda_graph 1", cuda_graph), ("--compile 1", compile_network)):
@@ -133,3 +133,33 @@ class CapturedStep:
             return tuple(t.clone() for t in self._run())
         self.graph.replay()
         return tuple(t.clone() for t in self.outputs)
+
+
+class LaterGuard(Protocol):
+    """What counts a skipped step's loss once the GPU has finished it
+    (``utils.training.NonFiniteGuard``)."""
+
+    def later(self, loss: torch.Tensor, iteration: int) -> None: ...
+
+
+def captured_stepper(
+    draw: Callable[[torch.Generator], Any],
+    losses_fn: Callable[[Any], tuple[torch.Tensor, ...]],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    guard: LaterGuard,
+) -> Callable[[int], tuple[torch.Tensor, ...]]:
+    """A trainer's iteration ``step(it) -> losses`` as a `CapturedStep`: ``draw(generator)``
+    on the host (the same draws as the eager iteration), ``losses_fn(draws)`` and the update
+    in a CUDA graph on a GPU (eagerly elsewhere); each loss is counted by ``guard.later``."""
+    example = draw(torch.Generator().manual_seed(0))  # only its shapes matter
+    device = next(model.parameters()).device
+    captured = CapturedStep(losses_fn, model, optimizer, example, graph=device.type == "cuda")
+
+    def step(it: int) -> tuple[torch.Tensor, ...]:
+        losses = captured(draw(generator))
+        guard.later(losses[0], it)  # no wait for this step: the host draws the next meanwhile
+        return losses
+
+    return step

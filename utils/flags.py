@@ -107,12 +107,12 @@ FLAGS: tuple[Flag, ...] = (
     _both("amp", default="off", choices=("off", "bf16", "fp16"),
           help="mixed precision of the network's forward: bf16 (CPU with AMX or AVX512-BF16, "
           "or GPU) or fp16 (GPU, with a gradient scaler); losses and optimizer stay float32"),
-    _joint("cuda_graph", resume_free=True, type=int, default=0, choices=(0, 1),
-           help="GPU: replay each joint iteration from one CUDA graph (fused Adam; a faster "
-           "step, the same draws; not with --amp fp16)"),
-    _joint("compile", resume_free=True, type=int, default=0, choices=(0, 1),
-           help="GPU: the training forward compiled by torch.compile (about half a minute "
-           "more at the start; with --cuda_graph 1 the fastest step)"),
+    _both("cuda_graph", resume_free=True, type=int, default=0, choices=(0, 1),
+          help="GPU: replay each training iteration from one CUDA graph (fused Adam; a faster "
+          "step, the same draws; not with --amp fp16)"),
+    _both("compile", resume_free=True, type=int, default=0, choices=(0, 1),
+          help="GPU: the training forward compiled by torch.compile (about half a minute "
+          "more at the start; with --cuda_graph 1 the fastest step)"),
     _both("threads", resume_free=True, type=positive_int, default=None,
           help="CPU threads (default: $OMP_NUM_THREADS, else $SLURM_CPUS_PER_TASK, else the "
           "CPUs this process may run on)"),

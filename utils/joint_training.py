@@ -22,7 +22,7 @@ from losses.local_contrastive import (
     positive_indices,
 )
 from utils.augment import AugmentDraws, apply_augment, draw_augment, draw_set_intensity, to_onehot
-from utils.captured_step import CapturedStep
+from utils.captured_step import captured_stepper
 from utils.device import host_to_device
 from utils.mixed_precision import MixedPrecision
 from utils.sampling import (
@@ -230,16 +230,8 @@ def joint_stepper(
     if not cuda_graph:
         return lambda it: joint_iteration(network, optimizer, data, s, dice_loss, generator,
                                           guard.ok, it, precision)
-    device = data.lab_img.device
-    layout = tuple(t.to(device) for t in pair_layout(s.bt_size, s.inter_image))
-    example = draw_joint(data, s, torch.Generator().manual_seed(0))  # shapes only
-    captured = CapturedStep(
+    layout = tuple(t.to(data.lab_img.device) for t in pair_layout(s.bt_size, s.inter_image))
+    return captured_stepper(
+        lambda g: draw_joint(data, s, g),
         lambda draws: joint_losses(network, data, s, draws, layout, dice_loss, precision),
-        model, optimizer, example, graph=device.type == "cuda")
-
-    def step(it: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        loss, loss_seg, loss_lcl = captured(draw_joint(data, s, generator))
-        guard.later(loss, it)  # no wait for this step: the host draws the next meanwhile
-        return loss, loss_seg, loss_lcl
-
-    return step
+        model, optimizer, generator, guard)

@@ -31,7 +31,7 @@ from experiment_init import ConfigError, ExperimentConfig
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
 from models import cpu_training
-from utils.captured_step import check_graph_settings
+from utils.captured_step import check_step_flags
 from utils.dataset import ensure_demo_data, load_eval_volumes, verify_inputs
 from utils.device import (
     configure_backend,
@@ -444,7 +444,7 @@ def start_run(
     device = resolve_device(args.device)
     precision = mixed_precision(args.amp, device)
     if getattr(args, "cuda_graph", 0) or getattr(args, "compile", 0):
-        check_graph_settings(device, args.amp, bool(args.cuda_graph), bool(args.compile))
+        check_step_flags(device, args.amp, bool(args.cuda_graph), bool(args.compile))
     configure_backend(device, args.low_memory)
     threads, threads_from = set_cpu_threads(args.threads)
     generator = seed_everything(seed)
