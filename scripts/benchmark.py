@@ -280,6 +280,13 @@ def concurrent_figures(argv: list[str], n: int, seconds: float,
     report("concurrent_efficiency_default", sum(default) / single, "x")
 
 
+def commit_name(state: dict[str, object]) -> str:
+    """The short hash of ``utils.provenance.git_state``, with "+" when the working tree
+    differs from it (the figures then come from code of no commit), "?" outside git."""
+    commit = state.get("git_commit")
+    return "?" if not commit else str(commit)[:7] + ("+" if state.get("git_dirty") else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -325,7 +332,7 @@ def main() -> None:
     features = sorted((cpu_flags() or set()) & set(SPEED_FEATURES))
     info = {"device": device.type, "machine": device_name(device),
             "cpu_features": " ".join(features), "cpus": len(os.sched_getaffinity(0)),
-            "commit": (git_state()["git_commit"] or "?")[:7],
+            "commit": commit_name(git_state()),
             "dataset": args.dataset, "batch": f"{n_all}x1x{size[0]}x{size[1]}",
             "amp": args.amp or "off", "compile": args.compile or "off",
             "cuda_graph": bool(args.cuda_graph),

@@ -25,3 +25,10 @@ def test_protocol_estimate_of_acdc_by_hand(load_script):
     # 5001 x 0.02 s + 15000 x 0.03 s + (101 + 3 x 101) validations x 0.01 s + 3 x 52 x 0.1 s
     seconds = bench.protocol_seconds(cfg, 0.02, 0.03, 0.01, 0.1)
     assert seconds == pytest.approx(100.02 + 450.0 + 4.04 + 15.6)
+
+
+def test_the_commit_says_when_the_tree_differs_from_it(load_script):
+    bench = load_script("benchmark")
+    assert bench.commit_name({"git_commit": "0123456789ab", "git_dirty": False}) == "0123456"
+    assert bench.commit_name({"git_commit": "0123456789ab", "git_dirty": True}) == "0123456+"
+    assert bench.commit_name({"git_commit": None, "git_dirty": None}) == "?"
