@@ -185,42 +185,42 @@ def test_an_edited_init_file_reaches_the_run(edited_config, tmp_path, monkeypatc
     assert sorted((tmp_path / "runs").rglob("*")) == made
 
 
-def _sigterm_after(iteration: int, monkeypatch, step, module) -> None:
-    """Make ``module.baseline_iteration`` run ``step`` and send SIGTERM to this process after
-    ``iteration``."""
-    def stepping_then_stopping(*args):
-        loss = step(*args)
-        if args[9] == iteration:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
+def _skipping_stepper(sigterm_after: int | None = None):
+    """Stands in for ``baseline_stepper``: steps that report a non-finite loss through
+    ``guard.later``, as a captured step does, and send SIGTERM to this process after
+    iteration ``sigterm_after``."""
+    def stepper(*args, **kwargs):
+        guard = args[8]  # the run's NonFiniteGuard
 
-    monkeypatch.setattr(module, "baseline_iteration", stepping_then_stopping)
+        def step(it: int) -> torch.Tensor:
+            loss = torch.tensor(math.nan)
+            guard.later(loss, it)
+            if it == sigterm_after:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss
+
+        return step
+
+    return stepper
 
 
 def test_losses_counted_later_are_settled_before_the_log_and_the_checkpoint(
         edited_config, tmp_path, monkeypatch):
     """A step that skips itself on the device (--cuda_graph 1) is counted by the guard one
     step later; the run settles the count before it logs or checkpoints, so the last
-    iteration's non-finite loss is in log.csv, last.pt and the final line."""
-    common = _tiny_dataset(edited_config, tmp_path, monkeypatch)
+    iteration's non-finite loss is in log.csv and last.pt."""
+    common = [*_tiny_dataset(edited_config, tmp_path, monkeypatch), "--n_iter", "3",
+              "--max_bad_steps", "9"]
     baseline = _trainer("tr_baseline")
-
-    def skipped_step(*args):
-        step_ok, it = args[8], args[9]
-        loss = torch.tensor(math.nan)
-        step_ok.__self__.later(loss, it)  # the run's NonFiniteGuard, as joint_stepper uses it
-        return loss
-
-    monkeypatch.setattr(baseline, "baseline_iteration", skipped_step)
     run = tmp_path / "runs" / "tiny" / "baseline" / "tr1_c1_v0"
     # Stopped by SIGTERM after iteration 1, which is not validated: last.pt counts it.
-    _sigterm_after(1, monkeypatch, skipped_step, baseline)
+    monkeypatch.setattr(baseline, "baseline_stepper", _skipping_stepper(sigterm_after=1))
     with pytest.raises(Preempted):
-        baseline.main([*common, "--n_iter", "3", "--max_bad_steps", "9"])
+        baseline.main(common)
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert stopped["iteration"] == 1 and stopped["bad_total"] == 2
-    monkeypatch.setattr(baseline, "baseline_iteration", skipped_step)
-    baseline.main([*common, "--n_iter", "3", "--max_bad_steps", "9", "--resume"])
+    monkeypatch.setattr(baseline, "baseline_stepper", _skipping_stepper())
+    baseline.main([*common, "--resume"])
     rows = (run / "log.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert float(rows[-1].split(",")[header.index("bad_steps")]) == 3
