@@ -1,9 +1,11 @@
-"""utils.baseline_training.baseline_iteration: which slices it draws, what it hands the
+"""utils.baseline_training.baseline_stepper: which slices it draws, what it hands the
 augmentation's draws and their application, which labels go with which image, the re-hardening
 flag and the skipped step. Images encode their slice index (constant value i); labels encode
 it too (class i mod C)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,9 +54,10 @@ def _run(monkeypatch, en_1hot: bool, ok: bool):
 
     s = bt.BaselineSettings(num_classes=C, batch_size=16, rd_en=False, sigma=2.5, ri_en=True,
                             en_1hot=en_1hot)
-    loss = bt.baseline_iteration(model, opt, images, labels, slices, s, loss_fn,
-                                 torch.Generator().manual_seed(0), lambda *_: ok, 3,
-                                 MixedPrecision("cpu", None))
+    judge = SimpleNamespace(ok=lambda *_: ok)  # stands in for the run's NonFiniteGuard
+    loss = bt.baseline_stepper(model, opt, images, labels, slices, s, loss_fn,
+                               torch.Generator().manual_seed(0), judge,
+                               MixedPrecision("cpu", None))(3)
     return seen, model, loss
 
 

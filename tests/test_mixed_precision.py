@@ -16,8 +16,9 @@ import yaml
 from experiment_init import ConfigError
 from models.unet import JointUNet
 from utils.device import cpu_threads
-from utils.joint_training import JointSettings, build_joint_data, joint_iteration
+from utils.joint_training import JointSettings, build_joint_data, joint_stepper
 from utils.mixed_precision import MixedPrecision, cpu_flags, mixed_precision
+from utils.training import NonFiniteGuard
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -98,15 +99,16 @@ def test_joint_step_runs_the_network_in_bf16_and_the_losses_in_float32():
     conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     settings = JointSettings(num_classes=num_classes, n_seg=4, bt_size=2)
-    losses = joint_iteration(model, optimizer, data, settings,
+    def step(precision: MixedPrecision):
+        return joint_stepper(model, optimizer, data, settings,
                              lambda logits, y: (logits.softmax(1) - y).abs().mean(), gen,
-                             lambda loss, it: True, 0, MixedPrecision("cpu", torch.bfloat16))
+                             NonFiniteGuard(max_consecutive=3), precision)
+
+    losses = step(MixedPrecision("cpu", torch.bfloat16))(0)
     assert seen == [torch.bfloat16]
     assert [t.dtype for t in losses] == [torch.float32] * 3
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    joint_iteration(model, optimizer, data, settings,
-                    lambda logits, y: (logits.softmax(1) - y).abs().mean(), gen,
-                    lambda loss, it: True, 1)
+    step(MixedPrecision("cpu", None))(1)
     assert seen[-1] == torch.float32  # no precision: float32
 
 

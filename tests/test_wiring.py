@@ -24,7 +24,9 @@ from losses.local_contrastive import local_contrastive_loss
 from utils.augment import affine_augment, augment_batch, to_onehot
 from utils.evaluation import EvalVolume, evaluate_test_set, predict_slices
 from utils.io import read_raw_volume
+from utils.mixed_precision import MixedPrecision
 from utils.preprocess import to_target
+from utils.training import NonFiniteGuard
 
 CPU = torch.device("cpu")
 
@@ -215,7 +217,7 @@ _JOINT_BATCH = joint_training.joint_batch_from
 
 
 def _run_joint_step(model, settings, monkeypatch):
-    """One joint_iteration; returns (its losses, parameter gradients, batch, model call)."""
+    """One joint_stepper step; returns (its losses, parameter gradients, batch, model call)."""
     recorded = {}
 
     def recording_batch(*args, **kwargs):
@@ -228,9 +230,11 @@ def _run_joint_step(model, settings, monkeypatch):
     monkeypatch.setattr(joint_training, "joint_batch_from", recording_batch)
     hook = model.register_forward_pre_hook(record_call, with_kwargs=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    losses = joint_training.joint_iteration(model, optimizer, _joint_data(), settings,
-                                            soft_dice_loss, torch.Generator().manual_seed(5),
-                                            lambda loss, it: True, 0)
+    step = joint_training.joint_stepper(model, optimizer, _joint_data(), settings,
+                                        soft_dice_loss, torch.Generator().manual_seed(5),
+                                        NonFiniteGuard(max_consecutive=3),
+                                        MixedPrecision("cpu", None))
+    losses = step(0)
     hook.remove()
     grads = {k: (torch.zeros_like(p) if p.grad is None else p.grad.clone())
              for k, p in model.named_parameters()}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.augment import AugmentDraws, apply_augment, draw_augment, to_onehot
-from utils.captured_step import captured_stepper
+from utils.captured_step import stepper
 from utils.device import host_to_device
 from utils.mixed_precision import MixedPrecision
 from utils.sampling import draw
@@ -80,31 +80,6 @@ def baseline_losses(
     return (loss_fn(logits.float(), y),)
 
 
-def baseline_iteration(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    slices: torch.Tensor,
-    s: BaselineSettings,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    generator: torch.Generator,
-    step_ok: Callable[[torch.Tensor, int], bool],
-    iteration: int,
-    precision: MixedPrecision,
-) -> torch.Tensor:
-    """Draw ``s.batch_size`` of ``slices`` (CPU indexes into images (N, 1, H, W) and labels
-    (N, H, W), which are on the training device), augment, and step unless
-    ``step_ok(loss, iteration)`` is False. The network runs under ``precision``'s autocast, the
-    loss in float32. Returns the loss, detached."""
-    draws = draw_baseline(slices, s, *images.shape[-2:], generator)
-    model.train()
-    loss = baseline_losses(model, images, labels, s, draws, loss_fn, precision)[0]
-    if step_ok(loss, iteration):
-        precision.step(loss, optimizer)
-    return loss.detach()
-
-
 def baseline_stepper(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -119,16 +94,13 @@ def baseline_stepper(
     cuda_graph: bool = False,
     compile_network: bool = False,
 ) -> Callable[[int], torch.Tensor]:
-    """The trainer's iteration ``step(it) -> loss``: :func:`baseline_iteration`, or with
-    ``cuda_graph`` a ``utils.captured_step`` step with the same draws (as
-    ``utils.joint_training.joint_stepper``); ``compile_network``: the training forward
-    ``torch.compile``'d."""
+    """The trainer's iteration ``step(it) -> loss`` (``utils.captured_step.stepper``): draw
+    ``s.batch_size`` of ``slices`` (CPU indexes into images (N, 1, H, W) and labels (N, H, W),
+    which are on the training device), augment, one step unless the loss is not finite.
+    ``cuda_graph`` and ``compile_network`` as in ``utils.joint_training.joint_stepper``."""
     network = torch.compile(model) if compile_network else model
-    if not cuda_graph:
-        return lambda it: baseline_iteration(network, optimizer, images, labels, slices, s,
-                                             loss_fn, generator, guard.ok, it, precision)
-    step = captured_stepper(
+    step = stepper(
         lambda g: draw_baseline(slices, s, *images.shape[-2:], g),
         lambda draws: baseline_losses(network, images, labels, s, draws, loss_fn, precision),
-        model, optimizer, generator, guard)
+        model, optimizer, generator, guard, precision, cuda_graph)
     return lambda it: step(it)[0]

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from experiment_init import ConfigError
+from utils.mixed_precision import MixedPrecision
 
 
 def check_step_flags(device: torch.device, amp: str, cuda_graph: bool = True,
@@ -135,24 +136,43 @@ class CapturedStep:
         return tuple(t.clone() for t in self.outputs)
 
 
-class LaterGuard(Protocol):
-    """What counts a skipped step's loss once the GPU has finished it
-    (``utils.training.NonFiniteGuard``)."""
+class Guard(Protocol):
+    """What judges each step's loss (``utils.training.NonFiniteGuard``): ``ok`` before an
+    eager step's update, ``later`` for a step that skipped itself on the device."""
+
+    def ok(self, loss: torch.Tensor, iteration: int) -> bool: ...
 
     def later(self, loss: torch.Tensor, iteration: int) -> None: ...
 
 
-def captured_stepper(
+def stepper(
     draw: Callable[[torch.Generator], Any],
     losses_fn: Callable[[Any], tuple[torch.Tensor, ...]],
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
-    guard: LaterGuard,
+    guard: Guard,
+    precision: MixedPrecision,
+    cuda_graph: bool = False,
 ) -> Callable[[int], tuple[torch.Tensor, ...]]:
-    """A trainer's iteration ``step(it) -> losses`` as a `CapturedStep`: ``draw(generator)``
-    on the host (the same draws as the eager iteration), ``losses_fn(draws)`` and the update
-    in a CUDA graph on a GPU (eagerly elsewhere); each loss is counted by ``guard.later``."""
+    """A trainer's iteration ``step(it) -> losses`` (detached): ``draw(generator)`` on the
+    host, then ``losses_fn(draws)``, whose first loss is differentiated.
+
+    Without ``cuda_graph``, the original's eager step: the update (``precision.step``) unless
+    ``guard.ok`` refuses the loss. With it, a `CapturedStep` (a CUDA graph on a GPU, the same
+    step eagerly elsewhere) with the same draws, which skips a non-finite step on the device;
+    ``guard.later`` counts it once the GPU has finished.
+    """
+    if not cuda_graph:
+        def eager(it: int) -> tuple[torch.Tensor, ...]:
+            draws = draw(generator)
+            model.train()
+            losses = losses_fn(draws)
+            if guard.ok(losses[0], it):
+                precision.step(losses[0], optimizer)
+            return tuple(t.detach() for t in losses)
+
+        return eager
     example = draw(torch.Generator().manual_seed(0))  # only its shapes matter
     device = next(model.parameters()).device
     captured = CapturedStep(losses_fn, model, optimizer, example, graph=device.type == "cuda")

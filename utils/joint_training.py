@@ -22,7 +22,7 @@ from losses.local_contrastive import (
     positive_indices,
 )
 from utils.augment import AugmentDraws, apply_augment, draw_augment, draw_set_intensity, to_onehot
-from utils.captured_step import captured_stepper
+from utils.captured_step import stepper
 from utils.device import host_to_device
 from utils.mixed_precision import MixedPrecision
 from utils.sampling import (
@@ -182,31 +182,6 @@ def joint_losses(
     return loss_seg + s.lamda_local * loss_lcl, loss_seg, loss_lcl
 
 
-def joint_iteration(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: JointData,
-    s: JointSettings,
-    dice_loss,
-    generator: torch.Generator,
-    step_ok,
-    iteration: int,
-    precision: MixedPrecision | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Build a batch, compute Dice + λ·local loss, and step unless ``step_ok(loss, it)`` is
-    False (a non-finite loss). The network runs under ``precision``'s autocast (float32 when
-    None); both losses are computed in float32. Returns (loss, dice loss, local contrastive
-    loss), detached."""
-    precision = precision or MixedPrecision(data.lab_img.device.type, None)
-    model.train()
-    loss, loss_seg, loss_lcl = joint_losses(model, data, s, draw_joint(data, s, generator),
-                                            pair_layout(s.bt_size, s.inter_image), dice_loss,
-                                            precision)
-    if step_ok(loss, iteration):
-        precision.step(loss, optimizer)
-    return loss.detach(), loss_seg.detach(), loss_lcl.detach()
-
-
 def joint_stepper(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -220,18 +195,14 @@ def joint_stepper(
     compile_network: bool = False,
 ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The trainer's iteration ``step(it) -> (loss, dice loss, local loss)`` over one round's
-    ``data``: :func:`joint_iteration` (``guard.ok`` decides each step), or with ``cuda_graph``
-    a ``utils.captured_step`` step (a CUDA graph on a GPU, the same step eagerly elsewhere)
-    with the same draws from ``generator``, which skips a non-finite step on the device and
-    counts it with ``guard.later``. ``compile_network``: the training forward runs
-    ``torch.compile``'d (validation keeps the plain ``model``, whose input sizes vary)."""
+    ``data`` (``utils.captured_step.stepper``): a batch from ``generator``, Dice + λ·local
+    loss, one Adam step unless the loss is not finite. ``cuda_graph``: replayed from a CUDA
+    graph; ``compile_network``: the training forward ``torch.compile``'d (validation keeps
+    the plain ``model``, whose input sizes vary)."""
     # Shares the parameters; compiled once, at the first step of the first round.
     network = torch.compile(model) if compile_network else model
-    if not cuda_graph:
-        return lambda it: joint_iteration(network, optimizer, data, s, dice_loss, generator,
-                                          guard.ok, it, precision)
     layout = tuple(t.to(data.lab_img.device) for t in pair_layout(s.bt_size, s.inter_image))
-    return captured_stepper(
+    return stepper(
         lambda g: draw_joint(data, s, g),
         lambda draws: joint_losses(network, data, s, draws, layout, dice_loss, precision),
-        model, optimizer, generator, guard)
+        model, optimizer, generator, guard, precision, cuda_graph)
