@@ -32,9 +32,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from utils.io import LAYOUTS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(__file__).resolve().parent
-DATA_LAYOUTS = ("acdc", "decathlon", "mmwhs")
 
 # Names of the original's init files that have no effect here, with the reason given to a
 # user who sets them.
@@ -258,9 +259,9 @@ def _check(values: dict[str, Any], shown: str) -> None:
     if len(values["struct_name"]) != values["num_classes"] - 1:
         raise ConfigError(f"{shown}: struct_name has {len(values['struct_name'])} names but "
                           f"num_classes - 1 = {values['num_classes'] - 1}")
-    if values["data_layout"] not in DATA_LAYOUTS:
+    if values["data_layout"] not in LAYOUTS:
         raise ConfigError(f"{shown}: data_layout '{values['data_layout']}' is not one of "
-                          f"{', '.join(DATA_LAYOUTS)}")
+                          f"{', '.join(LAYOUTS)} (utils/io.py, LAYOUTS)")
     if ("demo_seed" in values) != ("demo_n_patients" in values):
         raise ConfigError(f"{shown}: demo_n_patients and demo_seed describe a synthetic dataset "
                           "together; set both or neither")

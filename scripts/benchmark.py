@@ -313,7 +313,7 @@ def main() -> None:
                         help="stop after the step figures and peak memory")
     parser.add_argument("--compile", default=None, choices=("default", "reduce-overhead"),
                         help="time the steps with the network under torch.compile in this mode "
-                        "(an experiment: the trainers do not compile)")
+                        "(the trainers' --compile 1 is 'default')")
     parser.add_argument("--cuda_graph", type=int, default=0, choices=(0, 1),
                         help="as the trainers' --cuda_graph 1: the network, joint and baseline "
                         "steps each replayed from one CUDA graph")

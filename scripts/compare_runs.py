@@ -38,8 +38,8 @@ from utils.figures import (  # noqa: E402
 )
 from utils.io import (  # noqa: E402
     DataError,
+    data_layout,
     labels_to_classes,
-    layout_label_values,
     read_raw_volume,
     write_text_atomic,
 )
@@ -118,7 +118,7 @@ def prediction(run_dir: Path, sid: str, layout: str) -> np.ndarray:
     if not path.is_file():
         raise SystemExit(f"error: {path}: not found")
     raw = np.asarray(nib.load(str(path)).dataobj)
-    return labels_to_classes(raw, layout_label_values(layout))
+    return labels_to_classes(raw, data_layout(layout).label_values)
 
 
 def subject_png(first_dir: Path, second_dir: Path, sid: str, config: dict, first: dict,

@@ -171,3 +171,33 @@ def test_label_values_map_both_ways_and_unknown_values_are_named(tmp_path):
     ("mmwhs", "mr_train_1011_image", "1011"), ("mmwhs", "patient011", None)])
 def test_subject_id_in_name(layout, name, sid):
     assert subject_id_in_name(layout, name) == sid
+
+
+def test_a_new_layout_is_one_registry_entry(tmp_path, monkeypatch, edited_config):
+    """A layout added to LAYOUTS alone is accepted by the config, read (its paths, 4D channel
+    and label values) and parsed from file names; an unknown one is an error naming LAYOUTS."""
+    import experiment_init
+    from utils import io
+
+    def flat_paths(root, sid):
+        return root / f"img_{sid}.nii.gz", root / f"seg_{sid}.nii.gz"
+
+    monkeypatch.setitem(io.LAYOUTS, "flat", io.DataLayout(
+        flat_paths, r"img_(\d+)", id_digits=4, channel=1, label_values=(7, 9, 11)))
+    image, label = blob_volume()
+    # channel 1 of a 4D file is the image; channel 0 a decoy
+    write_nifti(tmp_path / "img_12.nii.gz", np.stack([image * 0 - 5, image], axis=-1))
+    write_nifti(tmp_path / "seg_12.nii.gz", np.asarray((0, 7, 9, 11), np.int16)[label])
+    vol = io.read_raw_volume("flat", tmp_path, "12")
+    np.testing.assert_array_equal(vol.image, image)
+    np.testing.assert_array_equal(vol.label, label)
+    assert vol.label_values == (7, 9, 11)
+    assert io.subject_id_in_name("flat", "img_12") == "0012"
+    folder = edited_config(data_layout="data_layout = 'flat'")
+    assert experiment_init.load("demo", config_dir=folder).data_layout == "flat"
+    monkeypatch.delitem(io.LAYOUTS, "flat")
+    with pytest.raises(experiment_init.ConfigError, match=r"data_layout 'flat' is not one of "
+                       r"acdc, decathlon, mmwhs \(utils/io.py, LAYOUTS\)"):
+        experiment_init.load("demo", config_dir=folder)
+    with pytest.raises(ValueError, match=r"unknown data layout 'flat'.*LAYOUTS"):
+        io.subject_id_in_name("flat", "img_12")

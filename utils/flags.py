@@ -4,7 +4,7 @@ The steps are ``baseline`` (train_model/tr_baseline.py) and ``joint``
 (train_model/prop_method_joint_tr_rand_init.py). Each trainer's parser is `parser(step)`; the
 pipeline script asks this module which step each of its flags goes to:
 
-    python -P -m utils.flags route --n_iter 4 --lamda_local 0.2 --ver 1
+    python -m utils.flags route --n_iter 4 --lamda_local 0.2 --ver 1
     baseline=(--n_iter 4 --ver 1)
     joint=(--lamda_local 0.2 --ver 1)
 

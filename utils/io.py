@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,7 @@ class Volume:
     image: (X, Y, Z) float32; label: (X, Y, Z) int16 class indices or None;
     spacing: (sx, sy, sz) in mm; affine: 4x4 voxel-to-world matrix of the image file;
     label_values: the value of class 1, 2, ... in label files of its layout (None: the class
-    index itself), see `layout_label_values`.
+    index itself), see `DataLayout`.
     """
 
     subject_id: str
@@ -223,18 +223,6 @@ def _check_whole_numbers(raw: np.ndarray, label_path: Path) -> None:
                         f"stored as {raw.dtype}); re-save the label with integer values")
 
 
-def layout_channel(layout: str) -> int | None:
-    """The image channel a layout's 4D files are read at: T2 (0) of the Decathlon prostate
-    images; None where images are 3D."""
-    return 0 if layout == "decathlon" else None
-
-
-def layout_label_values(layout: str) -> tuple[int, ...] | None:
-    """The value of class 1, 2, ... in a layout's label files (MMWHS: 205, ..., 850); None
-    where the file holds the class index itself."""
-    return MMWHS_LABEL_VALUES if layout == "mmwhs" else None
-
-
 def labels_to_classes(raw: np.ndarray, label_values: tuple[int, ...] | None) -> np.ndarray:
     """Class indices (int16) of a label map holding ``label_values``; other values -> 0."""
     if label_values is None:
@@ -262,11 +250,11 @@ def read_volume(
 ) -> Volume:
     """One image (the layout's channel of a 4D file) with, if given, a label file on its grid
     mapped to class indices. ``known_labels_only``: a label value that is not one of the
-    layout's (`layout_label_values`) is an error instead of background."""
-    label_values = layout_label_values(layout)
+    layout's (`DataLayout.label_values`) is an error instead of background."""
+    spec = data_layout(layout)
+    label_values = spec.label_values
     img = load_nifti(image_path)
-    image = _as_3d(np.asarray(img.get_fdata(dtype=np.float32)), image_path,
-                   layout_channel(layout))
+    image = _as_3d(np.asarray(img.get_fdata(dtype=np.float32)), image_path, spec.channel)
     spacing = _spacing(img, image_path)
     label = None
     if label_path is not None:
@@ -334,6 +322,44 @@ def mmwhs_paths(root: Path, subject_id: str) -> tuple[Path, Path]:
     return image, image.with_name(f"mr_train_{subject_id}_label.nii.gz")
 
 
+@dataclass(frozen=True)
+class DataLayout:
+    """Where a dataset's raw files are and how they are read; one entry of `LAYOUTS`, named by
+    the ``data_layout`` of ``experiment_init/init_<dataset>.py``.
+
+    paths: (raw folder, subject id such as "001") -> (image path, label path).
+    id_in_name: regular expression whose group 1 is the subject id in a file name without
+        .nii/.nii.gz (how ``scripts/evaluate.py --pred`` pairs predictions with subjects).
+    id_digits: zero-pad that id to this many digits (Decathlon's prostate_11 is "011");
+        None keeps it as written.
+    channel: the channel read from 4D image files (Decathlon prostate: T2, 0); None: 3D images.
+    label_values: the value of class 1, 2, ... in the label files (MMWHS: 205, ..., 850);
+        None: the files hold class indices.
+    """
+
+    paths: Callable[[Path, str], tuple[Path, Path]]
+    id_in_name: str
+    id_digits: int | None = None
+    channel: int | None = None
+    label_values: tuple[int, ...] | None = None
+
+
+# Adding a layout is adding an entry here (README, "Adding a dataset").
+LAYOUTS: dict[str, DataLayout] = {
+    "acdc": DataLayout(acdc_paths, r"patient(\d+)"),
+    "decathlon": DataLayout(decathlon_paths, r"prostate_(\d+)", id_digits=3, channel=0),
+    "mmwhs": DataLayout(mmwhs_paths, r"mr_train_(\d+)", label_values=MMWHS_LABEL_VALUES),
+}
+
+
+def data_layout(name: str) -> DataLayout:
+    """The layout registered as ``name`` in `LAYOUTS`; a ValueError naming the known ones."""
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown data layout {name!r}: one of {', '.join(LAYOUTS)} "
+                         "(utils/io.py, LAYOUTS)")
+    return LAYOUTS[name]
+
+
 def raw_paths(layout: str, root: str | os.PathLike, subject_id: str) -> tuple[Path, Path]:
     """(image, label) paths of one subject in a raw layout ("acdc", "decathlon", "mmwhs")."""
     root = Path(root)
@@ -342,17 +368,7 @@ def raw_paths(layout: str, root: str | os.PathLike, subject_id: str) -> tuple[Pa
             f"{root}: data folder not found; pass --data_root or set LCL_DATA_ROOT "
             "(see README, 'Where data and outputs live')"
         )
-    if layout == "acdc":
-        return acdc_paths(root, subject_id)
-    if layout == "decathlon":
-        return decathlon_paths(root, subject_id)
-    if layout == "mmwhs":
-        return mmwhs_paths(root, subject_id)
-    raise ValueError(f"unknown data layout {layout!r}")
-
-
-# The subject id in a layout's image and label file names (decathlon: prostate_11 is "011").
-_ID_IN_NAME = {"acdc": r"patient(\d+)", "decathlon": r"prostate_(\d+)", "mmwhs": r"mr_train_(\d+)"}
+    return data_layout(layout).paths(root, subject_id)
 
 
 def subject_id_in_name(layout: str, name: str) -> str | None:
@@ -361,10 +377,12 @@ def subject_id_in_name(layout: str, name: str) -> str | None:
     name of digits is the id itself. None when it names none."""
     if name.isdigit():
         return name
-    match = re.match(_ID_IN_NAME[layout], name)
+    spec = data_layout(layout)
+    match = re.match(spec.id_in_name, name)
     if match is None:
         return None
-    return f"{int(match.group(1)):03d}" if layout == "decathlon" else match.group(1)
+    sid = match.group(1)
+    return f"{int(sid):0{spec.id_digits}d}" if spec.id_digits else sid
 
 
 def nifti_stem(path: Path) -> str | None:
