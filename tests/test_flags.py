@@ -49,6 +49,24 @@ def test_init_file_defaults_and_the_joint_steps_n_iter():
     assert args.n_iter_per_round == 5
 
 
+# The defaults of the released trainers' argparse (METHOD §9: keep names and defaults).
+ORIGINAL_DEFAULTS = dict(
+    dataset="acdc", no_of_tr_imgs="tr2", comb_tr_imgs="c1", ver=0, lr_seg=0.001, dsc_loss=2,
+    rd_en=1, sigma=5.0, ri_en=1, en_1hot=1, rd_ni=1)
+ORIGINAL_JOINT_DEFAULTS = dict(
+    data_aug=0, temp_fac=0.1, bbox_dim=150, local_loss_exp_no=1, lamda_local=0.1,
+    no_of_neg_eles=3, no_of_pos_eles=3, bt_size=10, test_aug_overlap=0, test_f1_threshold=0.9)
+
+
+def test_the_original_flags_keep_the_original_defaults():
+    base, _ = parse_flags(BASELINE, [])
+    joint, _ = parse_flags(JOINT, [])
+    for name, value in ORIGINAL_DEFAULTS.items():
+        assert getattr(base, name) == value and getattr(joint, name) == value, name
+    for name, value in ORIGINAL_JOINT_DEFAULTS.items():
+        assert getattr(joint, name) == value, name
+
+
 def test_route_gives_each_flag_to_the_steps_that_read_it():
     got = route(["--n_iter", "4", "--lamda_local=0.2", "--ver", "1", "--low_memory",
                  "--lr_seg", "-1", "--n_rounds", "2", "--unknown", "x", "--other"])

@@ -64,7 +64,7 @@ FLAGS: tuple[Flag, ...] = (
     # The original baseline's flags (METHOD §9).
     _both("dataset", default="acdc",
           help=f"one of {', '.join(datasets())} (experiment_init/init_<name>.py)"),
-    _both("no_of_tr_imgs", default="tr1", help="labeled set size: tr1, tr2, tr8, ..."),
+    _both("no_of_tr_imgs", default="tr2", help="labeled set size: tr1, tr2, tr8, ..."),
     _both("comb_tr_imgs", default="c1", help="combination of the labeled set: c1..c5"),
     _both("lr_seg", type=float, default=None,
           help="Adam learning rate (default: lr of experiment_init/init_<dataset>.py)"),
