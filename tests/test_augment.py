@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import torch
+from skimage.transform import resize
 
 from utils.augment import (
     AFF_FLIP,
@@ -17,6 +18,7 @@ from utils.augment import (
     affine_matrices,
     apply_affine,
     augment_batch,
+    deformation_basis,
     dense_warp,
     intensity_augment,
     random_deformation,
@@ -284,22 +286,25 @@ def test_dense_warp_constant_shift_hand_worked():
 
 
 @pytest.mark.parametrize("hw", [(192, 192), (65, 49)])
-def test_upsampled_field_equals_control_points(hw):
+def test_deformation_field_is_the_originals_skimage_resize(hw):
+    """The dense field of each 3x3 grid equals skimage.transform.resize(order=3,
+    mode='reflect') of it, as the original computed it (clipping to the grid's range
+    included)."""
     h, w = hw
-    control = torch.randn(4, 2, 3, 3, generator=_gen(9)) * 5.0
-    field = upsample_displacements(control, h, w)
-    assert field.shape == (4, 2, h, w)
-    for i, y in enumerate([0, (h - 1) / 2, h - 1]):
-        for j, x in enumerate([0, (w - 1) / 2, w - 1]):
-            if float(y).is_integer() and float(x).is_integer():
-                torch.testing.assert_close(
-                    field[:, :, int(y), int(x)], control[:, :, i, j], atol=1e-4, rtol=0
-                )
-    # corners always coincide with control points (align_corners=True)
-    torch.testing.assert_close(field[..., 0, 0], control[..., 0, 0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(field[..., -1, -1], control[..., -1, -1], atol=1e-4, rtol=0)
-    # a constant control grid gives a constant field (cubic weights sum to one)
-    const = upsample_displacements(torch.full((1, 2, 3, 3), 2.5), h, w)
+    control = torch.randn(6, 2, 3, 3, generator=_gen(9)) * 5.0
+    field = upsample_displacements(control, deformation_basis(h), deformation_basis(w))
+    assert field.shape == (6, 2, h, w)
+    for m in range(6):
+        for c in range(2):
+            ref = resize(control[m, c].double().numpy(), (h, w), order=3, mode="reflect")
+            np.testing.assert_allclose(field[m, c].numpy(), ref, atol=2e-5, rtol=0)
+    # pixel-centre alignment: with cells of an odd number of pixels (9 = 3 x 3, 15 = 3 x 5)
+    # the control values are the field's values at the cells' centre pixels
+    field = upsample_displacements(control, deformation_basis(9), deformation_basis(15))
+    torch.testing.assert_close(field[:, :, 1::3][..., 2::5], control, atol=1e-5, rtol=0)
+    # a constant grid gives a constant field (the spline weights sum to one)
+    const = upsample_displacements(torch.full((1, 2, 3, 3), 2.5), deformation_basis(h),
+                                   deformation_basis(w))
     torch.testing.assert_close(const, torch.full_like(const, 2.5), atol=1e-5, rtol=0)
 
 

@@ -78,8 +78,9 @@ def test_captured_steps_follow_the_trainers_steps_after_an_ordinary_start():
     losses_c = _steps(captured, opt_c, data, True, 3)
     assert opt_c.param_groups[0]["fused"] and opt_c.param_groups[0]["capturable"]
     assert losses_c[0] == losses_e[0]  # the same weights and the same batch: the same losses
-    # Afterwards fused and for-each Adam round differently.
-    torch.testing.assert_close(torch.tensor(losses_c), torch.tensor(losses_e), rtol=1e-4,
+    # Afterwards fused and for-each Adam round differently (1e-4 of a loss after two steps; a
+    # different batch would differ by percents).
+    torch.testing.assert_close(torch.tensor(losses_c), torch.tensor(losses_e), rtol=5e-4,
                                atol=1e-6)
     assert len({round(x[0], 6) for x in losses_c}) == 3  # a new batch each step
     _assert_same_updates(captured, eager, start)

@@ -29,8 +29,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from skimage.transform import resize
 
 from utils.device import host_to_device
 
@@ -254,27 +256,37 @@ def affine_augment(
     return warp_affine(images, labels_onehot, *draw_affine(n, h, w, generator))
 
 
-def upsample_displacements(control: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Upsample coarse control-point displacements to a dense field with cubic interpolation.
+def deformation_basis(size: int, grid: int = 3) -> torch.Tensor:
+    """(size, grid) float32 weights that upsample ``grid`` control values to ``size`` pixels
+    along one axis as the original did, with ``skimage.transform.resize(order=3,
+    mode='reflect')``: the interpolating cubic spline through the values placed at the centres
+    of ``grid`` equal cells (pixel-centre alignment), mirrored beyond the outer centres. Built
+    by resizing unit vectors without resize's clipping, which is not linear
+    (`upsample_displacements` clips)."""
+    unit = np.eye(grid)
+    columns = [resize(unit[j], (size,), order=3, mode="reflect", clip=False) for j in range(grid)]
+    return torch.from_numpy(np.stack(columns, axis=1)).float()
 
-    We use ``F.interpolate(mode='bicubic', align_corners=True)``: the outer control points sit
-    exactly on the corner pixels and the cubic kernel interpolates, so the dense field equals the
-    drawn values there. The original resized with scikit-image (order 3, mode 'reflect'), whose
-    pixel-centre alignment puts the control points half a coarse cell inside the border and
-    extrapolates by reflection beyond them. Both give a smooth random field with a per-point
-    standard deviation of about sigma; ours keeps every drawn value on the image and needs no
-    CPU round trip.
+
+def upsample_displacements(control: torch.Tensor, basis_h: torch.Tensor,
+                           basis_w: torch.Tensor) -> torch.Tensor:
+    """Upsample coarse control-point displacements to a dense field, exactly as the original's
+    ``skimage.transform.resize(grid, (H, W), order=3, mode='reflect')`` of each grid: the
+    separable spline ``basis_h @ grid @ basis_w.T``, clipped to the grid's own minimum and
+    maximum (resize clips its output to the input's range by default).
 
     Args:
         control: (M, 2, gh, gw) displacements in pixels at the control points (channel 0 = x
             along W, channel 1 = y along H).
-        height: H of the output field.
-        width: W of the output field.
+        basis_h: (H, gh) from `deformation_basis`; basis_w: (W, gw).
 
     Returns:
         (M, 2, H, W) dense displacement field in pixels.
     """
-    return F.interpolate(control, size=(height, width), mode="bicubic", align_corners=True)
+    field = torch.einsum("hi,mcij,wj->mchw", basis_h, control, basis_w)
+    low = control.amin(dim=(-2, -1), keepdim=True)
+    high = control.amax(dim=(-2, -1), keepdim=True)
+    return torch.clamp(field, low, high)
 
 
 def dense_warp(
@@ -329,12 +341,15 @@ def draw_deformation(n: int, sigma: float, generator: torch.Generator,
 
 
 def warp_deformation(images: torch.Tensor, labels_onehot: torch.Tensor, control: torch.Tensor,
-                     deformed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensor half of :func:`random_deformation`: warp every slice by its upsampled
-    ``control`` (N, 2, 3, 3) and keep the result where ``deformed`` (N,) bool, the input
+                     deformed: torch.Tensor, basis_h: torch.Tensor, basis_w: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor half of :func:`random_deformation`: warp every slice by its ``control``
+    (N, 2, 3, 3) upsampled with ``basis_h`` (H, 3) and ``basis_w`` (W, 3)
+    (`deformation_basis`) and keep the result where ``deformed`` (N,) bool, the input
     elsewhere (every slice is warped so that the shapes do not depend on the draw)."""
-    h, w = images.shape[-2:]
-    disp = upsample_displacements(host_to_device(control, images.device), h, w)
+    dev = images.device
+    disp = upsample_displacements(host_to_device(control, dev), host_to_device(basis_h, dev),
+                                  host_to_device(basis_w, dev))
     img_d, lab_d = dense_warp(images, labels_onehot, disp)
     keep = ~host_to_device(deformed, images.device).view(-1, 1, 1, 1)
     # torch.where may lay the result out channels-last, and the loss's sums over a different
@@ -367,8 +382,10 @@ def random_deformation(
     Returns:
         (images, labels_onehot) of the input shapes; slices before k are returned unchanged.
     """
-    control, deformed = draw_deformation(images.shape[0], sigma, generator, k)
-    return warp_deformation(images, labels_onehot, control, deformed)
+    n, _, h, w = images.shape
+    control, deformed = draw_deformation(n, sigma, generator, k)
+    return warp_deformation(images, labels_onehot, control, deformed, deformation_basis(h),
+                            deformation_basis(w))
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
@@ -425,13 +442,16 @@ class AugmentDraws(NamedTuple):
     their copies on the device): ``theta`` (N, 2, 3) and ``identity`` (N,) of
     :func:`draw_affine`, ``control`` (N, 2, 3, 3) and ``deformed`` (N,) of
     :func:`draw_deformation` (none deformed without deformation), ``intensity`` (2,) of
-    :func:`draw_intensity` (unused without it)."""
+    :func:`draw_intensity` (unused without it), and the fixed spline weights ``basis_h``
+    (H, 3) and ``basis_w`` (W, 3) of `deformation_basis` that upsample ``control``."""
 
     theta: torch.Tensor
     identity: torch.Tensor
     control: torch.Tensor
     deformed: torch.Tensor
     intensity: torch.Tensor
+    basis_h: torch.Tensor
+    basis_w: torch.Tensor
 
 
 def draw_augment(n: int, height: int, width: int, generator: torch.Generator,
@@ -441,7 +461,8 @@ def draw_augment(n: int, height: int, width: int, generator: torch.Generator,
     control, deformed = (draw_deformation(n, sigma, generator) if rd_en
                          else draw_deformation(n, sigma, generator, k=n))
     intensity = draw_intensity(generator) if ri_en else torch.tensor([1.0, 0.0])
-    return AugmentDraws(theta, identity, control, deformed, intensity)
+    return AugmentDraws(theta, identity, control, deformed, intensity,
+                        deformation_basis(height), deformation_basis(width))
 
 
 def apply_augment(images: torch.Tensor, labels_onehot: torch.Tensor, draws: AugmentDraws,
@@ -450,7 +471,7 @@ def apply_augment(images: torch.Tensor, labels_onehot: torch.Tensor, draws: Augm
     images, labels_onehot = warp_affine(images, labels_onehot, draws.theta, draws.identity)
     if rd_en:
         images, labels_onehot = warp_deformation(images, labels_onehot, draws.control,
-                                                 draws.deformed)
+                                                 draws.deformed, draws.basis_h, draws.basis_w)
     if ri_en:
         images = apply_intensity(images, draws.intensity)
     return images, labels_onehot
