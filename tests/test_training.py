@@ -23,6 +23,7 @@ from utils.device import resolve_device
 from utils.flags import BASELINE, add_flags, parse_flags, resolve_flags
 from utils.io import DataError
 from utils.preemption import Preempted
+from utils.pseudo_labels import PseudoLabelRound
 from utils.run import RunDirError
 from utils.training import (
     BestKeeper,
@@ -226,6 +227,70 @@ def test_losses_counted_later_are_settled_before_the_log_and_the_checkpoint(
     assert float(rows[-1].split(",")[header.index("bad_steps")]) == 3
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert last["bad_total"] == 3 and last["bad_consecutive"] == 3
+
+
+def _marker(model: torch.nn.Module) -> torch.Tensor:
+    """The first batch norm's num_batches_tracked: a buffer no forward reads (momentum is
+    set), which the stand-in steps below set to 1000 + iteration to tag the weights."""
+    return next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)) \
+        .num_batches_tracked
+
+
+# Scripted validation Dice of the weights of iterations 0..5 (3 rounds of 2): round 1's best
+# is iteration 0 and ends lower; iterations 2 and 4 beat their round's start bar only.
+SCORES = [0.7, 0.5, 0.6, 0.4, 0.45, 0.1]
+
+
+@pytest.mark.parametrize(("selection", "labellers", "tested"),
+                         [("original", [1000, 1002], 1004), ("overall", [1000, 1000], 1000)])
+def test_best_selection_decides_each_rounds_labeller_and_the_tested_model(
+        edited_config, tmp_path, monkeypatch, selection, labellers, tested):
+    """--best_selection original (the released code): at each round's end the bar drops to
+    its last validation Dice, so round 3 labels with round 2's iteration 2 and the newest
+    checkpoint that beat a bar (iteration 4) is tested; overall: iteration 0 throughout. The
+    original's bar is kept across a SIGTERM at round 2's end and --resume."""
+    from utils import self_training, training
+
+    common = [*_tiny_dataset(edited_config, tmp_path, monkeypatch,
+                             val_step_update="val_step_update = 1")]
+    _trainer("tr_baseline").main(common)
+    joint = _trainer("prop_method_joint_tr_rand_init")
+    seen = []
+
+    def label_pool(network, pool, labelling, run):  # the pool's ground truth, as labels
+        seen.append(int(_marker(network)))
+        return PseudoLabelRound(torch.cat([v[0] for v in pool.values()]),
+                                torch.cat([v[1] for v in pool.values()]), list(pool))
+
+    def stepper(model, *args, **kwargs):
+        def step(it: int) -> tuple[torch.Tensor, ...]:
+            _marker(model).fill_(1000 + it)
+            if it == 3 and selection == "original" and not seen[-1:] == ["resumed"]:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return torch.zeros(()), torch.zeros(()), torch.zeros(())
+        return step
+
+    monkeypatch.setattr(self_training, "label_pool", label_pool)
+    monkeypatch.setattr(joint, "joint_stepper", stepper)
+    monkeypatch.setattr(training, "validation_score",
+                        lambda model, *a, **k: SCORES[int(_marker(model)) - 1000])
+    flags = [*common, "--bt_size", "2", "--n_rounds", "3", "--n_iter_per_round", "2", "--crf", "0",
+             "--best_selection", selection]
+    if selection == "original":
+        with pytest.raises(Preempted):
+            joint.main(flags)
+        seen.append("resumed")
+        flags.append("--resume")
+    joint.main(flags)
+    assert [x for x in seen[1:] if x != "resumed"] == labellers  # rounds 2 and 3
+    run = next((tmp_path / "runs" / "tiny" / "joint").rglob("best.pt"))
+    best = torch.load(run, weights_only=False)
+    assert int(_marker_of(best["model"])) == tested
+    assert best["val_dice"] == SCORES[tested - 1000]
+
+
+def _marker_of(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return next(v for k, v in state.items() if k.endswith("num_batches_tracked"))
 
 
 def test_a_failed_start_leaves_nothing_in_the_way(edited_config, tmp_path, monkeypatch):

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                 return {"loss": loss, "loss_seg": loss_seg, "loss_local": loss_lcl}
 
             run.train(model, optimizer, rnd.iterations, step, f"joint round {rnd.index + 1}",
-                      best_extra={"round": rnd.index + 1}, progress_extra=rnd.checkpoint)
+                      best_extra={"round": rnd.index + 1}, progress_extra=rnd.checkpoint,
+                      lower_bar_at_end=args.best_selection == "original")
 
         # Default: as many CRF processes as the run's CPU threads, so that the sweep's
         # workers, each given a share of the CPUs, keep to their share.

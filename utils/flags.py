@@ -157,6 +157,11 @@ FLAGS: tuple[Flag, ...] = (
            help="processes refining pseudo-labels with the dense CRF, at most the CPUs this "
            "process may use (default: the run's CPU threads, see --threads); 1: one slice "
            "after another in the trainer; the labels are the same"),
+    _joint("best_selection", default="original", choices=("original", "overall"),
+           help="the best checkpoint, restored by each round and tested at the end: "
+           "'original' as the released code, whose bar resets at each round's end to its last "
+           "validation Dice, so the newest checkpoint that beat it wins; 'overall' the best "
+           "validation Dice of all rounds"),
     _joint("loss_reduction", default="original", choices=("original", "mean"),
            help="'original': the released code's arithmetic (published numbers); 'mean': the "
            "paper's mean over pairs (see README)"),

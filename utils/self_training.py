@@ -2,8 +2,9 @@
 pool with the best network so far, trains on the labels, and keeps the best checkpoint.
 
 Round 1 labels with the baseline network; each later round first restores the best checkpoint
-(weights and optimizer) and labels with it. A run resumed inside a round trains on the
-pseudo-labels its periodic checkpoint holds.
+(weights and optimizer; which one is best, `--best_selection`, is `utils.training.BestKeeper`'s)
+and labels with it. A run resumed inside a round trains on the pseudo-labels its periodic
+checkpoint holds.
 """
 
 from __future__ import annotations

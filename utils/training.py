@@ -179,7 +179,9 @@ def on_device(
 
 
 class BestKeeper:
-    """Validate in native resolution and keep the checkpoint with the best mean Dice (strict).
+    """Validate in native resolution and keep the checkpoint whose mean Dice beats ``bar``
+    (strictly): the best so far, unless `lower_bar` lowered the bar (the released joint
+    trainer at the end of each round), after which a newer, lower-scoring checkpoint may win.
 
     Each validation ends by handing the memory it freed back to the OS
     (``utils.device.release_freed_memory``), so it does not stay resident under training.
@@ -191,8 +193,9 @@ class BestKeeper:
         self.volumes = volumes
         self.num_classes = num_classes
         self.device = device
-        self.best_score = -1.0
+        self.best_score = -1.0  # the validation Dice of best.pt
         self.best_iteration = -1
+        self.bar = -1.0  # what a validation must beat to become best.pt
         # What best.pt holds, copied: each periodic checkpoint carries it, so that a resumed
         # run can put back the best.pt of its checkpoint's iteration (a killed run may have
         # written a later one before its next periodic checkpoint).
@@ -201,8 +204,9 @@ class BestKeeper:
     def update(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
                extra: dict[str, Any] | None = None) -> float:
         score = validation_score(model, self.volumes, self.num_classes, self.device)
-        if score > self.best_score:
-            self.best_score, self.best_iteration = score, iteration
+        if score > self.bar:
+            self.bar = self.best_score = score
+            self.best_iteration = iteration
             self.best_state = copy.deepcopy({
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -213,6 +217,11 @@ class BestKeeper:
             save_checkpoint(self.path, self.best_state)
         release_freed_memory()
         return score
+
+    def lower_bar(self, score: float) -> None:
+        """From now on a validation beating ``score`` replaces best.pt (the released joint
+        trainer set its bar to each round's last validation Dice)."""
+        self.bar = score
 
     def restore(self, best_state: dict[str, Any] | None) -> None:
         """Rewrite best.pt as it was when the periodic checkpoint being resumed was written
@@ -318,6 +327,7 @@ class Run:
         model.load_state_dict(s["model"])
         optimizer.load_state_dict(s["optimizer"])
         self.keeper.best_score, self.keeper.best_iteration = s["best_score"], s["best_iteration"]
+        self.keeper.bar = s.get("best_bar", s["best_score"])  # older last.pt: never lowered
         if "best" in s:  # absent from checkpoints written before it was added
             self.keeper.restore(s["best"])
         self.guard.total, self.guard.consecutive = s["bad_total"], s["bad_consecutive"]
@@ -337,13 +347,16 @@ class Run:
         desc: str,
         best_extra: dict[str, Any] | None = None,
         progress_extra: dict[str, Any] | None = None,
+        lower_bar_at_end: bool = False,
     ) -> None:
         """Run ``step(it)``, one iteration of the method returning its losses by log name, for
         each of ``iterations`` not run yet, each followed by the periodic step: every
         ``val_step_update`` iterations of ``iterations`` and at its end, validate, keep the
         best (its checkpoint gets ``best_extra``) and log the losses; every ``--ckpt_every``
         iterations and at the end, write checkpoints/last.pt (with ``progress_extra``). A stop
-        signal is acted on before each iteration (`stop_if_requested`)."""
+        signal is acted on before each iteration (`stop_if_requested`). ``lower_bar_at_end``:
+        the last validation's Dice becomes the bar of the next best (`BestKeeper.lower_bar`),
+        before last.pt records it."""
         begin = max(iterations.start, self.start_iteration)
         bar = tqdm(range(begin, iterations.stop), desc=desc, disable=self.args.no_progress,
                    dynamic_ncols=True, initial=begin - iterations.start, total=len(iterations))
@@ -354,6 +367,8 @@ class Run:
             if (it - iterations.start) % self.cfg.val_step_update == 0 or last:
                 self.guard.settle()
                 val = self.keeper.update(model, optimizer, it, best_extra)
+                if last and lower_bar_at_end:
+                    self.keeper.lower_bar(val)
                 losses = {k: v.item() for k, v in losses.items()}  # synchronises a GPU
                 self.log.log(it, **losses, val_dice=val, bad_steps=self.guard.total)
                 self.log.flush()
@@ -374,6 +389,7 @@ class Run:
             "optimizer": optimizer.state_dict(),
             "best_score": self.keeper.best_score,
             "best_iteration": self.keeper.best_iteration,
+            "best_bar": self.keeper.bar,
             "best": self.keeper.best_state,
             "bad_total": self.guard.total,
             "bad_consecutive": self.guard.consecutive,
