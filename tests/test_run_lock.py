@@ -64,8 +64,8 @@ def test_a_second_process_is_refused_while_the_first_holds_the_lock(tmp_path, de
             lock_run_dir(run_dir, force_unlock=False)
         # A trainer is refused in one line before it touches the directory, even --overwrite.
         cmd = [sys.executable, "train_model/tr_baseline.py", "--dataset", "demo", "--n_iter", "1",
-               "--out_dir", str(tmp_path / "runs"), "--device", "cpu", "--no_progress",
-               "--overwrite"]
+               "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1", "--out_dir",
+               str(tmp_path / "runs"), "--device", "cpu", "--no_progress", "--overwrite"]
         refused = subprocess.run(cmd, cwd=REPO, env=demo_env, capture_output=True, text=True,
                                  timeout=600)
         assert refused.returncode == 2
