@@ -285,14 +285,15 @@ class RunLog:
             if pts:
                 axes[0].plot(*zip(*pts), label=k, lw=1)
         axes[0].set(xlabel="iteration", ylabel="loss", title="training losses")
-        if loss_keys:
+        if axes[0].lines:  # a run whose every loss was non-finite has nothing to label
             axes[0].legend()
         val = [(r["iteration"], r["val_dice"]) for r in self.rows if "val_dice" in r]
         if val:
             axes[1].plot(*zip(*val), marker=".", lw=1)
             best = max(val, key=lambda p: p[1])
             axes[1].axhline(best[1], ls="--", c="gray", lw=0.8)
-            axes[1].set_title(f"validation mean foreground Dice (best {best[1]:.3f} @ {best[0]})")
+            # The curve's maximum; best.pt may be a later checkpoint (--best_selection original).
+            axes[1].set_title(f"validation mean foreground Dice (max {best[1]:.3f} @ {best[0]})")
         for key, style in (("pseudo_dice_before_crf", "v"), ("pseudo_dice_after_crf", "^")):
             pts = [(r["iteration"], r[key]) for r in self.rows if key in r]
             if pts:
