@@ -26,6 +26,7 @@ Geometry conventions (shared by every warp in this module):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -256,6 +257,8 @@ def affine_augment(
     return warp_affine(images, labels_onehot, *draw_affine(n, h, w, generator))
 
 
+# A constant of the crop size, asked for at every draw: computed once per size.
+@functools.lru_cache(maxsize=8)
 def deformation_basis(size: int, grid: int = 3) -> torch.Tensor:
     """(size, grid) float32 weights that upsample ``grid`` control values to ``size`` pixels
     along one axis as the original did, with ``skimage.transform.resize(order=3,
