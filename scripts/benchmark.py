@@ -500,7 +500,8 @@ def crf_figures(model: nn.Module, images: torch.Tensor, crf: CRFParams, repeats:
     `make_pseudo_labels` does on this device (2n volumes for n > 2 workers, so that every
     worker has two). Figures ``crf_volume_w<n>`` (s), ``crf_scaling_w<n>`` (speed-up over 1
     worker / n) and ``crf_pool_start_w<n>`` (the first pass's extra seconds: starting the
-    processes, each importing this script again). Returns seconds per volume by n."""
+    processes, each running this script again; the first pool of the process, n = 2, also
+    starts `utils.crf`'s fork server). Returns seconds per volume by n."""
     four = [(images[s : s + 10, 0].cpu().numpy(),
              predict_slices(model, images[s : s + 10], device).cpu().numpy())
             for s in range(0, 40, 10)]

@@ -288,7 +288,7 @@ def test_pool_gives_the_serial_labels_bit_for_bit(eager: bool) -> None:
 def _worker_settings() -> dict[str, object]:
     import torch
 
-    return {"pid": os.getpid(), "omp": os.environ.get("OMP_NUM_THREADS"),
+    return {"pid": os.getpid(), "parent": os.getppid(), "omp": os.environ.get("OMP_NUM_THREADS"),
             "torch_threads": torch.get_num_threads(),
             "ignored": [signal.getsignal(s) == signal.SIG_IGN
                         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]}
@@ -298,6 +298,8 @@ def test_pool_workers_are_single_threaded_and_leave_stop_signals_to_the_parent()
     with CRFPool(IMAGE_AWARE, 2) as pool:
         got = pool._executor.submit(_worker_settings).result()
     assert got["pid"] != os.getpid()
+    # forked from the fork server, never from this process (whose OpenMP threads have run)
+    assert got["parent"] != os.getpid()
     assert got["omp"] == "1" and got["torch_threads"] == 1
     assert got["ignored"] == [True, True, True]
 

@@ -282,7 +282,7 @@ def _start_worker() -> None:
     utils/preemption.py) and ends the workers by shutting the pool down."""
     for name in _THREAD_VARIABLES:
         os.environ[name] = "1"
-    torch = sys.modules.get("torch")  # imported with the parent's main module, under spawn
+    torch = sys.modules.get("torch")  # imported with the parent's main module
     if torch is not None:
         torch.set_num_threads(1)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
@@ -324,15 +324,35 @@ class PendingLabels:
         return self.labels
 
 
+# Third-party packages a trainer's main module imports (about 1.5 s), imported once by the
+# fork server when the parent has them, so that each worker, forked from it, re-runs the main
+# module with them cached; and the CRF library the workers use. Our own modules are left out:
+# CPython 3.11's fork server ignores the parent's sys.path.
+_SERVER_PRELOAD = ("torch", "numpy", "scipy.ndimage", "skimage.transform", "nibabel")
+_WORKER_MODULES = ("pydensecrf.densecrf", "pydensecrf.utils")
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """How `CRFPool` starts its processes: 'forkserver' where the platform has it (forks
+    of a single-threaded server that outlives the pool), else 'spawn'."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(
+        [m for m in _SERVER_PRELOAD if m in sys.modules] + list(_WORKER_MODULES))
+    return context
+
+
 class CRFPool:
     """`crf_refine_volume` of many volumes over ``workers`` processes, each slice a task.
 
     ``workers == 1`` is the serial path: `refine` runs `crf_refine_volume` at once in this
-    process, and no process is started. Otherwise the processes are started by 'spawn', not
-    'fork': a forked child of a process whose OpenMP or CUDA runtime has started threads
-    inherits their locks but not the threads, and may deadlock. They receive numpy arrays
-    and run single-threaded (`_start_worker`). Each process imports the parent's main module
-    again (as spawn does), once per pool: create one pool per labelling pass, not per volume.
+    process, and no process is started. Otherwise the processes are forked from a fork server
+    (`_worker_context`), never from this process: a forked child of a process whose OpenMP
+    or CUDA runtime has started threads inherits their locks but not the threads, and may
+    deadlock. They receive numpy arrays and run single-threaded (`_start_worker`). Each
+    process runs the parent's main module again (as spawn does), once per pool: create one
+    pool per labelling pass, not per volume.
 
     ``eager``: submit a volume's slices as soon as it is given, for a caller that has other
     work meanwhile (a GPU predicting the next volume); `refine` then waits for the oldest
@@ -362,7 +382,7 @@ class CRFPool:
         self.backlog = 2 * self.workers if backlog is None else backlog
         self.prob_floor, self.exact_bilateral = prob_floor, exact_bilateral
         self._executor = None if self.workers == 1 else ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"),
+            self.workers, mp_context=_worker_context(),
             initializer=_start_worker)
         self._queued: list[PendingLabels] = []  # given, not submitted yet
         self._in_flight: deque[PendingLabels] = deque()  # submitted, result() not taken yet
