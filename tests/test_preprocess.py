@@ -74,3 +74,28 @@ def test_rescaled_geometry_and_label_values():
     assert img_c.dtype == np.float32 and lbl_c.dtype == np.int64
     assert set(np.unique(lbl_c)) <= {0, 1, 2, 3}
     assert img_c.shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("rescaled", [(47, 59), (69, 61), (57, 50)])
+def test_to_native_labels_at_the_crop_edge_match_a_zero_filled_resize(rescaled):
+    """Where the crop window cuts the rescaled frame, the native labels are those of the
+    released evaluation: the crop put into a zero frame, resized bilinearly with zeros
+    outside (skimage, constant mode), argmax; pixels the window never reaches are background."""
+    from skimage.transform import resize
+
+    crop, c = (52, 54), 4
+    native = (rescaled[0] * 3 // 4 + 1, rescaled[1] * 5 // 4)  # one axis finer, one coarser
+    geom = Geometry(native, rescaled, crop)
+    gen = torch.Generator().manual_seed(0)
+    # Smooth random probabilities, so that foreground reaches every edge of the crop window.
+    logits = F.interpolate(torch.randn(2, c, crop[0] // 4, crop[1] // 4, generator=gen) * 4,
+                           size=crop, mode="bilinear", align_corners=False)
+    probs = torch.softmax(logits, 1)
+    out = to_native(probs, geom)
+    frame = np.zeros((2, c, *rescaled))
+    (fx, fy), (cx, cy) = geom.windows()
+    frame[:, :, fx, fy] = probs[:, :, cx, cy].numpy()
+    expected = np.stack([resize(f.transpose(1, 2, 0), (*native, c), order=1, mode="constant",
+                                anti_aliasing=False).argmax(-1) for f in frame])
+    np.testing.assert_array_equal(out.argmax(1).numpy(), expected)
+    torch.testing.assert_close(out.sum(1), torch.ones(2, *native))  # still probabilities

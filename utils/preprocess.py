@@ -109,14 +109,22 @@ def to_native(probs: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         probs: (Z, C, CX, CY) softmax probabilities in the cropped target grid.
     Returns:
         (Z, C, X, Y) probabilities in the native grid: the crop is put back into the rescaled
-        frame (areas outside the crop count as background) and resized bilinearly.
+        frame and resized bilinearly, each native pixel averaging only the crop-window pixels
+        it overlaps (pixels the window never reaches are background). Its argmax is that of
+        the released code, which resized the crop in a frame of zeros.
     """
     z, c = probs.shape[:2]
-    frame = probs.new_zeros((z, c, *geometry.rescaled_shape))
-    frame[:, 0] = 1.0  # outside the crop window the network saw nothing: background
+    # Channel c marks the crop window: resized with the probabilities, it is the weight each
+    # native pixel took from inside the window, by which the probabilities are renormalised.
+    frame = probs.new_zeros((z, c + 1, *geometry.rescaled_shape))
     in_frame, in_crop = geometry.windows()
-    frame[(..., *in_frame)] = probs[(..., *in_crop)]
-    return F.interpolate(frame, size=geometry.native_shape, mode="bilinear", align_corners=False)
+    frame[:, :c][(..., *in_frame)] = probs[(..., *in_crop)]
+    frame[:, c][(..., *in_frame)] = 1.0
+    out = F.interpolate(frame, size=geometry.native_shape, mode="bilinear", align_corners=False)
+    weight = out[:, c:]
+    native = out[:, :c] / weight.clamp_min(torch.finfo(out.dtype).tiny)
+    native[:, :1] = torch.where(weight > 0, native[:, :1], torch.ones_like(weight))
+    return native
 
 
 def n4_bias_correction(
