@@ -15,10 +15,13 @@ from utils.evaluation import (
     EvalVolume,
     dice_per_class,
     evaluate_test_set,
+    mean_foreground_dice,
+    prepare_volume,
     structure_metrics,
     summarize,
+    validation_score,
 )
-from utils.io import read_raw_volume
+from utils.io import Volume, read_raw_volume
 from utils.preprocess import to_target
 
 # ---------------------------------------------------------------- hard Dice
@@ -69,6 +72,42 @@ def _surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
     sa, sb = surface(a) * spacing, surface(b) * spacing
     d = np.sqrt(((sa[:, None, :] - sb[None, :, :]) ** 2).sum(-1))
     return d.min(1)
+
+
+def test_mean_foreground_dice_leaves_out_structures_absent_from_both_maps() -> None:
+    true = torch.zeros(10, 10, dtype=torch.long)
+    true[:4, :5] = 1  # 20 px
+    true[6:, :5] = 2  # 20 px
+    pred = true.clone()
+    pred[:4, :5][:, :1] = 0  # class 1: 16 of 20 found -> 32 / 36
+    pred[6:, :5] = 0  # class 2 missed -> 0
+    # class 3 absent from both: sklearn's f1_score(average=None) has no entry for it
+    assert mean_foreground_dice(pred, true, 4) == pytest.approx((32 / 36 + 0.0) / 2)
+    assert dice_per_class(pred, true, 4).mean() == pytest.approx((32 / 36 + 0 + 1) / 3)
+    pred[0, 9] = 3  # predicted only: scored 0, and counted
+    assert mean_foreground_dice(pred, true, 4) == pytest.approx((32 / 36 + 0 + 0) / 3)
+    empty = torch.zeros_like(true)
+    assert np.isnan(mean_foreground_dice(empty, empty, 4))
+
+
+class _ForegroundIsClassOne(torch.nn.Module):
+    """Logits (N, 4, H, W) of class 1 wherever the image is bright, background elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.full_like(x, 5.0), 10 * x, -10 + 0 * x, -10 + 0 * x], 1)
+
+
+def test_validation_score_averages_the_structures_present_as_the_released_code() -> None:
+    label = np.zeros((16, 16, 3), np.int16)
+    label[2:6, 2:12] = 1  # 40 px per slice
+    label[9:13, 2:12] = 2  # predicted as class 1 too
+    image = (label > 0).astype(np.float32)
+    vol = Volume("001", image, label, (1.0, 1.0, 5.0), np.eye(4), nib.Nifti1Header(),
+                 None, None)
+    ev = prepare_volume(vol, (1.0, 1.0), (16, 16))
+    score = validation_score(_ForegroundIsClassOne(), [ev, ev], 4, torch.device("cpu"))
+    # class 1: 40 of 80 predicted px right -> 80 / 120; class 2: 0; class 3 left out
+    assert score == pytest.approx((80 / 120 + 0.0) / 2)
 
 
 def test_metrics_match_medpy_and_brute_force():

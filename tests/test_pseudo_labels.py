@@ -85,6 +85,38 @@ def test_augmentation_overlap_selects_consistent_volumes():
                            torch.device("cpu"), gen, test_aug_overlap=True, progress=False)
 
 
+def test_overlap_scores_only_structures_predicted_as_the_released_code():
+    images, gt = _volume(z=2, size=64)
+
+    class Threshold(torch.nn.Module):  # the phantom's 3 classes, and a 4th never predicted
+        def __init__(self, num_classes: int):
+            super().__init__()
+            self.num_classes = num_classes
+
+        def forward(self, x):
+            logits = [(0.25 - x) * 40, -((x - 0.5).abs()) * 40, (x - 0.75) * 40, x - 100]
+            return torch.cat(logits[: self.num_classes], 1)
+
+    def overlap(num_classes: int) -> float:
+        return augmentation_overlap(Threshold(num_classes), images, num_classes,
+                                    torch.device("cpu"), torch.Generator().manual_seed(3))
+
+    assert 0.5 < overlap(3) < 1.0
+    # sklearn's f1_score(average=None) has no entry for a class neither prediction holds
+    assert overlap(4) == pytest.approx(overlap(3), abs=1e-12)
+
+    class Background(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x + 1, x - 1, x - 1], 1)
+
+    # no structure in either prediction: NaN, which fails any threshold (the original's
+    # np.mean of an empty list), so the volume is dropped
+    with pytest.raises(ConfigError, match="test_f1_threshold"):
+        make_pseudo_labels(Background(), {"001": (images, gt)}, 3, crf_params_for("acdc"),
+                           torch.device("cpu"), torch.Generator().manual_seed(0),
+                           test_aug_overlap=True, overlap_threshold=0.0, progress=False)
+
+
 def crf_params_for(dataset: str) -> CRFParams:
     return CRFParams(**experiment_init.load(dataset).crf_params)
 

@@ -136,6 +136,21 @@ def dice_per_class(
     return torch.where(both_empty, torch.ones_like(dice), dice)
 
 
+def mean_foreground_dice(
+    pred_labels: torch.Tensor, true_labels: torch.Tensor, num_classes: int
+) -> float:
+    """Mean hard Dice over the foreground classes present in either label map (same shapes,
+    any); NaN when none is. The released code's validation and augmentation-overlap score:
+    sklearn's ``f1_score(average=None)`` scores only the labels that occur, so a structure
+    absent from both maps is left out rather than counted as 1."""
+    classes = torch.arange(1, num_classes, device=pred_labels.device)
+    pred = pred_labels.reshape(1, -1) == classes[:, None]
+    true = true_labels.reshape(1, -1).to(pred_labels.device) == classes[:, None]
+    present = (pred | true).any(dim=1)
+    dice = dice_per_class(pred_labels, true_labels, num_classes)
+    return float(dice[present.to(dice.device)].mean()) if present.any() else float("nan")
+
+
 def structure_metrics(
     pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...], num_classes: int
 ) -> list[dict[str, float | None]]:
@@ -159,12 +174,14 @@ def structure_metrics(
 def validation_score(
     model: torch.nn.Module, volumes: list[EvalVolume], num_classes: int, device: torch.device
 ) -> float:
-    """Mean over volumes of the mean foreground Dice in native resolution (METHOD §6)."""
+    """Mean over volumes of the mean foreground Dice in native resolution (METHOD §6), each
+    volume's mean over the structures present in its label or prediction
+    (`mean_foreground_dice`)."""
     scores = []
     for ev in volumes:
         pred = native_probs(model, ev, device).argmax(1).permute(1, 2, 0)  # on the device
-        scores.append(dice_per_class(pred, torch.from_numpy(ev.volume.label), num_classes).mean())
-    return float(torch.stack(scores).mean())
+        scores.append(mean_foreground_dice(pred, torch.from_numpy(ev.volume.label), num_classes))
+    return float(np.mean(scores))
 
 
 UNITS = {"dice": "fraction", "hd95": "mm", "assd": "mm"}

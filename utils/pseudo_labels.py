@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from experiment_init import ConfigError
 from utils.augment import AFF_FLIP, AFF_ROTATE, AFF_SCALE, affine_matrices
 from utils.crf import CRFParams, CRFPool, PendingLabels
-from utils.evaluation import dice_per_class, predict_slices
+from utils.evaluation import dice_per_class, mean_foreground_dice, predict_slices
 
 
 @dataclass
@@ -105,7 +105,8 @@ def augmentation_overlap(
     generator: torch.Generator,
 ) -> float:
     """Mean foreground Dice between the predictions of two random augmentations of a volume,
-    each mapped back to the original frame. images: (Z, 1, H, W)."""
+    each mapped back to the original frame (`mean_foreground_dice`: NaN when neither
+    predicts a structure). images: (Z, 1, H, W)."""
     preds = []
     for transform in draw_overlap_pair(generator):
         theta = transform.matrix(images.shape[0], *images.shape[2:])
@@ -113,7 +114,7 @@ def augmentation_overlap(
         back = _warp(probs, _invert(theta))
         back[:, 0] += (back.sum(1) < 0.5).float()  # outside the warped view: background
         preds.append(back.argmax(1))
-    return float(dice_per_class(preds[0], preds[1], num_classes).mean())
+    return mean_foreground_dice(preds[0], preds[1], num_classes)
 
 
 def make_pseudo_labels(
@@ -153,7 +154,7 @@ def make_pseudo_labels(
             if test_aug_overlap:
                 overlap[sid] = augmentation_overlap(model, images, num_classes, device,
                                                     generator)
-                if overlap[sid] <= overlap_threshold:
+                if not overlap[sid] > overlap_threshold:  # NaN fails too, as the original's
                     dropped.append(sid)
                     continue
             probs = predict_slices(model, images, device)
