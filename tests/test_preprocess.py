@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -11,6 +15,7 @@ import torch.nn.functional as F
 from conftest import blob_volume
 from scipy import ndimage
 
+from utils.io import DataError
 from utils.preprocess import Geometry, crop_or_pad, normalize_minmax, to_native, to_target
 
 
@@ -99,3 +104,82 @@ def test_to_native_labels_at_the_crop_edge_match_a_zero_filled_resize(rescaled):
                                 anti_aliasing=False).argmax(-1) for f in frame])
     np.testing.assert_array_equal(out.argmax(1).numpy(), expected)
     torch.testing.assert_close(out.sum(1), torch.ones(2, *native))  # still probabilities
+
+
+# ------------------------------------------------------------- N4 bias-field correction
+
+
+def _biased_volume(shape=(40, 32, 5), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(X, Y, Z) float32 image of a bright disc on a darker body under a smooth multiplicative
+    field along x and y, and the disc's mask."""
+    x, y, _ = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
+    cx, cy = shape[0] / 2, shape[1] / 2
+    disc = (x - cx) ** 2 + (y - cy) ** 2 < (0.3 * shape[1]) ** 2
+    body = (x - cx) ** 2 / (0.45 * shape[0]) ** 2 + (y - cy) ** 2 / (0.45 * shape[1]) ** 2 < 1
+    tissue = np.where(disc, 100.0, np.where(body, 40.0, 0.0))
+    field = np.exp(0.5 * (x - cx) / cx - 0.25 * (y - cy) / cy)
+    noise = np.random.default_rng(seed).normal(0, 1.0, shape) * body
+    return (tissue * field + noise).clip(0).astype(np.float32), disc
+
+
+def _cv(values: np.ndarray) -> float:
+    return float(values.std() / values.mean())
+
+
+@pytest.mark.parametrize("mask", ["none", "otsu"])
+def test_n4_flattens_a_known_bias_field(mask: str) -> None:
+    from utils.preprocess import n4_bias_correction
+
+    image, disc = _biased_volume((32, 26, 3))
+    out = n4_bias_correction(image, (1.5, 1.2, 5.0), mask=mask)
+    assert out.shape == image.shape and out.dtype == np.float32
+    assert _cv(image[disc]) > 0.12
+    assert _cv(out[disc]) < 0.4 * _cv(image[disc])  # the disc is flat again
+
+
+def test_n4_script_does_what_the_released_script_did(load_script, tmp_path: Path) -> None:
+    """The released script: sitk.ReadImage, Cast to float32, N4 (threshold 0.001, 4 x 50
+    iterations) with no mask, WriteImage. Run here on the same file, it is the reference."""
+    import SimpleITK as sitk
+
+    n4 = load_script("N4_bias_correction")
+    image, _ = _biased_volume((36, 28, 3))
+    affine = np.diag([1.5, 1.2, 5.0, 1.0])
+    src, dst = tmp_path / "img.nii.gz", tmp_path / "out" / "img.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), src)
+    n4.correct_file(src, dst)
+
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetConvergenceThreshold(0.001)
+    corrector.SetMaximumNumberOfIterations([50] * 4)
+    ref = corrector.Execute(sitk.Cast(sitk.ReadImage(str(src)), sitk.sitkFloat32))
+    want = sitk.GetArrayFromImage(ref).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
+    got = nib.load(dst)
+    np.testing.assert_allclose(got.get_fdata(), want, rtol=1e-3, atol=1e-2)
+    np.testing.assert_allclose(got.affine, affine, atol=1e-6)
+    assert not np.allclose(want, image, rtol=0.02)  # the correction did something
+
+
+def test_n4_script_mirrors_a_raw_folder_and_refuses_negative_images(load_script,
+                                                                   tmp_path: Path) -> None:
+    n4 = load_script("N4_bias_correction")
+    raw, out = tmp_path / "raw" / "patient001", tmp_path / "n4"
+    raw.mkdir(parents=True)
+    image, disc = _biased_volume((24, 20, 2))
+    nib.save(nib.Nifti1Image(image, np.eye(4)), raw / "patient001_frame01.nii.gz")
+    nib.save(nib.Nifti1Image(disc.astype(np.int16), np.eye(4)),
+             raw / "patient001_frame01_gt.nii.gz")
+    (raw / "Info.cfg").write_text("ED: 1\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "N4_bias_correction.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "raw"), str(out)], check=True,
+                   capture_output=True)
+    copied = out / "patient001"
+    for name in ("patient001_frame01_gt.nii.gz", "Info.cfg"):  # labels and others: unchanged
+        assert (copied / name).read_bytes() == (raw / name).read_bytes()
+    corrected = nib.load(copied / "patient001_frame01.nii.gz").get_fdata()
+    assert _cv(corrected[disc]) < 0.5 * _cv(image[disc])
+
+    nib.save(nib.Nifti1Image(image - 50, np.eye(4)), tmp_path / "neg.nii.gz")
+    with pytest.raises(DataError, match=r"neg\.nii\.gz.*--mask otsu"):
+        n4.correct_file(tmp_path / "neg.nii.gz", tmp_path / "neg_out.nii.gz")
+    assert not (tmp_path / "neg_out.nii.gz").exists()

@@ -127,28 +127,40 @@ def to_native(probs: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     return native
 
 
+N4_MASKS = ("none", "otsu")
+
+
 def n4_bias_correction(
     image: np.ndarray,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     convergence_threshold: float = 0.001,
     levels: int = 4,
     iterations: int = 50,
+    mask: str = "none",
 ) -> np.ndarray:
     """N4 bias-field correction of an (X, Y, Z) volume with SimpleITK (METHOD §2.1).
 
-    The mask is Otsu's foreground, as in SimpleITK's examples; intensities must be positive,
-    so the volume is shifted to a minimum of 1 first and the shift is removed afterwards.
+    ``mask="none"``: the field is fitted over every voxel of the volume as given, as the
+    released script did (intensities must be positive; zeros are allowed). ``"otsu"``: fitted
+    on Otsu's foreground, after shifting the volume to a minimum of 1 (shift removed after).
     """
     import SimpleITK as sitk
 
-    shift = 1.0 - float(image.min())
+    if mask not in N4_MASKS:
+        raise ValueError(f"mask must be one of {N4_MASKS}, got {mask!r}")
+    if mask == "none" and float(image.min()) < 0:
+        raise ValueError(f"N4 without a mask needs intensities >= 0, the minimum is "
+                         f"{float(image.min()):g}: use mask 'otsu', which shifts them")
+    shift = 1.0 - float(image.min()) if mask == "otsu" else 0.0
     # SimpleITK orders axes (z, y, x); transposing keeps the physical spacing consistent.
     itk = sitk.GetImageFromArray(np.ascontiguousarray((image + shift).transpose(2, 1, 0)))
     itk = sitk.Cast(itk, sitk.sitkFloat32)
     itk.SetSpacing(tuple(float(s) for s in spacing))
-    mask = sitk.OtsuThreshold(itk, 0, 1, 200)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.SetConvergenceThreshold(convergence_threshold)
     corrector.SetMaximumNumberOfIterations([iterations] * levels)
-    out = corrector.Execute(itk, mask)
+    if mask == "otsu":
+        out = corrector.Execute(itk, sitk.OtsuThreshold(itk, 0, 1, 200))
+    else:
+        out = corrector.Execute(itk)
     return (sitk.GetArrayFromImage(out).transpose(2, 1, 0) - shift).astype(np.float32)
