@@ -133,6 +133,45 @@ def test_matches_loop_reference_float32(inter_image: bool, reduction: str) -> No
     assert abs(float(got) - float(want)) <= 1e-4 * abs(float(want))
 
 
+@pytest.mark.parametrize("inter_image", [True, False])
+def test_non_square_images_match_reference(inter_image: bool) -> None:
+    # H = 12 rows, W = 7 columns: a row/column or height/width mix-up in the sampler's
+    # flat-index decoding or the loss's gather lands on other pixels.
+    emb, labels = _random_case(2, 4, 8, 12, 71, torch.float64)
+    emb, labels = emb[..., :7].contiguous(), labels[..., :7].contiguous()
+    pos_idx = sample_positive_indices(labels, 5, generator=torch.Generator().manual_seed(8))
+    cls = labels.argmax(dim=1)
+    for img in range(4):
+        for c in range(1, 4):
+            rows = pos_idx[img, c - 1]
+            if bool((cls[img] == c).any()):
+                assert (rows[:, 0] < 12).all() and (rows[:, 1] < 7).all()
+                assert (cls[img][rows[:, 0], rows[:, 1]] == c).all()
+    got = local_contrastive_loss(emb, labels, pos_idx, 0.1, inter_image)
+    want = _reference_loss(emb, labels, pos_idx, 0.1, inter_image, "mean")
+    assert float(want) > 0.0
+    assert abs(float(got) - float(want)) <= 1e-9 * float(want)
+
+
+@pytest.mark.parametrize("inter_image", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "original"])
+def test_gradient_matches_loop_reference(inter_image: bool, reduction: str) -> None:
+    # The gradient flows through both the anchors and the class means (METHOD §5 detaches
+    # nothing); autograd through the literal loop is the independent reference.
+    emb, labels = _random_case(2, 3, 6, 8, 81, torch.float64)
+    pos_idx = sample_positive_indices(labels, 3, generator=torch.Generator().manual_seed(9))
+    emb_a = emb.clone().requires_grad_(True)
+    emb_b = emb.clone().requires_grad_(True)
+    (g_got,) = torch.autograd.grad(
+        local_contrastive_loss(emb_a, labels, pos_idx, 0.1, inter_image, reduction), emb_a
+    )
+    (g_want,) = torch.autograd.grad(
+        _reference_loss(emb_b, labels, pos_idx, 0.1, inter_image, reduction), emb_b
+    )
+    assert g_want.abs().max() > 0
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+
+
 def _line_case() -> tuple[torch.Tensor, torch.Tensor]:
     """Two 1x3 images; C=2, D=2. a: labels [0,1,1], class-1 pixels (1,0),(0,1); b: [1,0,0]."""
     emb = torch.zeros(2, 2, 1, 3, dtype=torch.float64)
