@@ -69,6 +69,17 @@ def test_soft_dice_perfect_and_gradient() -> None:
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
+def test_soft_dice_class_absent_everywhere_scores_zero() -> None:
+    # METHOD §5 puts eps in the denominator only: a class absent from the labels and (to
+    # float32 precision) from the prediction has Dice 0/(0+0+eps) = 0, not 1.
+    logits = torch.zeros(1, 2, 3, 3)
+    logits[:, 1] = -200.0  # softmax gives class 1 exactly 0 in float32
+    y = torch.zeros(1, 2, 3, 3)
+    y[:, 0] = 1.0
+    assert soft_dice_loss(logits, y).item() == pytest.approx(0.5, abs=1e-6)  # 1 - (1 + 0)/2
+    assert soft_dice_loss(logits, y, include_background=False).item() == pytest.approx(1.0)
+
+
 def test_soft_dice_float32_under_autocast() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 8, 8)
