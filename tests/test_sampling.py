@@ -11,6 +11,7 @@ from utils.sampling import (
     LABELED_DRAW_FACTOR,
     contrastive_batch,
     contrastive_index,
+    draw,
     first_eligible,
     labels_present,
     pair_layout,
@@ -72,6 +73,11 @@ def test_contrastive_index_falls_back_to_the_most_complete_slices():
     assert complete and idx.tolist() == [4]
     idx, complete = contrastive_index(torch.zeros(3, 4, 4, dtype=torch.long), 4)
     assert idx.numel() == 0 and not complete
+    # A tie for the most labels keeps every tied slice, not just the first.
+    labels[4, 0, 2] = 0
+    labels[2, 1, :2] = torch.tensor([3, 1])
+    idx, complete = contrastive_index(labels, 4)
+    assert not complete and idx.tolist() == [1, 2, 4]
 
 
 def test_pair_layout_intra_pairs_each_slice_with_itself():
@@ -213,6 +219,29 @@ def test_first_eligible_keeps_order_and_fills_from_the_eligible():
     with pytest.raises(DataError, match="no x"):
         first_eligible(seq, torch.tensor([], dtype=torch.long), 2, gen, "x")
     assert LABELED_DRAW_FACTOR == 15
+
+
+def test_draw_reaches_every_entry_uniformly():
+    # 6000 draws from three slice numbers: each appears, about 2000 times (a uniform count
+    # has sd ~37; 1700 is 8 sd away), and nothing else appears.
+    index = torch.tensor([10, 20, 30])
+    got = draw(index, 6000, torch.Generator().manual_seed(0), "x")
+    counts = [int((got == v).sum()) for v in (10, 20, 30)]
+    assert sum(counts) == 6000 and min(counts) > 1700
+
+
+def test_dice_slices_are_the_first_eligible_of_one_draw_of_15_n_seg():
+    # 4 of 40 slices eligible: a draw of 15 * 20 = 300 holds ~30 eligible entries, enough for
+    # the 20 Dice slices, which must be its first 20 eligible entries in order.
+    eligible = torch.tensor([3, 13, 23, 33])
+    for seed in range(3):
+        want_seq = torch.randint(40, (LABELED_DRAW_FACTOR * 20,),
+                                 generator=torch.Generator().manual_seed(seed))
+        want = [v for v in want_seq.tolist() if v in eligible.tolist()]
+        assert len(want) >= 20
+        dice, _, _ = pick_joint_slices(40, eligible, eligible, eligible, 20, 4,
+                                       torch.Generator().manual_seed(seed))
+        assert dice.tolist() == want[:20]
 
 
 def test_contrastive_batch_rejects_an_empty_pool():
