@@ -20,6 +20,7 @@ from utils.augment import (
     augment_batch,
     deformation_basis,
     dense_warp,
+    draw_deformation,
     intensity_augment,
     random_deformation,
     sample_affine_params,
@@ -136,6 +137,17 @@ def test_rotation_direction_matches_scipy_rotate():
     assert _dice(lab[0, 1].numpy(), ref) > 0.97
     ref_wrong = ndi.rotate(x, -12.0, reshape=False, order=0)
     assert _dice(lab[0, 1].numpy(), ref_wrong) < 0.9
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_rot45_odd_multiples_match_scipy_rotate(k):
+    # The exact cos/sin table of the odd multiples of 45 degrees, against scipy on the
+    # off-centre rectangle (each wrong entry turns it by a different angle).
+    x = np.zeros((96, 96), dtype=np.int64)
+    x[20:40, 30:80] = 1
+    labels = to_onehot(torch.from_numpy(x)[None], 2)
+    _, lab = apply_affine(labels[:, 1:], labels, _theta(AFF_ROT45, 1, 96, 96, k45=k))
+    assert _dice(lab[0, 1].numpy(), ndi.rotate(x, 45.0 * k, reshape=False, order=0)) > 0.95
 
 
 def test_outside_area_is_background_and_zero():
@@ -263,6 +275,19 @@ def test_deformation_random_k_clamped_and_single_slice():
         assert not torch.equal(img[2], images[2])
     one_img, one_lab = random_deformation(images[:1], labels[:1], 5.0, _gen())
     assert torch.equal(one_img, images[:1]) and torch.equal(one_lab, labels[:1])
+
+
+def test_deformation_random_k_is_uniform_over_1_to_18():
+    # With N = 30 no clamping: the first deformed slice k is one of 1..18, each about 1/18 of
+    # 720 draws (40 expected; 10 is 5 sd below).
+    ks = []
+    for seed in range(720):
+        _, deformed = draw_deformation(30, 1.0, _gen(seed))
+        ks.append(int(deformed.long().argmax()))
+        assert deformed[ks[-1]:].all() and not deformed[:ks[-1]].any()
+    counts = np.bincount(ks, minlength=19)
+    assert counts[0] == 0 and counts.sum() == counts[1:19].sum()
+    assert counts[1:19].min() > 10
 
 
 def test_dense_warp_constant_shift_hand_worked():
