@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
+import scipy.ndimage as ndi
 import torch
 
 import experiment_init
@@ -329,3 +331,67 @@ def test_pseudo_labels_keep_the_argmax_the_crf_started_from():
     assert float(dice_per_class(out.before_crf, gt, 3).mean()) == pytest.approx(
         out.dice_before_crf)
     assert make_pseudo_labels(model, *args, progress=False, use_crf=False).before_crf is None
+
+
+def test_overlap_rotation_is_rigid_on_non_square_slices():
+    # The model sees the volume rotated about its centre, as scipy rotates it, also on a
+    # 48 x 80 slice (a height/width mix-up turns the rotation into a shear there).
+    first, _ = draw_overlap_pair(torch.Generator().manual_seed(2))
+    assert first.choice == AFF_ROTATE and abs(first.rot_deg) > 20
+    x = np.zeros((48, 80))
+    x[10:22, 30:70] = 1.0
+    images = torch.from_numpy(x).float()[None, None].repeat(2, 1, 1, 1)
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inputs = []
+
+        def forward(self, x):
+            self.inputs.append(x.clone())
+            return torch.cat([x, 1 - x], 1)
+
+    model = Recorder()
+    augmentation_overlap(model, images, 2, torch.device("cpu"), torch.Generator().manual_seed(2))
+    seen = model.inputs[0][0, 0].numpy() > 0.5
+    ref = ndi.rotate(x, first.rot_deg, reshape=False, order=1) > 0.5
+    assert 2 * (seen & ref).sum() / (seen.sum() + ref.sum()) > 0.97
+
+
+def test_overlap_pixels_mostly_outside_the_view_are_background():
+    # A model sure of class 1 everywhere; the pair is a flip (full view) and a zoom s > 1,
+    # whose mapped-back prediction at column p reads the warped frame at c + s (p - c):
+    # bilinear with zero padding covers 1 inside [0, W-1], W - u on (W-1, W), 1 + u on (-1, 0)
+    # and 0 beyond (per axis; the product in 2D). Only pixels covered >= 1/2 stay class 1.
+    flip, zoom = draw_overlap_pair(torch.Generator().manual_seed(25))
+    assert flip.choice == AFF_FLIP and zoom.choice == AFF_SCALE and zoom.scale > 1.05
+    h, w = 48, 64
+
+    def coverage(n: int) -> np.ndarray:
+        u = (n - 1) / 2 + zoom.scale * (np.arange(n) - (n - 1) / 2)
+        return np.clip(np.minimum(1 + u, n - u), 0, 1)
+
+    cov = coverage(h)[:, None] * coverage(w)[None, :]
+    kept, kept_if_any = int((cov >= 0.5).sum()), int((cov > 0).sum())
+    assert kept < kept_if_any < h * w  # a partly covered band exists
+    logits = torch.zeros(1, 2, h, w)
+    logits[:, 1] = 20.0
+    score = augmentation_overlap(FixedLogits(logits), torch.rand(2, 1, h, w), 2,
+                                 torch.device("cpu"), torch.Generator().manual_seed(25))
+    assert score == pytest.approx(2 * kept / (h * w + kept), abs=1e-12)
+
+
+def test_overlap_must_exceed_the_threshold():
+    # METHOD §7.2 keeps a volume only if its overlap exceeds the threshold: a score equal to
+    # the threshold drops it. The first volume draws from a fresh generator, so its score is
+    # the one augmentation_overlap gives for that seed.
+    images, gt = _off_centre_phantom()
+    score = augmentation_overlap(_Threshold(), images, 3, torch.device("cpu"),
+                                 torch.Generator().manual_seed(3))
+    args = (_Threshold(), {"001": (images, gt)}, 3, crf_params_for("acdc"), torch.device("cpu"))
+    kw = {"test_aug_overlap": True, "progress": False, "use_crf": False}
+    out = make_pseudo_labels(*args, torch.Generator().manual_seed(3),
+                             overlap_threshold=float(np.nextafter(score, 0.0)), **kw)
+    assert out.kept == ["001"] and out.overlap["001"] == score
+    with pytest.raises(ConfigError, match="test_f1_threshold"):
+        make_pseudo_labels(*args, torch.Generator().manual_seed(3), overlap_threshold=score, **kw)
