@@ -168,6 +168,36 @@ def test_bilateral_self_term_sharpens_uniform_map() -> None:
         assert refined[0].min() > 0.99
 
 
+def test_probabilities_below_the_floor_count_as_the_floor() -> None:
+    # Unary -log(max(p, 1e-5)) as pydensecrf's unary_from_softmax: exact zeros of a one-hot
+    # map (which would give an infinite unary) refine exactly like probabilities of 1e-5.
+    gt = np.zeros((24, 32), dtype=np.int64)
+    gt[6:18, 8:24] = 1
+    probs = np.stack([gt == 0, gt == 1]).astype(np.float32)
+    probs[:, 12, 16] = [1.0, 0.0]  # an isolated certain pixel inside the square
+    image = np.zeros((24, 32), dtype=np.float32)
+    params = crf_params_for("prostate_md")
+    np.testing.assert_array_equal(crf_refine_slice(image, probs, params),
+                                  crf_refine_slice(image, np.maximum(probs, 1e-5), params))
+
+
+def test_bilateral_intensity_std_keeps_a_stripe_of_its_own_intensity() -> None:
+    # Bilateral term only (g_w2 = 0) on the lattice path (a_sxy = 3 px): a 3-px stripe of
+    # intensity 1 in a background of 0, weakly labelled class 1 (0.6) among confident
+    # class 0 (0.9). With a_srgb = 0.05 the stripe's pixels only talk to each other and it
+    # survives; with a_srgb = 1000 the intensity no longer separates it and it is erased.
+    image = np.zeros((24, 32), dtype=np.float32)
+    image[:, 15:18] = 1.0
+    stripe = image > 0.5
+    probs = np.where(stripe, np.array([0.4, 0.6])[:, None, None],
+                     np.array([0.9, 0.1])[:, None, None]).astype(np.float32)
+    kept = []
+    for a_srgb in (0.05, 1000.0):
+        params = CRFParams(a_sxy=3.0, a_srgb=a_srgb, a_w1=10, g_sxy=5, g_w2=0, n_iter=10)
+        kept.append((crf_refine_slice(image, probs, params).argmax(axis=0)[stripe] == 1).mean())
+    assert kept[0] == 1.0 and kept[1] == 0.0
+
+
 def test_slice_output_shape_dtype_and_normalisation() -> None:
     gt = _disk_ring_labels(32)
     image, clean, _ = _noisy_probs(gt, seed=0)
