@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import nibabel as nib
@@ -20,6 +21,7 @@ from utils.evaluation import (
     structure_metrics,
     summarize,
     validation_score,
+    write_test_results,
 )
 from utils.io import Volume, read_raw_volume
 from utils.preprocess import to_target
@@ -183,3 +185,45 @@ def test_evaluate_test_set_writes_native_predictions(acdc_root, tmp_path):
                  "metrics_per_subject.csv"):
         assert (out / name).is_file()
     assert float((out / "net_dsc_mean.txt").read_text()) == pytest.approx(1.0)
+
+
+def test_validation_score_is_the_mean_over_volumes_of_the_foreground_dice(acdc_root):
+    # Native spacing as target: an oracle's cropped prediction maps back exactly. Volume 001
+    # is predicted perfectly (1); volume 002 loses class 1 (Dice 0, classes 2, 3: 1, mean 2/3).
+    evs, logits = [], []
+    for sid in ("001", "002"):
+        vol = read_raw_volume("acdc", acdc_root, sid)
+        shown = vol.label.copy()
+        if sid == "002":
+            shown[shown == 1] = 0
+        image_c, label_c, geom = to_target(vol.image, shown, vol.spacing[:2], (1.5, 1.5),
+                                           (64, 64))
+        evs.append(EvalVolume(vol, image_c, geom))
+        logits.append(_Oracle(label_c, 4).logits)
+        want_002 = _dice_numpy_loop(shown, vol.label, 4)
+    assert vol.label.shape[0] != vol.label.shape[1]  # non-square: a transposed map would fail
+    np.testing.assert_array_equal(want_002, [0.0, 1.0, 1.0])
+    oracle = _Oracle(np.zeros((1, 1, 1), np.int64), 4)
+    oracle.logits = torch.cat(logits)  # the slices of 001, then those of 002
+    score = validation_score(oracle, evs, 4, torch.device("cpu"))
+    assert score == pytest.approx((1.0 + 2.0 / 3.0) / 2, abs=1e-12)
+
+
+def test_result_files_hold_the_summary_values(tmp_path):
+    def m(dice, hd, assd):
+        return {"dice": dice, "hd95": hd, "assd": assd}
+
+    per_subject = {"a": [m(0.8, 4.0, 1.5), m(0.2, None, None)],
+                   "b": [m(0.6, 6.0, 2.5), m(1.0, 3.0, 0.5)]}
+    names = ("s1", "s2")
+    write_test_results(tmp_path, summarize(per_subject, names), names)
+    np.testing.assert_allclose(np.loadtxt(tmp_path / "dsc_per_subject.txt"),
+                               [[0.8, 0.2], [0.6, 1.0]])
+    np.testing.assert_allclose(np.loadtxt(tmp_path / "dsc_per_struct.txt"), [0.7, 0.6])
+    assert float(np.loadtxt(tmp_path / "net_dsc_mean.txt")) == pytest.approx(0.65)
+    with open(tmp_path / "metrics_per_subject.csv", newline="") as f:
+        rows = {r["subject"]: r for r in csv.DictReader(f)}
+    assert rows["a"]["s1_hd95"] == "4.000000" and rows["a"]["s1_assd"] == "1.500000"
+    assert rows["a"]["s2_hd95"] == rows["a"]["s2_assd"] == ""  # undefined: empty
+    assert rows["b"]["s2_dice"] == "1.000000" and rows["b"]["s2_assd"] == "0.500000"
+    assert rows["b"]["mean_dice"] == "0.800000"
