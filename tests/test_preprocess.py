@@ -16,7 +16,14 @@ from conftest import blob_volume
 from scipy import ndimage
 
 from utils.io import DataError
-from utils.preprocess import Geometry, crop_or_pad, normalize_minmax, to_native, to_target
+from utils.preprocess import (
+    Geometry,
+    crop_or_pad,
+    normalize_minmax,
+    rescaled_shape,
+    to_native,
+    to_target,
+)
 
 
 def test_normalize_uses_percentiles_without_clipping():
@@ -183,3 +190,50 @@ def test_n4_script_mirrors_a_raw_folder_and_refuses_negative_images(load_script,
     with pytest.raises(DataError, match=r"neg\.nii\.gz.*--mask otsu"):
         n4.correct_file(tmp_path / "neg.nii.gz", tmp_path / "neg_out.nii.gz")
     assert not (tmp_path / "neg_out.nii.gz").exists()
+
+
+def test_constant_volume_normalises_to_zeros():
+    # 1st and 99th percentiles coincide: the scale falls back to 1, never 0/0.
+    out = normalize_minmax(np.full((4, 5, 2), 7.0, dtype=np.float32))
+    np.testing.assert_array_equal(out, np.zeros((4, 5, 2), np.float32))
+
+
+def test_volume_is_normalised_with_its_own_percentiles_not_per_slice():
+    # Slices at different intensity scales: one min-max of the whole volume keeps their ratio.
+    image, _ = blob_volume(shape=(20, 18, 3))
+    image[..., 2] *= 3.0
+    img_c, _, _ = to_target(image, None, (1.0, 1.0), (1.0, 1.0), (20, 18))
+    np.testing.assert_allclose(img_c, normalize_minmax(image), rtol=0, atol=1e-6)
+
+
+def test_rescaled_shape_rounds_to_nearest():
+    # 56 * 1.2 / 2 = 33.6 -> 34 and 57 * 1.3 / 2 = 37.05 -> 37, as skimage's rescale rounds.
+    assert rescaled_shape((56, 57), (1.2, 1.3), (2.0, 2.0)) == (34, 37)
+    _, _, geom = to_target(np.random.default_rng(0).random((56, 57, 1)), None, (1.2, 1.3),
+                           (2.0, 2.0), (40, 40))
+    assert geom.rescaled_shape == (34, 37)
+
+
+def test_image_is_resampled_bilinearly_label_by_nearest():
+    # Upsampling 2x: output pixel i reads the input at (i + 0.5) / 2 - 0.5, so an x-ramp
+    # becomes that coordinate exactly (inside, away from the zero-filled border).
+    x = np.arange(10, dtype=np.float32)[:, None, None] * np.ones((1, 8, 1), np.float32)
+    label = np.zeros((10, 8, 1), np.int64)
+    label[3:7, 2:6] = 3  # class 3 next to background: interpolating would make 1s and 2s
+    img_c, lbl_c, _ = to_target(x, label, (1.0, 1.0), (0.5, 0.5), (20, 16), normalize=False)
+    want = (np.arange(20) + 0.5) / 2 - 0.5
+    np.testing.assert_allclose(img_c[2:18, 8, 0], want[2:18], atol=1e-6)
+    assert set(np.unique(lbl_c)) == {0, 3}
+    assert (lbl_c == 3).sum() == 4 * (label == 3).sum()
+
+
+def test_to_native_gives_probabilities_outside_the_crop_too():
+    # The rescaled frame (42, 39) is larger than the crop (32, 32): around the crop window
+    # there is only background, and after the bilinear resize every pixel still sums to 1.
+    geom = Geometry((60, 56), (42, 39), (32, 32))
+    probs = torch.zeros(2, 3, 32, 32)
+    probs[:, 1] = 1.0
+    out = to_native(probs, geom)
+    assert out.shape == (2, 3, 60, 56)
+    torch.testing.assert_close(out.sum(1), torch.ones(2, 60, 56))
+    assert float(out[:, 0, 0, 0].min()) == 1.0 and float(out[:, 1, 30, 28].min()) == 1.0
