@@ -254,24 +254,27 @@ def test_overlap_pair_is_never_two_flips():
     assert sum(b.choice == AFF_FLIP for _, b in pairs) > 60
 
 
+class _Recorder(torch.nn.Module):
+    """A two-class "segmenter" that keeps a copy of every input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        return torch.cat([x, 1 - x], 1)
+
+
 def test_overlap_check_never_predicts_two_flipped_copies():
     # Behaviour seen by the model: over many draws, never are both of its inputs the
     # left-right flip of the volume (that pair agrees trivially, ~1 volume in 9 before).
     images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     flipped = torch.flip(images, dims=[-1])
 
-    class Recorder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inputs = []
-
-        def forward(self, x):
-            self.inputs.append(x.clone())
-            return torch.cat([x, 1 - x], 1)
-
     n_one_flip = 0
     for seed in range(60):
-        model = Recorder()
+        model = _Recorder()
         augmentation_overlap(model, images, 2, torch.device("cpu"),
                              torch.Generator().manual_seed(seed))
         assert len(model.inputs) == 2
@@ -342,16 +345,7 @@ def test_overlap_rotation_is_rigid_on_non_square_slices():
     x[10:22, 30:70] = 1.0
     images = torch.from_numpy(x).float()[None, None].repeat(2, 1, 1, 1)
 
-    class Recorder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inputs = []
-
-        def forward(self, x):
-            self.inputs.append(x.clone())
-            return torch.cat([x, 1 - x], 1)
-
-    model = Recorder()
+    model = _Recorder()
     augmentation_overlap(model, images, 2, torch.device("cpu"), torch.Generator().manual_seed(2))
     seen = model.inputs[0][0, 0].numpy() > 0.5
     ref = ndi.rotate(x, first.rot_deg, reshape=False, order=1) > 0.5
