@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import experiment_init
+from experiment_init import ConfigError
 from utils.flags import BASELINE, FLAGS, JOINT, RESUME_FREE_FLAGS, parse_flags, parser, route
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +44,15 @@ def test_init_file_defaults_and_the_joint_steps_n_iter():
     args, _ = parse_flags(JOINT, ["--dataset", "demo"])
     assert (args.n_iter_per_round, args.n_rounds, args.bt_size, args.n_iter) == (
         cfg.n_iter_per_round, cfg.n_rounds, cfg.batch_size_ft, None)
-    args, _ = parse_flags(JOINT, ["--dataset", "demo", "--n_iter", "7"])
-    assert args.n_iter_per_round == 7  # the original's name of the same setting
+    # the released joint script's --n_iter counted the whole run: 15001 = 3 x 5000 + 1
+    args, _ = parse_flags(JOINT, ["--dataset", "demo", "--n_iter", "15001", "--n_rounds", "3"])
+    assert args.n_iter_per_round == 5000
+    args, _ = parse_flags(JOINT, ["--dataset", "demo", "--n_iter", "7", "--n_rounds", "2"])
+    assert args.n_iter_per_round == 3
+    args, _ = parse_flags(JOINT, ["--dataset", "demo", "--n_iter", str(2 * cfg.n_rounds)])
+    assert args.n_iter_per_round == 2  # the init file's rounds
+    with pytest.raises(ConfigError, match="--n_iter=1: the joint step's whole run"):
+        parse_flags(JOINT, ["--dataset", "demo", "--n_iter", "1", "--n_rounds", "2"])
     args, _ = parse_flags(JOINT, ["--dataset", "demo", "--n_iter", "7", "--n_iter_per_round", "5"])
     assert args.n_iter_per_round == 5
 

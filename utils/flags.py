@@ -82,8 +82,9 @@ FLAGS: tuple[Flag, ...] = (
           "batch (METHOD §6)"),
     Flag("n_iter", STEPS, dict(
         type=int, default=None,
-        help="iterations (default: n_iter of experiment_init/init_<dataset>.py); the joint "
-        "step reads it as --n_iter_per_round"), routed=(BASELINE,)),
+        help="iterations (default: n_iter of experiment_init/init_<dataset>.py); joint step: "
+        "the whole run, as the original's 15001 (3 rounds x 5000 + 1), so --n_iter_per_round "
+        "is n_iter // n_rounds"), routed=(BASELINE,)),
     # Device, seed and paths.
     _both("device", resume_free=True, default="auto", help="auto | cpu | cuda"),
     _both("seed", type=int, default=None, help="random seed (default: --ver)"),
@@ -149,8 +150,8 @@ FLAGS: tuple[Flag, ...] = (
     _joint("n_rounds", type=int, default=None,
            help="self-training rounds (default: n_rounds of the init file)"),
     _joint("n_iter_per_round", type=int, default=None,
-           help="iterations per round (default: --n_iter, else n_iter_per_round of the init "
-           "file)"),
+           help="iterations per round (default: --n_iter // --n_rounds, else "
+           "n_iter_per_round of the init file)"),
     _joint("crf", type=int, default=1, choices=(0, 1),
            help="1: refine pseudo-labels with the dense CRF (the original); 0: argmax"),
     _joint("crf_workers", resume_free=True, type=positive_int, default=None,
@@ -254,8 +255,16 @@ def parse_flags(
     args = parser(step, description).parse_args(argv)
     check_tag(args.tag)
     cfg = load(args.dataset, args.data_root, args.out_dir)
-    if step == JOINT and args.n_iter_per_round is None:
-        args.n_iter_per_round = args.n_iter  # the original's name of the same setting
+    if step == JOINT and args.n_iter_per_round is None and args.n_iter is not None:
+        # The released joint script's --n_iter (default 15001) counted the whole run.
+        rounds = cfg.n_rounds if args.n_rounds is None else args.n_rounds
+        if rounds >= 1:
+            if args.n_iter < rounds:
+                raise ConfigError(f"--n_iter={args.n_iter}: the joint step's whole run (the "
+                                  f"original's 15001 = 3 rounds x 5000 + 1) must give each "
+                                  f"of its {rounds} rounds an iteration; or set "
+                                  f"--n_iter_per_round")
+            args.n_iter_per_round = args.n_iter // rounds
     from_init = {flag: setting for flag, setting in INIT_FILE_DEFAULTS[step].items()
                  if getattr(args, flag) is None}
     resolved = resolve_flags(args, cfg, **INIT_FILE_DEFAULTS[step])
