@@ -117,6 +117,20 @@ class ExperimentConfig:
     def unlabeled_ids(self) -> list[str]:
         return list(self.labeled[self.unlabeled_pool])
 
+    def label_uses(self, subject_id: str) -> list[str]:
+        """The lists that need the label of ``subject_id``: every labeled set but the unlabeled
+        pool's, every validation set and the test set, e.g. ``["labeled['tr8_c1']", "test"]``."""
+        uses = [f"{part}['{key}']" for part, table in (("labeled", self.labeled),
+                                                       ("validation", self.validation))
+                for key, ids in table.items()
+                if subject_id in ids and (part, key) != ("labeled", self.unlabeled_pool)]
+        return uses + (["test"] if subject_id in self.test else [])
+
+    def pool_only_ids(self) -> list[str]:
+        """The pool volumes no other list needs the label of: they may come without a label
+        file (as in the original, the pool is trained on with pseudo-labels only)."""
+        return [sid for sid in self.unlabeled_ids() if not self.label_uses(sid)]
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ExperimentConfig:
         """The inverse of `to_dict`: a run's recorded configuration (its config.yaml), read as

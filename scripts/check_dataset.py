@@ -6,8 +6,9 @@ Checks per id: image and label exist and load (gzip and NIfTI intact), 3D (or 4D
 expected channel) with more than one slice, image and label share one grid and one
 voxel-to-world matrix (orientation), voxel spacing positive and plausible, finite and not
 constant intensities, whole-number label values within the dataset's classes (after the MMWHS
-mapping). The splits themselves (an id twice in a list, a test id in a training or validation
-list) are checked when the configuration is loaded.
+mapping). A volume only the unlabeled pool needs may lack its label file: it is listed as
+unlabeled, not as a problem. The splits themselves (an id twice in a list, a test id in a
+training or validation list) are checked when the configuration is loaded.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 import experiment_init  # noqa: E402
-from utils.integrity import check_subject, configured_ids  # noqa: E402
+from utils.integrity import check_subject, configured_ids, lacks_label  # noqa: E402
 from utils.training import run_main  # noqa: E402
 
 
@@ -33,9 +34,14 @@ def main() -> None:
     args = parser.parse_args()
     cfg = experiment_init.load(args.dataset, args.data_root)
     ids = configured_ids(cfg)
+    pool_only = set(cfg.pool_only_ids())
     problems = []
     for sid in tqdm(ids, desc="checking", leave=False):
-        problems += check_subject(cfg, sid)
+        problems += check_subject(cfg, sid, label_optional=sid in pool_only)
+    unlabeled = [sid for sid in ids if sid in pool_only and lacks_label(cfg, sid)]
+    if unlabeled:
+        print(f"{len(unlabeled)} unlabeled pool subject(s), fine without label file (trained on "
+              f"with pseudo-labels only): {', '.join(unlabeled)}")
     if not problems:
         print(f"{len(ids)} subjects in {cfg.data_path_tr}: no problems found")
         return

@@ -103,6 +103,33 @@ def test_each_planted_problem_is_named(cfg, acdc_root, plant, expected):
     assert "\n" not in str(err.value)
 
 
+def test_pool_only_volume_may_lack_its_label(cfg, acdc_root):
+    cfg = replace(cfg, labeled={"tr1_c1": ["001"], "pool": ["001", "002"]},
+                  validation={"tr1_c1": ["001"]}, test=[], unlabeled_pool="pool")
+    assert cfg.pool_only_ids() == ["002"]
+    assert cfg.label_uses("001") == ["labeled['tr1_c1']", "validation['tr1_c1']"]
+    _frame(acdc_root, "002", gt=True).unlink()
+    assert check_subject(cfg, "002", label_optional=True) == []
+    require_valid(cfg, ["001", "002"], unlabeled_ok={"002"})
+    # asked for as a labeled volume, it needs its label
+    (problem,) = check_subject(cfg, "002")
+    assert problem.path == str(_frame(acdc_root, "002", gt=True))
+    assert "label file not found; the labeled set being trained on needs it" in problem.what
+    with pytest.raises(DataError, match="id 002: label file not found"):
+        require_valid(cfg, ["002"])
+    # its image is checked all the same
+    image, _ = blob_volume(seed=2)
+    image[1, 1, 1] = np.nan
+    write_nifti(_frame(acdc_root, "002"), image)
+    (problem,) = check_subject(cfg, "002", label_optional=True)
+    assert "NaN" in problem.what
+    # a volume other lists need names them
+    _frame(acdc_root, "001", gt=True).unlink()
+    (problem,) = check_subject(cfg, "001", label_optional=False)
+    assert ("label file not found; labeled['tr1_c1'], validation['tr1_c1'] need it: add it, or "
+            "keep the id only in the unlabeled pool labeled['pool']") in problem.what
+
+
 def test_check_dataset_script_reports_and_fails(tmp_path):
     env_root = tmp_path / "data"
     raw = env_root / "demo" / "raw"
@@ -113,8 +140,12 @@ def test_check_dataset_script_reports_and_fails(tmp_path):
     make_demo_dataset(raw, sorted(set(ids)), seed=0)
     cmd = [sys.executable, "scripts/check_dataset.py", "--dataset", "demo",
            "--data_root", str(env_root / "demo")]
+    ed = int((raw / "patient021" / "Info.cfg").read_text().split("ED:")[1].split()[0])
+    (raw / "patient021" / f"patient021_frame{ed:02d}_gt.nii.gz").unlink()  # only in the pool
     ok = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0 and "no problems found" in ok.stdout
+    assert "1 unlabeled pool subject(s), fine without label file" in ok.stdout
+    assert ok.stdout.rstrip().splitlines()[0].endswith(": 021")
     ed = int((raw / "patient005" / "Info.cfg").read_text().split("ED:")[1].split()[0])
     (raw / "patient005" / f"patient005_frame{ed:02d}_gt.nii.gz").write_bytes(b"\x1f\x8b junk")
     (raw / "patient012" / "Info.cfg").unlink()  # falls back to frame01, absent when ED != 1
@@ -122,8 +153,12 @@ def test_check_dataset_script_reports_and_fails(tmp_path):
     image = raw / "patient013" / f"patient013_frame{ed:02d}.nii.gz"
     blank = nib.load(str(image))
     nib.save(nib.Nifti1Image(np.zeros(blank.shape, np.int16), blank.affine), str(image))
+    ed = int((raw / "patient003" / "Info.cfg").read_text().split("ED:")[1].split()[0])
+    gt3 = raw / "patient003" / f"patient003_frame{ed:02d}_gt.nii.gz"
+    gt3.unlink()  # in labeled sets: needed
     bad = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1
+    assert f"003  {gt3}  label file not found; labeled['tr1_c3'], " in bad.stdout
     assert "005" in bad.stdout and "cannot read NIfTI" in bad.stdout
     assert f"013  {image}  image intensity is 0 everywhere" in bad.stdout
     assert "Traceback" not in bad.stderr

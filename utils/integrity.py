@@ -2,17 +2,19 @@
 
 `check_subject` lists what is wrong with one subject (empty when nothing is); the trainers call
 `require_valid` on the subjects they need before training, which stops at the first problem
-with one line naming the file, the id, what is wrong and what to do.
+with one line naming the file, the id, what is wrong and what to do. A volume only the unlabeled
+pool needs (`ExperimentConfig.pool_only_ids`) may come without a label file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
 
 from experiment_init import ExperimentConfig
-from utils.io import DataError, Volume, read_raw_volume
+from utils.io import DataError, Volume, raw_paths, read_raw_volume
 
 # In-plane and slice spacing outside this range (mm) is almost surely a broken header.
 PLAUSIBLE_SPACING_MM = (0.05, 30.0)
@@ -46,15 +48,46 @@ def image_problems(vol: Volume) -> list[str]:
     return problems
 
 
-def check_subject(cfg: ExperimentConfig, subject_id: str) -> list[Problem]:
-    """Problems of one subject's raw image and label (layout, loading, grid, spacing, labels)."""
+def lacks_label(cfg: ExperimentConfig, subject_id: str) -> bool:
+    """Whether the subject's raw image is there and its label file is not (False when the image
+    or its folder is missing: reading it says what is wrong)."""
     try:
-        vol = read_raw_volume(cfg.data_layout, cfg.data_path_tr, subject_id)
+        image_path, label_path = raw_paths(cfg.data_layout, cfg.data_path_tr, subject_id)
+    except DataError:
+        return False
+    return image_path.is_file() and not label_path.is_file()
+
+
+def missing_label(cfg: ExperimentConfig, subject_id: str) -> str:
+    """What to do about the missing label file of a subject that needs one, in a phrase."""
+    uses = cfg.label_uses(subject_id)
+    pool = f"labeled['{cfg.unlabeled_pool}'] of experiment_init/data_cfg_{cfg.dataset}.py"
+    if not uses:  # an unlabeled pool volume asked for as a labeled training volume
+        return (f"label file not found; the labeled set being trained on needs it, but only "
+                f"the unlabeled pool {pool} may lack labels: add the label file")
+    return (f"label file not found; {', '.join(uses)} need it: add it, or keep the id only in "
+            f"the unlabeled pool {pool}")
+
+
+def check_subject(
+    cfg: ExperimentConfig, subject_id: str, label_optional: bool = False
+) -> list[Problem]:
+    """Problems of one subject's raw image and label (layout, loading, grid, spacing, labels).
+    ``label_optional``: a missing label file is no problem (an unlabeled pool volume)."""
+    unlabeled = lacks_label(cfg, subject_id)
+    try:
+        vol = read_raw_volume(cfg.data_layout, cfg.data_path_tr, subject_id,
+                              with_label=not unlabeled)
     except DataError as err:
         msg = str(err)
         path, _, what = msg.partition(": ")
         return [Problem(subject_id, path, what)]
     problems = [Problem(subject_id, str(vol.image_path), what) for what in image_problems(vol)]
+    if unlabeled:
+        if not label_optional:
+            label_path = raw_paths(cfg.data_layout, cfg.data_path_tr, subject_id)[1]
+            problems.append(Problem(subject_id, str(label_path), missing_label(cfg, subject_id)))
+        return problems
     labels = np.unique(vol.label)
     bad = labels[(labels < 0) | (labels >= cfg.num_classes)]
     if bad.size:
@@ -71,10 +104,13 @@ def configured_ids(cfg: ExperimentConfig) -> list[str]:
     return sorted(ids | set(cfg.test))
 
 
-def require_valid(cfg: ExperimentConfig, subject_ids: list[str]) -> None:
-    """Raise DataError with a one-line message at the first problem among ``subject_ids``."""
+def require_valid(
+    cfg: ExperimentConfig, subject_ids: list[str], unlabeled_ok: Collection[str] = ()
+) -> None:
+    """Raise DataError with a one-line message at the first problem among ``subject_ids``;
+    those in ``unlabeled_ok`` may lack a label file."""
     for sid in subject_ids:
-        problems = check_subject(cfg, sid)
+        problems = check_subject(cfg, sid, label_optional=sid in unlabeled_ok)
         if problems:
             raise DataError(problems[0].line() + " (run scripts/check_dataset.py --dataset "
                             f"{cfg.dataset} for a full report)")
