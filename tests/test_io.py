@@ -111,6 +111,19 @@ def test_cropped_round_trip_and_atomic_save(tmp_path):
         read_cropped(tmp_path, "002")
 
 
+def test_cropped_volume_without_label(tmp_path):
+    image, label = blob_volume()
+    write_cropped(tmp_path, "001", image, label, (1.25, 1.25))
+    # cropped again without label (its label file was removed): the old mask goes with it
+    write_cropped(tmp_path, "001", image + 1, None, (1.25, 1.25))
+    assert sorted(p.name for p in (tmp_path / "001").iterdir()) == ["img_cropped.nii.gz"]
+    img, lbl = read_cropped(tmp_path, "001", label_required=False)
+    np.testing.assert_allclose(img, image + 1)
+    assert lbl is None
+    with pytest.raises(DataError, match="mask_cropped.nii.gz: cropped label not found.*--ids 001"):
+        read_cropped(tmp_path, "001")
+
+
 def test_save_nifti_failure_keeps_old_file(tmp_path):
     path = tmp_path / "x.nii.gz"
     save_nifti(path, np.ones((3, 3, 3), np.float32), np.eye(4))

@@ -424,18 +424,26 @@ def write_cropped(
     cropped_root: str | os.PathLike,
     subject_id: str,
     image: np.ndarray,
-    label: np.ndarray,
+    label: np.ndarray | None,
     target_resolution: tuple[float, float],
 ) -> None:
-    """Store a preprocessed subject; the affine carries the target in-plane spacing (mm)."""
+    """Store a preprocessed subject; the affine carries the target in-plane spacing (mm).
+    Without a label (an unlabeled pool volume) only the image is written."""
     affine = np.diag([target_resolution[0], target_resolution[1], 1.0, 1.0])
     img_path, mask_path = cropped_paths(cropped_root, subject_id)
+    if label is None:
+        # A mask of an earlier cropping would be read as this image's ground truth.
+        mask_path.unlink(missing_ok=True)
     save_nifti(img_path, image.astype(np.float32), affine)
-    save_nifti(mask_path, label.astype(np.uint8), affine)
+    if label is not None:
+        save_nifti(mask_path, label.astype(np.uint8), affine)
 
 
-def read_cropped(cropped_root: str | os.PathLike, subject_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """(image float32, label int64), both (X, Y, Z) in the target grid."""
+def read_cropped(
+    cropped_root: str | os.PathLike, subject_id: str, label_required: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(image float32, label int64), both (X, Y, Z) in the target grid. Without
+    ``label_required``, a subject cropped without label (no mask file) gives label None."""
     img_path, mask_path = cropped_paths(cropped_root, subject_id)
     if not img_path.is_file():
         raise DataError(
@@ -443,5 +451,12 @@ def read_cropped(cropped_root: str | os.PathLike, subject_id: str) -> tuple[np.n
             "--dataset <name> first"
         )
     image = np.asarray(load_nifti(img_path).get_fdata(dtype=np.float32))
+    if not mask_path.is_file():
+        if not label_required:
+            return image, None
+        raise DataError(
+            f"{mask_path}: cropped label not found (its subject was cropped without one); add "
+            f"the raw label file and rerun scripts/create_cropped_imgs.py --ids {subject_id}"
+        )
     label = np.rint(np.asarray(load_nifti(mask_path).dataobj)).astype(np.int64)
     return image, label
