@@ -4,7 +4,8 @@
 
 By default every id of the dataset's splits (labeled sets and unlabeled pool) is processed;
 validation and test volumes are read raw by the trainers and need no cropped copy. Writes
-``<data folder>/cropped/<id>/img_cropped.nii.gz`` and ``mask_cropped.nii.gz`` atomically.
+``<data folder>/cropped/<id>/img_cropped.nii.gz`` and ``mask_cropped.nii.gz`` atomically; a
+volume only the unlabeled pool needs may lack its label file and gets the image alone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm import tqdm  # noqa: E402
 
 import experiment_init  # noqa: E402
 from utils.dataset import create_cropped, ensure_demo_data  # noqa: E402
+from utils.io import cropped_paths  # noqa: E402
 from utils.training import run_main  # noqa: E402
 
 
@@ -38,6 +40,10 @@ def main() -> None:
     for sid in tqdm(ids, desc="cropping"):
         written += create_cropped(cfg, [sid], overwrite=args.overwrite)
     print(f"{written} of {len(ids)} subjects written to {cfg.data_path_tr_cropped}")
+    root = cfg.data_path_tr_cropped
+    unlabeled = [sid for sid in ids if not cropped_paths(root, sid)[1].is_file()]
+    if unlabeled:
+        print(f"without label (unlabeled pool, image only): {', '.join(unlabeled)}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import experiment_init  # noqa: E402
 from models.unet import JointUNet, UNet  # noqa: E402
 from utils.crf import CRFParams  # noqa: E402
-from utils.dataset import ensure_demo_data, load_slices  # noqa: E402
+from utils.dataset import ensure_demo_data, load_pool, load_slices  # noqa: E402
 from utils.io import atomic_path  # noqa: E402
 from utils.joint_training import JointSettings, build_joint_data, joint_batch  # noqa: E402
 from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
@@ -60,6 +60,11 @@ def pool_labels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pool's images (N, 1, H, W) and labels (N, H, W): ground truth or pseudo-labels."""
     if source == "gt":
+        unlabeled = [sid for sid, (_, lbl) in pool.items() if lbl is None]
+        if unlabeled:
+            raise experiment_init.ConfigError(
+                f"--pseudo_labels gt: pool volumes {', '.join(unlabeled)} have no ground "
+                "truth; pass a run directory to pseudo-label them")
         return (torch.cat([img for img, _ in pool.values()]),
                 torch.cat([lbl for _, lbl in pool.values()]))
     ckpt = Path(source) / "checkpoints" / "best.pt"
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     ensure_demo_data(cfg)
     generator = seed_everything(args.seed)
     lab_img, lab_lbl = load_slices(cfg, cfg.labeled_ids(args.no_of_tr_imgs, args.comb_tr_imgs))
-    pool = {sid: load_slices(cfg, [sid]) for sid in cfg.unlabeled_ids()}
+    pool = load_pool(cfg, cfg.unlabeled_ids())
     unl_img, unl_lbl = pool_labels(cfg, pool, args.pseudo_labels, generator)
     data, _ = build_joint_data(lab_img, lab_lbl, unl_img, unl_lbl, cfg.num_classes,
                                cfg.min_labels_dice_slice)

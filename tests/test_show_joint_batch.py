@@ -45,3 +45,15 @@ def test_show_joint_batch_writes_what_the_loss_sees(tmp_path, demo_env, load_scr
         assert origin[: b // 2].count("U") == 0 and origin[b // 2: b].count("L") == 0
     png = out / "joint_batch.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ground_truth_in_place_of_pseudo_labels_needs_a_labeled_pool(load_script):
+    import torch
+
+    pool = {"001": (torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4, dtype=torch.uint8)),
+            "021": (torch.zeros(3, 1, 4, 4), None)}
+    pool_labels = load_script("show_joint_batch").pool_labels
+    with pytest.raises(experiment_init.ConfigError, match="pool volumes 021 have no ground truth"):
+        pool_labels(None, pool, "gt", None)
+    images, labels = pool_labels(None, {"001": pool["001"]}, "gt", None)
+    assert images.shape == (2, 1, 4, 4) and labels.shape == (2, 4, 4)

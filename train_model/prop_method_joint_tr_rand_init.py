@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from experiment_init import ConfigError, ExperimentConfig  # noqa: E402
 from models.unet import JointUNet  # noqa: E402
 from utils.crf import CRFParams  # noqa: E402
-from utils.dataset import load_slices  # noqa: E402
+from utils.dataset import load_pool, load_slices  # noqa: E402
 from utils.device import available_cpus  # noqa: E402
 from utils.flags import BASELINE, JOINT, parse_flags  # noqa: E402
 from utils.joint_training import JointSettings, build_joint_data, joint_stepper  # noqa: E402
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     with start_run(args, cfg, JOINT, plan, baseline_checkpoint=str(baseline_ckpt)) as run:
         device = run.device
         lab_img, lab_lbl = (t.to(device) for t in load_slices(cfg, run.ids["labeled_ids"]))
-        pool = {sid: load_slices(cfg, [sid]) for sid in run.ids["pool_ids"]}
+        pool = load_pool(cfg, run.ids["pool_ids"])
         if args.pretr_n_iter is not None:
             print(f"starting from {baseline_ckpt} (best of its run; --pretr_n_iter "
                   f"{args.pretr_n_iter})", flush=True)

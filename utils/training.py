@@ -467,7 +467,7 @@ def start_run(
     # The inputs are checked before the run directory is made or touched: a start refused for
     # its data leaves nothing in the way of the corrected command.
     ensure_demo_data(cfg)
-    verify_inputs(cfg, ids["labeled_ids"] + ids.get("pool_ids", []), ids["val_ids"] + cfg.test)
+    verify_inputs(cfg, ids["labeled_ids"], ids["val_ids"] + cfg.test, ids.get("pool_ids", []))
     run_dir = run_directory(cfg, args, step)
     lock = lock_run_dir(run_dir, args.force_unlock)
     try:
