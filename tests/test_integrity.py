@@ -126,8 +126,8 @@ def test_pool_only_volume_may_lack_its_label(cfg, acdc_root):
     # a volume other lists need names them
     _frame(acdc_root, "001", gt=True).unlink()
     (problem,) = check_subject(cfg, "001", label_optional=False)
-    assert ("label file not found; labeled['tr1_c1'], validation['tr1_c1'] need it: add it, or "
-            "keep the id only in the unlabeled pool labeled['pool']") in problem.what
+    assert ("label file not found; the lists labeled['tr1_c1'], validation['tr1_c1'] need it: "
+            "add it, or keep the id only in the unlabeled pool labeled['pool']") in problem.what
 
 
 def test_check_dataset_script_reports_and_fails(tmp_path):
@@ -158,7 +158,7 @@ def test_check_dataset_script_reports_and_fails(tmp_path):
     gt3.unlink()  # in labeled sets: needed
     bad = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1
-    assert f"003  {gt3}  label file not found; labeled['tr1_c3'], " in bad.stdout
+    assert f"003  {gt3}  label file not found; the lists labeled['tr1_c3'], " in bad.stdout
     assert "005" in bad.stdout and "cannot read NIfTI" in bad.stdout
     assert f"013  {image}  image intensity is 0 everywhere" in bad.stdout
     assert "Traceback" not in bad.stderr

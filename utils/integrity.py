@@ -65,8 +65,8 @@ def missing_label(cfg: ExperimentConfig, subject_id: str) -> str:
     if not uses:  # an unlabeled pool volume asked for as a labeled training volume
         return (f"label file not found; the labeled set being trained on needs it, but only "
                 f"the unlabeled pool {pool} may lack labels: add the label file")
-    return (f"label file not found; {', '.join(uses)} need it: add it, or keep the id only in "
-            f"the unlabeled pool {pool}")
+    return (f"label file not found; the lists {', '.join(uses)} need it: add it, or keep the "
+            f"id only in the unlabeled pool {pool}")
 
 
 def check_subject(
