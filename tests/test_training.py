@@ -289,6 +289,35 @@ def test_best_selection_decides_each_rounds_labeller_and_the_tested_model(
     assert best["val_dice"] == SCORES[tested - 1000]
 
 
+@pytest.mark.parametrize("bn_updates", [None, "1"])
+def test_joint_batch_norms_move_as_the_released_loop(edited_config, tmp_path, monkeypatch,
+                                                     bn_updates):
+    """The joint network's running statistics start at zero, and by default the encoder,
+    decoder and projection head (the layers the released loop's first graph run passed
+    through) move as two updates per step; the segmentation head's as one."""
+    common = _tiny_dataset(edited_config, tmp_path, monkeypatch)
+    _trainer("tr_baseline").main(common)
+    joint = _trainer("prop_method_joint_tr_rand_init")
+    seen = {}
+
+    def stepper(model, *args, **kwargs):
+        for part in ("encoder", "decoder", "proj_head", "seg_head"):
+            bns = [m for m in getattr(model, part).modules()
+                   if isinstance(m, torch.nn.BatchNorm2d)]
+            seen[part] = {round(m.momentum, 6) for m in bns}
+            if part in ("encoder", "decoder"):
+                assert all(torch.count_nonzero(m.running_var) == 0 for m in bns)
+        return lambda it: (torch.zeros(()), torch.zeros(()), torch.zeros(()))
+
+    monkeypatch.setattr(joint, "joint_stepper", stepper)
+    flags = [*common, "--bt_size", "2", "--n_rounds", "1", "--n_iter_per_round", "1",
+             "--crf", "0"]
+    joint.main(flags + (["--bn_updates", bn_updates] if bn_updates else []))
+    twice = 0.0199 if bn_updates is None else 0.01
+    assert seen == {"encoder": {twice}, "decoder": {twice}, "proj_head": {twice},
+                    "seg_head": {0.01}}
+
+
 def _marker_of(state: dict[str, torch.Tensor]) -> torch.Tensor:
     return next(v for k, v in state.items() if k.endswith("num_batches_tracked"))
 
@@ -312,7 +341,8 @@ def test_a_failed_start_leaves_nothing_in_the_way(edited_config, tmp_path, monke
     edited_config("tiny", demo_n_patients="", demo_seed="")
     label = next((tmp_path / "data" / "raw" / "patient003").glob("*_gt.nii.gz"))
     label.rename(label.with_name("moved"))
-    with pytest.raises(DataError, match=f"{label}: id 003: file not found"):
+    with pytest.raises(DataError, match=f"{label}: id 003: label file not found; the lists test "
+                                        "need it"):
         baseline.main([*common, "--ver", "1"])
     assert not run.with_name("tr1_c1_v1").exists()
     label.with_name("moved").rename(label)
