@@ -13,7 +13,7 @@ because the encoder max-pools five times by 2.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -30,8 +30,29 @@ def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
+def reset_batch_statistics(bn: nn.BatchNorm2d) -> None:
+    """Running mean and variance 0, no batches tracked: where the original's running averages
+    start (TF's ExponentialMovingAverage of a tensor starts at zero and, not zero-debiased,
+    leans towards it for its first few hundred updates). PyTorch's variance starts at 1."""
+    bn.reset_running_stats()
+    bn.running_var.zero_()
+
+
+def repeat_running_updates(modules: Iterable[nn.Module], times: int) -> None:
+    """Make every batch norm in ``modules`` move its running averages per training forward
+    as ``times`` updates with the same batch statistics would (momentum
+    1 - (1 - BN_MOMENTUM) ** times): the released joint loop ran the training graph twice per
+    iteration, once for its checks and once for the step, and each run updated the averages
+    of the layers that graph passed through."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 1.0 - (1.0 - BN_MOMENTUM) ** times
+
+
 def init_weights(module: nn.Module) -> None:
-    """He-normal (std = sqrt(2 / fan_in)) conv weights, zero biases, identity batch norm.
+    """He-normal (std = sqrt(2 / fan_in)) conv weights, zero biases, identity batch norm with
+    zero running statistics (`reset_batch_statistics`).
 
     Applied recursively with ``module.apply(init_weights)``.
     """
@@ -42,6 +63,7 @@ def init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+        reset_batch_statistics(module)
 
 
 def check_input_size(x: torch.Tensor) -> None:
@@ -270,7 +292,7 @@ class JointUNet(UNet):
         """Start from a baseline as the original does: copy the trainable ``encoder.`` and
         ``decoder.`` parameters (conv weights and biases, batch-norm weight and bias) of a
         (UNet) state_dict. The encoder/decoder batch-norm running statistics start fresh
-        (mean 0, variance 1, no batches tracked), and the heads are left as they are.
+        (`reset_batch_statistics`), and the heads are left as they are.
 
         Raises:
             KeyError: if any encoder/decoder parameter of this model is missing from
@@ -286,8 +308,8 @@ class JointUNet(UNet):
             for k, p in own.items():
                 p.copy_(state_dict[k])
         for m in [*self.encoder.modules(), *self.decoder.modules()]:
-            if hasattr(m, "reset_running_stats"):  # the batch norms
-                m.reset_running_stats()
+            if isinstance(m, nn.BatchNorm2d):
+                reset_batch_statistics(m)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -18,6 +18,7 @@ from models.unet import (
     UNet,
     UpConvBNReLU,
     count_parameters,
+    repeat_running_updates,
 )
 
 
@@ -201,10 +202,8 @@ def test_joint_starts_from_baseline_trainable_parameters_only() -> None:
     for k, v in joint.state_dict().items():
         if k.startswith(("seg_head.", "proj_head.")):
             expected = before[k]
-        elif k.endswith(("running_mean", "num_batches_tracked")):
-            expected = torch.zeros_like(v)
-        elif k.endswith("running_var"):
-            expected = torch.ones_like(v)
+        elif k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            expected = torch.zeros_like(v)  # where TF's moving averages start
         else:
             expected = baseline[k]
         assert torch.equal(v, expected), k
@@ -224,8 +223,12 @@ def test_load_encoder_decoder_missing_key() -> None:
 
 def test_channels_last_and_autocast() -> None:
     torch.manual_seed(0)
-    model = UNet(3).eval()
+    model = UNet(3)
     x = torch.randn(2, 1, 32, 32)
+    for m in model.modules():  # unit running variances: a well-scaled eval forward
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.fill_(1.0)
+    model.eval()
     with torch.no_grad():
         ref = model(x)
         model_cl = model.to(memory_format=torch.channels_last)
@@ -342,3 +345,38 @@ def test_joint_heads_see_the_batch_as_the_original() -> None:
     torch.testing.assert_close(joint.seg_head.convs[0][1].running_mean,
                                0.01 * y.mean(dim=(0, 2, 3)))
 
+
+
+def _tf_moving_average(batches: list[torch.Tensor], updates_per_batch: int) -> torch.Tensor:
+    """TF 1.x ExponentialMovingAverage(decay=0.99).apply on a tensor, not zero-debiased: the
+    shadow starts at 0 and takes ``updates_per_batch`` updates with each batch's value."""
+    shadow = torch.zeros_like(batches[0])
+    for value in batches:
+        for _ in range(updates_per_batch):
+            shadow = 0.99 * shadow + 0.01 * value
+    return shadow
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_running_statistics_follow_the_original_moving_averages(times: int) -> None:
+    """Zero start (not PyTorch's variance 1) and, for the released joint loop's two graph runs
+    per iteration, two updates with the same batch statistics per training forward."""
+    torch.manual_seed(0)
+    net = UNet(3)
+    bn = net.encoder.levels[0][0][1]
+    assert torch.count_nonzero(bn.running_mean) == torch.count_nonzero(bn.running_var) == 0
+    repeat_running_updates([net.encoder], times)
+    assert net.seg_head.convs[0][1].momentum == pytest.approx(0.01)  # not in the modules given
+    conv = net.encoder.levels[0][0][0]
+    means, variances = [], []
+    net.train()
+    for _ in range(4):
+        x = torch.randn(3, 1, 32, 32) * 2 + 1
+        with torch.no_grad():
+            y = conv(x)
+            means.append(y.mean((0, 2, 3)))
+            n = y[:, 0].numel()
+            variances.append(y.var((0, 2, 3), unbiased=False) * n / (n - 1))  # as PyTorch keeps
+            net(x)
+    torch.testing.assert_close(bn.running_mean, _tf_moving_average(means, times))
+    torch.testing.assert_close(bn.running_var, _tf_moving_average(variances, times))

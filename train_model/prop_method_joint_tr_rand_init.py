@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from experiment_init import ConfigError, ExperimentConfig  # noqa: E402
-from models.unet import JointUNet  # noqa: E402
+from models.unet import JointUNet, repeat_running_updates  # noqa: E402
 from utils.crf import CRFParams  # noqa: E402
 from utils.dataset import load_pool, load_slices  # noqa: E402
 from utils.device import available_cpus  # noqa: E402
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{args.pretr_n_iter})", flush=True)
         model = on_device(JointUNet(cfg.num_classes), device)
         model.load_encoder_decoder(baseline)
+        repeat_running_updates([model.encoder, model.decoder, model.proj_head], args.bn_updates)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
         dice_loss = segmentation_loss(args.dsc_loss, cfg.num_classes)
         settings = JointSettings.from_flags(args, cfg.num_classes, cfg.mtask_bs)

@@ -163,6 +163,10 @@ FLAGS: tuple[Flag, ...] = (
            "'original' as the released code, whose bar resets at each round's end to its last "
            "validation Dice, so the newest checkpoint that beat it wins; 'overall' the best "
            "validation Dice of all rounds"),
+    _joint("bn_updates", type=int, default=2, choices=(1, 2),
+           help="batch-norm running-average updates per iteration in the encoder, decoder and "
+           "projection head: 2 as the released loop, which ran the training graph for its "
+           "checks and again for the step; 1: once, as the segmentation head"),
     _joint("loss_reduction", default="original", choices=("original", "mean"),
            help="'original': the released code's arithmetic (published numbers); 'mean': the "
            "paper's mean over pairs (see README)"),
