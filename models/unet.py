@@ -12,6 +12,7 @@ because the encoder max-pools five times by 2.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
@@ -64,6 +65,21 @@ def init_weights(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
         reset_batch_statistics(module)
+
+
+def one_stream_kernels(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Redraw every conv kernel of ``model`` as the released code drew them: each kernel,
+    laid out as TF's (kh, kw, in, out), is the first kh*kw*in*out values of ONE standard
+    normal stream, times sqrt(2 / fan_in). (Its TF ops all had seed 1 and no graph seed, so
+    each started the same sequence.) Kernels of one shape thus start equal, the others share
+    their leading values. Biases and batch norms are left as they are."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    stream = torch.randn(max(c.weight.numel() for c in convs), generator=generator)
+    with torch.no_grad():
+        for conv in convs:
+            out, inp, kh, kw = conv.weight.shape
+            kernel = stream[: conv.weight.numel()].reshape(kh, kw, inp, out).permute(3, 2, 0, 1)
+            conv.weight.copy_(kernel * math.sqrt(2.0 / (inp * kh * kw)))
 
 
 def check_input_size(x: torch.Tensor) -> None:

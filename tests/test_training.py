@@ -318,6 +318,41 @@ def test_joint_batch_norms_move_as_the_released_loop(edited_config, tmp_path, mo
                     "seg_head": {0.01}}
 
 
+@pytest.mark.parametrize("init", [None, "independent"])
+def test_init_flag_decides_how_both_trainers_start_their_kernels(edited_config, tmp_path,
+                                                                 monkeypatch, init):
+    """Default (the released code): kernels of one shape start equal, in the baseline and in
+    the joint step's fresh heads; --init independent: each its own draw."""
+    common = _tiny_dataset(edited_config, tmp_path, monkeypatch)
+    common += ["--init", init] if init else []
+    baseline, joint = _trainer("tr_baseline"), _trainer("prop_method_joint_tr_rand_init")
+    equal = {}
+
+    def baseline_stepper(model, *args, **kwargs):
+        levels = model.encoder.levels
+        equal["encoder"] = torch.equal(levels[4][1][0].weight, levels[5][0][0].weight)
+        return lambda it: torch.zeros(())
+
+    def joint_stepper(model, *args, **kwargs):
+        net = model.proj_head.net
+        equal["proj_head"] = torch.equal(net[0].weight, net[3].weight)
+        return lambda it: (torch.zeros(()), torch.zeros(()), torch.zeros(()))
+
+    def label_pool(network, pool, labelling, run):  # the pool's ground truth, as labels
+        return PseudoLabelRound(torch.cat([v[0] for v in pool.values()]),
+                                torch.cat([v[1] for v in pool.values()]), list(pool))
+
+    from utils import self_training
+
+    monkeypatch.setattr(self_training, "label_pool", label_pool)
+    monkeypatch.setattr(baseline, "baseline_stepper", baseline_stepper)
+    monkeypatch.setattr(joint, "joint_stepper", joint_stepper)
+    baseline.main(common)
+    joint.main([*common, "--bt_size", "2", "--n_rounds", "1", "--n_iter_per_round", "1",
+                "--crf", "0"])
+    assert equal == {"encoder": init is None, "proj_head": init is None}
+
+
 def _marker_of(state: dict[str, torch.Tensor]) -> torch.Tensor:
     return next(v for k, v in state.items() if k.endswith("num_batches_tracked"))
 

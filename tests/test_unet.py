@@ -18,6 +18,7 @@ from models.unet import (
     UNet,
     UpConvBNReLU,
     count_parameters,
+    one_stream_kernels,
     repeat_running_updates,
 )
 
@@ -380,3 +381,25 @@ def test_running_statistics_follow_the_original_moving_averages(times: int) -> N
             net(x)
     torch.testing.assert_close(bn.running_mean, _tf_moving_average(means, times))
     torch.testing.assert_close(bn.running_var, _tf_moving_average(variances, times))
+
+
+def test_one_stream_kernels_as_the_released_code() -> None:
+    """Every kernel, read in TF's (kh, kw, in, out) order, is the prefix of one normal stream
+    times sqrt(2 / fan_in); so kernels of one shape start equal. Nothing else changes."""
+    model = JointUNet(4)
+    kernels = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    rest = {k: v.clone() for k, v in model.state_dict().items() if k not in kernels}
+    one_stream_kernels(model, torch.Generator().manual_seed(5))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    stream = torch.randn(max(c.weight.numel() for c in convs),
+                         generator=torch.Generator().manual_seed(5))
+    for conv in convs:
+        out, inp, kh, kw = conv.weight.shape
+        tf_order = conv.weight.permute(2, 3, 1, 0).reshape(-1)
+        torch.testing.assert_close(tf_order / math.sqrt(2 / (inp * kh * kw)),
+                                   stream[: conv.weight.numel()])
+    assert torch.equal(model.encoder.levels[4][1][0].weight, model.encoder.levels[5][0][0].weight)
+    assert torch.equal(model.proj_head.net[0].weight, model.proj_head.net[3].weight)
+    for k, v in model.state_dict().items():
+        if k not in kernels:
+            assert torch.equal(v, rest[k]), k

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from experiment_init import ConfigError, ExperimentConfig  # noqa: E402
-from models.unet import JointUNet, repeat_running_updates  # noqa: E402
+from models.unet import JointUNet, one_stream_kernels, repeat_running_updates  # noqa: E402
 from utils.crf import CRFParams  # noqa: E402
 from utils.dataset import load_pool, load_slices  # noqa: E402
 from utils.device import available_cpus  # noqa: E402
@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.pretr_n_iter is not None:
             print(f"starting from {baseline_ckpt} (best of its run; --pretr_n_iter "
                   f"{args.pretr_n_iter})", flush=True)
-        model = on_device(JointUNet(cfg.num_classes), device)
+        model = JointUNet(cfg.num_classes)
+        if args.init == "original":
+            one_stream_kernels(model)  # the heads' start; the rest is the baseline's
+        model = on_device(model, device)
         model.load_encoder_decoder(baseline)
         repeat_running_updates([model.encoder, model.decoder, model.proj_head], args.bn_updates)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models.unet import UNet  # noqa: E402
+from models.unet import UNet, one_stream_kernels  # noqa: E402
 from utils.baseline_training import BaselineSettings, baseline_stepper  # noqa: E402
 from utils.dataset import load_slices  # noqa: E402
 from utils.flags import BASELINE, parse_flags  # noqa: E402
@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     with start_run(args, cfg, BASELINE, f"validation {val_ids}, {args.n_iter} iterations") as run:
         images, labels = (t.to(run.device) for t in load_slices(cfg, run.ids["labeled_ids"]))
         slices = torch.arange(images.shape[0])  # drawn from with replacement, on the host
-        model = on_device(UNet(cfg.num_classes), run.device)
+        model = UNet(cfg.num_classes)
+        if args.init == "original":
+            one_stream_kernels(model)
+        model = on_device(model, run.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
         loss_fn = segmentation_loss(args.dsc_loss, cfg.num_classes)
         run.resume(model, optimizer)

@@ -163,6 +163,10 @@ FLAGS: tuple[Flag, ...] = (
            "'original' as the released code, whose bar resets at each round's end to its last "
            "validation Dice, so the newest checkpoint that beat it wins; 'overall' the best "
            "validation Dice of all rounds"),
+    _both("init", default="original", choices=("original", "independent"),
+          help="the conv kernels' start: 'original' as the released code, each kernel the "
+          "leading values of one normal stream (so kernels of one shape start equal); "
+          "'independent': each its own He-normal draw"),
     _joint("bn_updates", type=int, default=2, choices=(1, 2),
            help="batch-norm running-average updates per iteration in the encoder, decoder and "
            "projection head: 2 as the released loop, which ran the training graph for its "
