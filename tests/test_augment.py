@@ -447,3 +447,47 @@ def test_augment_batch_same_on_gpu_as_on_cpu():
     torch.cuda.synchronize()
     for a, b in zip(cpu, gpu, strict=True):
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("coupled", [True, False])
+def test_intensity_draws_are_coupled_as_the_released_graph(coupled: bool) -> None:
+    """The released graph's brightness and contrast ops, both seed 1 with no graph seed,
+    drew the same uniform u: brit_cont_net's factor 0.7 + 0.6u is 1 + its shift -0.3 + 0.6u,
+    contrast_net's factor 0.8 + 0.4u is 1 + 2 x its shift -0.1 + 0.2u."""
+    from utils.augment import draw_intensity, draw_set_intensity
+
+    gen = torch.Generator().manual_seed(0)
+    sets = torch.stack([draw_set_intensity(gen, coupled) for _ in range(400)])
+    shift, factor = sets[:, 0].double(), sets[:, 1].double()
+    labeled = torch.stack([draw_intensity(gen, coupled) for _ in range(400)])
+    factor2, shift2 = labeled[:, 0].double(), labeled[:, 1].double()
+    for x, low, high in ((shift, -0.3, 0.3), (factor, 0.7, 1.3), (shift2, -0.1, 0.1),
+                         (factor2, 0.8, 1.2)):
+        assert low <= x.min() < low + 0.02 and high - 0.02 < x.max() <= high
+    if coupled:
+        torch.testing.assert_close(factor, 1 + shift, atol=1e-6, rtol=0)
+        torch.testing.assert_close(factor2, 1 + 2 * shift2, atol=1e-6, rtol=0)
+    else:
+        assert abs(np.corrcoef(shift, factor)[0, 1]) < 0.15
+        assert abs(np.corrcoef(shift2, factor2)[0, 1]) < 0.15
+
+
+@pytest.mark.parametrize("coupled", [True, False])
+def test_both_steps_draw_their_intensities_as_set(coupled: bool) -> None:
+    from utils.baseline_training import BaselineSettings, draw_baseline
+    from utils.joint_training import JointData, JointSettings, draw_joint
+
+    gen = torch.Generator().manual_seed(1)
+    s = BaselineSettings(num_classes=3, batch_size=4, coupled_intensity=coupled)
+    base = [draw_baseline(torch.arange(5), s, 32, 32, gen).augment.intensity for _ in range(50)]
+    j = JointSettings(num_classes=3, n_seg=4, bt_size=2, coupled_intensity=coupled)
+    index = torch.arange(4)
+    data = JointData(torch.zeros(4, 1, 32, 32), torch.zeros(4, 32, 32, dtype=torch.long),
+                     index, index, torch.zeros(4, 1, 32, 32),
+                     torch.zeros(4, 32, 32, dtype=torch.long), index)
+    joint = [draw_joint(data, j, gen) for _ in range(50)]
+    pairs = [(d[0], 1 + 2 * d[1]) for d in base] + \
+        [(d.augment.intensity[0], 1 + 2 * d.augment.intensity[1]) for d in joint] + \
+        [(d.sets[k, 1], 1 + d.sets[k, 0]) for d in joint for k in (0, 1)]
+    equal = [abs(float(a) - float(b)) < 1e-6 for a, b in pairs]
+    assert all(equal) if coupled else not any(equal)

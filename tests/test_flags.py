@@ -123,14 +123,15 @@ def test_each_augmentation_and_loss_flag_reaches_its_own_setting():
     from utils.joint_training import JointSettings
 
     common = ["--dataset", "demo", "--rd_en", "0", "--ri_en", "1", "--en_1hot", "0",
-              "--sigma", "3.5"]
+              "--sigma", "3.5", "--intensity_draws", "independent"]
     args, cfg = parse_flags(BASELINE, common)
     assert BaselineSettings.from_flags(args, cfg.num_classes, 7) == BaselineSettings(
         num_classes=cfg.num_classes, batch_size=7, rd_en=False, sigma=3.5, ri_en=True,
-        en_1hot=False)
+        en_1hot=False, coupled_intensity=False)
     args, cfg = parse_flags(BASELINE, ["--dataset", "demo", "--rd_en", "1", "--ri_en", "0"])
     got = BaselineSettings.from_flags(args, cfg.num_classes, 7)
-    assert (got.rd_en, got.ri_en, got.en_1hot, got.sigma) == (True, False, True, 5.0)
+    assert (got.rd_en, got.ri_en, got.en_1hot, got.sigma, got.coupled_intensity) == (
+        True, False, True, 5.0, True)
 
     args, cfg = parse_flags(JOINT, [*common, "--bt_size", "6", "--no_of_pos_eles", "4",
                                     "--temp_fac", "0.25", "--lamda_local", "0.7",
@@ -138,8 +139,8 @@ def test_each_augmentation_and_loss_flag_reaches_its_own_setting():
     assert JointSettings.from_flags(args, cfg.num_classes, 9) == JointSettings(
         num_classes=cfg.num_classes, n_seg=9, bt_size=6, no_of_pos_eles=4, temp_fac=0.25,
         lamda_local=0.7, inter_image=False, loss_reduction="mean", rd_en=False, sigma=3.5,
-        ri_en=True, en_1hot=False)
+        ri_en=True, en_1hot=False, coupled_intensity=False)
     args, cfg = parse_flags(JOINT, ["--dataset", "demo", "--rd_en", "1", "--ri_en", "0"])
     got = JointSettings.from_flags(args, cfg.num_classes, 9)
-    assert (got.rd_en, got.ri_en, got.inter_image, got.loss_reduction) == (
-        True, False, True, "original")
+    assert (got.rd_en, got.ri_en, got.inter_image, got.loss_reduction,
+            got.coupled_intensity) == (True, False, True, "original", True)

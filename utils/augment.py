@@ -407,12 +407,14 @@ def adjust_contrast(images: torch.Tensor, factor: torch.Tensor | float) -> torch
     return (images - mean) * factor + mean
 
 
-def draw_intensity(generator: torch.Generator) -> torch.Tensor:
+def draw_intensity(generator: torch.Generator, coupled: bool = True) -> torch.Tensor:
     """The random half of :func:`intensity_augment`: (2,) float32, the contrast factor
-    U(0.8, 1.2) and the brightness shift U(-0.1, 0.1), in that order."""
-    contrast = _uniform(1, 0.8, 1.2, generator)
-    shift = _uniform(1, -0.1, 0.1, generator)
-    return torch.cat([contrast, shift]).to(torch.float32)
+    U(0.8, 1.2) and the brightness shift U(-0.1, 0.1), in that order. ``coupled`` (the
+    original): both from one uniform u, 0.8 + 0.4u and -0.1 + 0.2u, as the released graph's
+    two TF ops, seeded alike, drew the same u; else a draw each."""
+    u = _uniform(1, 0.0, 1.0, generator)
+    v = u if coupled else _uniform(1, 0.0, 1.0, generator)
+    return torch.cat([0.8 + 0.4 * u, -0.1 + 0.2 * v]).to(torch.float32)
 
 
 def apply_intensity(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
@@ -458,12 +460,15 @@ class AugmentDraws(NamedTuple):
 
 
 def draw_augment(n: int, height: int, width: int, generator: torch.Generator,
-                 rd_en: bool = True, sigma: float = 5.0, ri_en: bool = True) -> AugmentDraws:
-    """The draws of :func:`augment_batch` for N slices of H x W, in its order."""
+                 rd_en: bool = True, sigma: float = 5.0, ri_en: bool = True,
+                 coupled_intensity: bool = True) -> AugmentDraws:
+    """The draws of :func:`augment_batch` for N slices of H x W, in its order
+    (``coupled_intensity``: see :func:`draw_intensity`)."""
     theta, identity = draw_affine(n, height, width, generator)
     control, deformed = (draw_deformation(n, sigma, generator) if rd_en
                          else draw_deformation(n, sigma, generator, k=n))
-    intensity = draw_intensity(generator) if ri_en else torch.tensor([1.0, 0.0])
+    intensity = (draw_intensity(generator, coupled_intensity) if ri_en
+                 else torch.tensor([1.0, 0.0]))
     return AugmentDraws(theta, identity, control, deformed, intensity,
                         deformation_basis(height), deformation_basis(width))
 
@@ -509,12 +514,14 @@ def augment_batch(
     return apply_augment(images, labels_onehot, draws, rd_en, ri_en)
 
 
-def draw_set_intensity(generator: torch.Generator) -> torch.Tensor:
+def draw_set_intensity(generator: torch.Generator, coupled: bool = True) -> torch.Tensor:
     """The random half of :func:`set_intensity_augment`: (2,) float32, the brightness shift
-    U(-0.3, 0.3) and the contrast factor U(0.7, 1.3), in that order."""
-    shift = _uniform(1, -0.3, 0.3, generator)
-    contrast = _uniform(1, 0.7, 1.3, generator)
-    return torch.cat([shift, contrast]).to(torch.float32)
+    U(-0.3, 0.3) and the contrast factor U(0.7, 1.3), in that order. ``coupled`` (the
+    original): both from one uniform u, -0.3 + 0.6u and 0.7 + 0.6u (so the factor is 1 + the
+    shift), as the released ``brit_cont_net``'s two TF ops drew the same u; else a draw each."""
+    u = _uniform(1, 0.0, 1.0, generator)
+    v = u if coupled else _uniform(1, 0.0, 1.0, generator)
+    return torch.cat([-0.3 + 0.6 * u, 0.7 + 0.6 * v]).to(torch.float32)
 
 
 def apply_set_intensity(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:

@@ -33,13 +33,15 @@ class BaselineSettings:
     sigma: float = 5.0
     ri_en: bool = True
     en_1hot: bool = True
+    coupled_intensity: bool = True  # --intensity_draws original
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace, num_classes: int,
                    batch_size: int) -> BaselineSettings:
         """The settings of the baseline trainer's parsed flags (`utils.flags.parse_flags`)."""
         return cls(num_classes=num_classes, batch_size=batch_size, rd_en=bool(args.rd_en),
-                   sigma=args.sigma, ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot))
+                   sigma=args.sigma, ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot),
+                   coupled_intensity=args.intensity_draws == "original")
 
 
 class BaselineDraws(NamedTuple):
@@ -56,7 +58,8 @@ def draw_baseline(slices: torch.Tensor, s: BaselineSettings, height: int, width:
     pool) and their augmentation for H x W slices, on the host."""
     picked = draw(slices, s.batch_size, generator, "labeled slice")
     return BaselineDraws(picked, draw_augment(s.batch_size, height, width, generator,
-                                              rd_en=s.rd_en, sigma=s.sigma, ri_en=s.ri_en))
+                                              rd_en=s.rd_en, sigma=s.sigma, ri_en=s.ri_en,
+                                              coupled_intensity=s.coupled_intensity))
 
 
 def baseline_losses(

@@ -163,6 +163,10 @@ FLAGS: tuple[Flag, ...] = (
            "'original' as the released code, whose bar resets at each round's end to its last "
            "validation Dice, so the newest checkpoint that beat it wins; 'overall' the best "
            "validation Dice of all rounds"),
+    _both("intensity_draws", default="original", choices=("original", "independent"),
+          help="brightness shift and contrast factor of an intensity augmentation: "
+          "'original' from one uniform draw, as the released graph's two identically seeded "
+          "ops (the factor rises with the shift); 'independent': a draw each"),
     _both("init", default="original", choices=("original", "independent"),
           help="the conv kernels' start: 'original' as the released code, each kernel the "
           "leading values of one normal stream (so kernels of one shape start equal); "

@@ -89,6 +89,7 @@ class JointSettings:
     sigma: float = 5.0
     ri_en: bool = True
     en_1hot: bool = True
+    coupled_intensity: bool = True  # --intensity_draws original
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace, num_classes: int, n_seg: int) -> JointSettings:
@@ -97,7 +98,8 @@ class JointSettings:
                    no_of_pos_eles=args.no_of_pos_eles, temp_fac=args.temp_fac,
                    lamda_local=args.lamda_local, inter_image=args.local_loss_exp_no == 1,
                    loss_reduction=args.loss_reduction, rd_en=bool(args.rd_en),
-                   sigma=args.sigma, ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot))
+                   sigma=args.sigma, ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot),
+                   coupled_intensity=args.intensity_draws == "original")
 
 
 class JointDraws(NamedTuple):
@@ -121,8 +123,10 @@ def draw_joint(data: JointData, s: JointSettings, generator: torch.Generator) ->
         data.lab_img.shape[0], data.dice_index, data.lab_index, data.unl_index, s.n_seg,
         s.bt_size, generator)
     h, w = data.lab_img.shape[-2:]
-    augment = draw_augment(s.n_seg, h, w, generator, s.rd_en, s.sigma, s.ri_en)
-    sets = torch.stack([draw_set_intensity(generator), draw_set_intensity(generator)])
+    augment = draw_augment(s.n_seg, h, w, generator, s.rd_en, s.sigma, s.ri_en,
+                           s.coupled_intensity)
+    sets = torch.stack([draw_set_intensity(generator, s.coupled_intensity),
+                        draw_set_intensity(generator, s.coupled_intensity)])
     positive = draw_positive_uniforms(2 * s.bt_size, s.num_classes - 1, s.no_of_pos_eles,
                                       generator)
     return JointDraws(dice_i, lab_i, unl_i, augment, sets, positive)
