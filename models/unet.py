@@ -39,6 +39,13 @@ def reset_batch_statistics(bn: nn.BatchNorm2d) -> None:
     bn.running_var.zero_()
 
 
+def torch_batch_statistics(model: nn.Module) -> None:
+    """Every batch norm of ``model`` back to PyTorch's start: running mean 0, variance 1."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+
+
 def repeat_running_updates(modules: Iterable[nn.Module], times: int) -> None:
     """Make every batch norm in ``modules`` move its running averages per training forward
     as ``times`` updates with the same batch statistics would (momentum

@@ -265,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     print(f"working in {work}", flush=True)
     env = {**os.environ, **THREADS}
+    # PyTorch's batch-norm statistics and independent kernels: with the original's, runs this
+    # short leave round 2 a labeller that predicts no structure.
     common = ["--dataset", args.dataset, "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1",
-              "--device", "cpu", *(["--data_root", args.data_root] if args.data_root else [])]
+              "--device", "cpu", "--bn_stats", "torch", "--init", "independent",
+              *(["--data_root", args.data_root] if args.data_root else [])]
     schedule = Schedule(args.n_rounds, args.n_iter_per_round, args.ckpt_every,
                         load(args.dataset, args.data_root).val_step_update)
 

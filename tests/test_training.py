@@ -289,33 +289,55 @@ def test_best_selection_decides_each_rounds_labeller_and_the_tested_model(
     assert best["val_dice"] == SCORES[tested - 1000]
 
 
-@pytest.mark.parametrize("bn_updates", [None, "1"])
-def test_joint_batch_norms_move_as_the_released_loop(edited_config, tmp_path, monkeypatch,
-                                                     bn_updates):
-    """The joint network's running statistics start at zero, and by default the encoder,
-    decoder and projection head (the layers the released loop's first graph run passed
-    through) move as two updates per step; the segmentation head's as one."""
+@pytest.mark.parametrize("bn_stats", [None, "torch"])
+def test_batch_norm_statistics_start_and_move_as_the_released_code(edited_config, tmp_path,
+                                                                  monkeypatch, bn_stats):
+    """Default (the released TF code): running statistics start at zero in both steps, and
+    the joint encoder, decoder and projection head (the layers its loop's first graph run
+    passed through) move as two updates per step, the segmentation head's as one. --bn_stats
+    torch: PyTorch's start (variance 1) and one update everywhere."""
     common = _tiny_dataset(edited_config, tmp_path, monkeypatch)
-    _trainer("tr_baseline").main(common)
-    joint = _trainer("prop_method_joint_tr_rand_init")
+    common += ["--bn_stats", bn_stats] if bn_stats else []
+    baseline, joint = _trainer("tr_baseline"), _trainer("prop_method_joint_tr_rand_init")
     seen = {}
 
-    def stepper(model, *args, **kwargs):
+    def record(step: str, model: torch.nn.Module) -> None:
         for part in ("encoder", "decoder", "proj_head", "seg_head"):
-            bns = [m for m in getattr(model, part).modules()
-                   if isinstance(m, torch.nn.BatchNorm2d)]
-            seen[part] = {round(m.momentum, 6) for m in bns}
-            if part in ("encoder", "decoder"):
-                assert all(torch.count_nonzero(m.running_var) == 0 for m in bns)
+            if hasattr(model, part):
+                bns = [m for m in getattr(model, part).modules()
+                       if isinstance(m, torch.nn.BatchNorm2d)]
+                seen[step, part] = ({round(m.momentum, 6) for m in bns},
+                                    {float(v) for m in bns for v in m.running_var.unique()})
+
+    def baseline_stepper(model, *args, **kwargs):
+        record("baseline", model)
+        return lambda it: torch.zeros(())
+
+    def joint_stepper(model, *args, **kwargs):
+        record("joint", model)
         return lambda it: (torch.zeros(()), torch.zeros(()), torch.zeros(()))
 
-    monkeypatch.setattr(joint, "joint_stepper", stepper)
-    flags = [*common, "--bt_size", "2", "--n_rounds", "1", "--n_iter_per_round", "1",
-             "--crf", "0"]
-    joint.main(flags + (["--bn_updates", bn_updates] if bn_updates else []))
-    twice = 0.0199 if bn_updates is None else 0.01
-    assert seen == {"encoder": {twice}, "decoder": {twice}, "proj_head": {twice},
-                    "seg_head": {0.01}}
+    def label_pool(network, pool, labelling, run):  # the pool's ground truth, as labels
+        return PseudoLabelRound(torch.cat([v[0] for v in pool.values()]),
+                                torch.cat([v[1] for v in pool.values()]), list(pool))
+
+    from utils import self_training
+
+    monkeypatch.setattr(self_training, "label_pool", label_pool)
+    monkeypatch.setattr(baseline, "baseline_stepper", baseline_stepper)
+    monkeypatch.setattr(joint, "joint_stepper", joint_stepper)
+    baseline.main(common)
+    joint.main([*common, "--bt_size", "2", "--n_rounds", "1", "--n_iter_per_round", "1",
+                "--crf", "0"])
+    start = {0.0} if bn_stats is None else {1.0}
+    twice = 0.0199 if bn_stats is None else 0.01
+    assert seen == {("baseline", "encoder"): ({0.01}, start),
+                    ("baseline", "decoder"): ({0.01}, start),
+                    ("baseline", "seg_head"): ({0.01}, start),
+                    ("joint", "encoder"): ({twice}, start),
+                    ("joint", "decoder"): ({twice}, start),
+                    ("joint", "proj_head"): ({twice}, start),
+                    ("joint", "seg_head"): ({0.01}, start)}
 
 
 @pytest.mark.parametrize("init", [None, "independent"])

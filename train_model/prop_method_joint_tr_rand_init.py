@@ -23,7 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from experiment_init import ConfigError, ExperimentConfig  # noqa: E402
-from models.unet import JointUNet, one_stream_kernels, repeat_running_updates  # noqa: E402
+from models.unet import (  # noqa: E402
+    JointUNet,
+    one_stream_kernels,
+    repeat_running_updates,
+    torch_batch_statistics,
+)
 from utils.crf import CRFParams  # noqa: E402
 from utils.dataset import load_pool, load_slices  # noqa: E402
 from utils.device import available_cpus  # noqa: E402
@@ -82,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
             one_stream_kernels(model)  # the heads' start; the rest is the baseline's
         model = on_device(model, device)
         model.load_encoder_decoder(baseline)
-        repeat_running_updates([model.encoder, model.decoder, model.proj_head], args.bn_updates)
+        if args.bn_stats == "original":
+            repeat_running_updates([model.encoder, model.decoder, model.proj_head], 2)
+        else:
+            torch_batch_statistics(model)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
         dice_loss = segmentation_loss(args.dsc_loss, cfg.num_classes)
         settings = JointSettings.from_flags(args, cfg.num_classes, cfg.mtask_bs)

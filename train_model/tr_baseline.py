@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models.unet import UNet, one_stream_kernels  # noqa: E402
+from models.unet import UNet, one_stream_kernels, torch_batch_statistics  # noqa: E402
 from utils.baseline_training import BaselineSettings, baseline_stepper  # noqa: E402
 from utils.dataset import load_slices  # noqa: E402
 from utils.flags import BASELINE, parse_flags  # noqa: E402
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         model = UNet(cfg.num_classes)
         if args.init == "original":
             one_stream_kernels(model)
+        if args.bn_stats == "torch":
+            torch_batch_statistics(model)
         model = on_device(model, run.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
         loss_fn = segmentation_loss(args.dsc_loss, cfg.num_classes)

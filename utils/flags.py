@@ -163,6 +163,11 @@ FLAGS: tuple[Flag, ...] = (
            "'original' as the released code, whose bar resets at each round's end to its last "
            "validation Dice, so the newest checkpoint that beat it wins; 'overall' the best "
            "validation Dice of all rounds"),
+    _both("bn_stats", default="original", choices=("original", "torch"),
+          help="batch-norm running statistics: 'original' as the released TF code, starting "
+          "at zero and, in the joint step's encoder, decoder and projection head, moved twice "
+          "per iteration (its loop ran the training graph twice); 'torch': PyTorch's, from "
+          "variance 1, once per iteration"),
     _both("intensity_draws", default="original", choices=("original", "independent"),
           help="brightness shift and contrast factor of an intensity augmentation: "
           "'original' from one uniform draw, as the released graph's two identically seeded "
@@ -171,10 +176,6 @@ FLAGS: tuple[Flag, ...] = (
           help="the conv kernels' start: 'original' as the released code, each kernel the "
           "leading values of one normal stream (so kernels of one shape start equal); "
           "'independent': each its own He-normal draw"),
-    _joint("bn_updates", type=int, default=2, choices=(1, 2),
-           help="batch-norm running-average updates per iteration in the encoder, decoder and "
-           "projection head: 2 as the released loop, which ran the training graph for its "
-           "checks and again for the step; 1: once, as the segmentation head"),
     _joint("loss_reduction", default="original", choices=("original", "mean"),
            help="'original': the released code's arithmetic (published numbers); 'mean': the "
            "paper's mean over pairs (see README)"),
