@@ -259,8 +259,7 @@ def test_best_selection_decides_each_rounds_labeller_and_the_tested_model(
 
     def label_pool(network, pool, labelling, run):  # the pool's ground truth, as labels
         seen.append(int(_marker(network)))
-        return PseudoLabelRound(torch.cat([v[0] for v in pool.values()]),
-                                torch.cat([v[1] for v in pool.values()]), list(pool))
+        return _gt_labeller(network, pool, labelling, run)
 
     def stepper(model, *args, **kwargs):
         def step(it: int) -> tuple[torch.Tensor, ...]:
@@ -289,6 +288,36 @@ def test_best_selection_decides_each_rounds_labeller_and_the_tested_model(
     assert best["val_dice"] == SCORES[tested - 1000]
 
 
+def _gt_labeller(network, pool, labelling, run) -> PseudoLabelRound:
+    """A stand-in for `self_training.label_pool`: the pool's ground truth, as labels."""
+    return PseudoLabelRound(torch.cat([v[0] for v in pool.values()]),
+                            torch.cat([v[1] for v in pool.values()]), list(pool))
+
+
+def _both_steps_untrained(common: list[str], monkeypatch, on_baseline, on_joint) -> None:
+    """Both trainers on the tiny dataset with stand-in steps (zero losses, no update) and the
+    pool's ground truth as pseudo-labels; ``on_baseline(model)`` and ``on_joint(model)`` see
+    each step's network when its stepper is built."""
+    from utils import self_training
+
+    baseline, joint = _trainer("tr_baseline"), _trainer("prop_method_joint_tr_rand_init")
+
+    def baseline_stepper(model, *args, **kwargs):
+        on_baseline(model)
+        return lambda it: torch.zeros(())
+
+    def joint_stepper(model, *args, **kwargs):
+        on_joint(model)
+        return lambda it: (torch.zeros(()), torch.zeros(()), torch.zeros(()))
+
+    monkeypatch.setattr(self_training, "label_pool", _gt_labeller)
+    monkeypatch.setattr(baseline, "baseline_stepper", baseline_stepper)
+    monkeypatch.setattr(joint, "joint_stepper", joint_stepper)
+    baseline.main(common)
+    joint.main([*common, "--bt_size", "2", "--n_rounds", "1", "--n_iter_per_round", "1",
+                "--crf", "0"])
+
+
 @pytest.mark.parametrize("bn_stats", [None, "torch"])
 def test_batch_norm_statistics_start_and_move_as_the_released_code(edited_config, tmp_path,
                                                                   monkeypatch, bn_stats):
@@ -298,7 +327,6 @@ def test_batch_norm_statistics_start_and_move_as_the_released_code(edited_config
     torch: PyTorch's start (variance 1) and one update everywhere."""
     common = _tiny_dataset(edited_config, tmp_path, monkeypatch)
     common += ["--bn_stats", bn_stats] if bn_stats else []
-    baseline, joint = _trainer("tr_baseline"), _trainer("prop_method_joint_tr_rand_init")
     seen = {}
 
     def record(step: str, model: torch.nn.Module) -> None:
@@ -309,26 +337,8 @@ def test_batch_norm_statistics_start_and_move_as_the_released_code(edited_config
                 seen[step, part] = ({round(m.momentum, 6) for m in bns},
                                     {float(v) for m in bns for v in m.running_var.unique()})
 
-    def baseline_stepper(model, *args, **kwargs):
-        record("baseline", model)
-        return lambda it: torch.zeros(())
-
-    def joint_stepper(model, *args, **kwargs):
-        record("joint", model)
-        return lambda it: (torch.zeros(()), torch.zeros(()), torch.zeros(()))
-
-    def label_pool(network, pool, labelling, run):  # the pool's ground truth, as labels
-        return PseudoLabelRound(torch.cat([v[0] for v in pool.values()]),
-                                torch.cat([v[1] for v in pool.values()]), list(pool))
-
-    from utils import self_training
-
-    monkeypatch.setattr(self_training, "label_pool", label_pool)
-    monkeypatch.setattr(baseline, "baseline_stepper", baseline_stepper)
-    monkeypatch.setattr(joint, "joint_stepper", joint_stepper)
-    baseline.main(common)
-    joint.main([*common, "--bt_size", "2", "--n_rounds", "1", "--n_iter_per_round", "1",
-                "--crf", "0"])
+    _both_steps_untrained(common, monkeypatch, lambda m: record("baseline", m),
+                          lambda m: record("joint", m))
     start = {0.0} if bn_stats is None else {1.0}
     twice = 0.0199 if bn_stats is None else 0.01
     assert seen == {("baseline", "encoder"): ({0.01}, start),
@@ -347,31 +357,17 @@ def test_init_flag_decides_how_both_trainers_start_their_kernels(edited_config, 
     the joint step's fresh heads; --init independent: each its own draw."""
     common = _tiny_dataset(edited_config, tmp_path, monkeypatch)
     common += ["--init", init] if init else []
-    baseline, joint = _trainer("tr_baseline"), _trainer("prop_method_joint_tr_rand_init")
     equal = {}
 
-    def baseline_stepper(model, *args, **kwargs):
+    def baseline_kernels(model: torch.nn.Module) -> None:
         levels = model.encoder.levels
         equal["encoder"] = torch.equal(levels[4][1][0].weight, levels[5][0][0].weight)
-        return lambda it: torch.zeros(())
 
-    def joint_stepper(model, *args, **kwargs):
+    def joint_kernels(model: torch.nn.Module) -> None:
         net = model.proj_head.net
         equal["proj_head"] = torch.equal(net[0].weight, net[3].weight)
-        return lambda it: (torch.zeros(()), torch.zeros(()), torch.zeros(()))
 
-    def label_pool(network, pool, labelling, run):  # the pool's ground truth, as labels
-        return PseudoLabelRound(torch.cat([v[0] for v in pool.values()]),
-                                torch.cat([v[1] for v in pool.values()]), list(pool))
-
-    from utils import self_training
-
-    monkeypatch.setattr(self_training, "label_pool", label_pool)
-    monkeypatch.setattr(baseline, "baseline_stepper", baseline_stepper)
-    monkeypatch.setattr(joint, "joint_stepper", joint_stepper)
-    baseline.main(common)
-    joint.main([*common, "--bt_size", "2", "--n_rounds", "1", "--n_iter_per_round", "1",
-                "--crf", "0"])
+    _both_steps_untrained(common, monkeypatch, baseline_kernels, joint_kernels)
     assert equal == {"encoder": init is None, "proj_head": init is None}
 
 
