@@ -64,7 +64,8 @@ def _run(monkeypatch, en_1hot: bool, ok: bool):
 @pytest.mark.parametrize("en_1hot", [True, False])
 def test_draws_its_slices_and_pairs_each_image_with_its_labels(monkeypatch, en_1hot):
     seen, _, loss = _run(monkeypatch, en_1hot, ok=True)
-    assert seen["draw_kw"] == {"rd_en": False, "sigma": 2.5, "ri_en": True}
+    assert seen["draw_kw"] == {"rd_en": False, "sigma": 2.5, "ri_en": True,
+                               "coupled_intensity": True}
     assert seen["kw"] == {"rd_en": False, "ri_en": True}
     drawn = seen["logits"][:, 0, 0, 0].round().long()  # the image value = its slice index
     assert drawn.numel() == 16 and set(drawn.tolist()) <= {2, 5, 7}
