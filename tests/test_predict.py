@@ -87,7 +87,7 @@ def test_predict_writes_mmwhs_label_values(tiny_runs, demo_env, tmp_path):
     mine = np.asarray(nib.load(str(tmp_path / "out" / name)).dataobj)
     classes = np.asarray(trainer_prediction(tiny_runs["baseline"], "012").dataobj)
     np.testing.assert_array_equal(mine, np.asarray((0, *MMWHS_LABEL_VALUES))[classes])
-    assert set(np.unique(mine)) > {0, 205}
+    assert len(set(np.unique(mine).tolist()) - {0}) >= 2  # not vacuous: several structures
 
 
 def test_predict_reads_the_datasets_channel_of_4d_images(tiny_runs, demo_env, tmp_path):
