@@ -70,6 +70,12 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
     return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
 
 
+def _two_uniforms(generator: torch.Generator, coupled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (1,) float64 U(0, 1) samples; ``coupled``: one sample twice (see `draw_intensity`)."""
+    u = _uniform(1, 0.0, 1.0, generator)
+    return u, (u if coupled else _uniform(1, 0.0, 1.0, generator))
+
+
 def _pixel_to_norm_scale(height: int, width: int) -> tuple[float, float]:
     """Half-extent in pixels of the normalised [-1, 1] range for align_corners=True, (sx, sy)."""
     if height < 2 or width < 2:
@@ -412,8 +418,7 @@ def draw_intensity(generator: torch.Generator, coupled: bool = True) -> torch.Te
     U(0.8, 1.2) and the brightness shift U(-0.1, 0.1), in that order. ``coupled`` (the
     original): both from one uniform u, 0.8 + 0.4u and -0.1 + 0.2u, as the released graph's
     two TF ops, seeded alike, drew the same u; else a draw each."""
-    u = _uniform(1, 0.0, 1.0, generator)
-    v = u if coupled else _uniform(1, 0.0, 1.0, generator)
+    u, v = _two_uniforms(generator, coupled)
     return torch.cat([0.8 + 0.4 * u, -0.1 + 0.2 * v]).to(torch.float32)
 
 
@@ -519,8 +524,7 @@ def draw_set_intensity(generator: torch.Generator, coupled: bool = True) -> torc
     U(-0.3, 0.3) and the contrast factor U(0.7, 1.3), in that order. ``coupled`` (the
     original): both from one uniform u, -0.3 + 0.6u and 0.7 + 0.6u (so the factor is 1 + the
     shift), as the released ``brit_cont_net``'s two TF ops drew the same u; else a draw each."""
-    u = _uniform(1, 0.0, 1.0, generator)
-    v = u if coupled else _uniform(1, 0.0, 1.0, generator)
+    u, v = _two_uniforms(generator, coupled)
     return torch.cat([-0.3 + 0.6 * u, 0.7 + 0.6 * v]).to(torch.float32)
 
 

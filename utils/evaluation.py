@@ -108,7 +108,8 @@ def save_prediction(path: Path, pred: np.ndarray, vol: Volume) -> None:
 
 
 def dice_per_class(
-    pred_labels: torch.Tensor, true_labels: torch.Tensor, num_classes: int
+    pred_labels: torch.Tensor, true_labels: torch.Tensor, num_classes: int,
+    absent: float = 1.0,
 ) -> torch.Tensor:
     """Hard Dice of each foreground class over the whole label map.
 
@@ -119,7 +120,7 @@ def dice_per_class(
 
     Returns:
         float64 tensor (C - 1,): Dice of classes 1..C-1, pooled over all voxels. A class absent
-        from both maps scores 1.0; present in exactly one, 0.0.
+        from both maps scores ``absent``; present in exactly one, 0.0.
     """
     if pred_labels.shape != true_labels.shape:
         raise ValueError(
@@ -133,7 +134,7 @@ def dice_per_class(
     total = pred.sum(dim=1).double() + true.sum(dim=1).double()
     both_empty = total == 0
     dice = 2.0 * inter / torch.where(both_empty, torch.ones_like(total), total)
-    return torch.where(both_empty, torch.ones_like(dice), dice)
+    return torch.where(both_empty, torch.full_like(dice, absent), dice)
 
 
 def mean_foreground_dice(
@@ -143,12 +144,8 @@ def mean_foreground_dice(
     any); NaN when none is. The released code's validation and augmentation-overlap score:
     sklearn's ``f1_score(average=None)`` scores only the labels that occur, so a structure
     absent from both maps is left out rather than counted as 1."""
-    classes = torch.arange(1, num_classes, device=pred_labels.device)
-    pred = pred_labels.reshape(1, -1) == classes[:, None]
-    true = true_labels.reshape(1, -1).to(pred_labels.device) == classes[:, None]
-    present = (pred | true).any(dim=1)
-    dice = dice_per_class(pred_labels, true_labels, num_classes)
-    return float(dice[present.to(dice.device)].mean()) if present.any() else float("nan")
+    dice = dice_per_class(pred_labels, true_labels, num_classes, absent=float("nan"))
+    return float(dice.nanmean())
 
 
 def structure_metrics(
