@@ -157,6 +157,66 @@ def test_self_term_shortcut_matches_library_bilateral() -> None:
         assert (fast.argmax(axis=0) == exact.argmax(axis=0)).mean() >= 0.999
 
 
+def _dense_mean_field(probs: np.ndarray, params: CRFParams, normalisation: str) -> np.ndarray:
+    """Brute-force mean field of the CRF in utils/crf.py, for a small slice.
+
+    The exact (N, N) Gaussian kernel of the pixel positions (N = H * W, self term included),
+    normalised ``"symmetric"`` (D^-1/2 K D^-1/2, pydensecrf's NORMALIZE_SYMMETRIC) or
+    ``"after"`` (D^-1 K, NORMALIZE_AFTER), D = diag(K 1); the bilateral term with a_sxy <= 0.1
+    px is the identity. Q <- softmax(log p + g_w2 K~ Q + a_w1 Q), ``n_iter`` times, from
+    Q = p (clipped at 1e-5). probs (C, H, W) -> (C, H, W) float64.
+    """
+    n_classes, height, width = probs.shape
+    yy, xx = np.mgrid[:height, :width]
+    pos = np.stack([yy.ravel(), xx.ravel()], axis=1).astype(np.float64)
+    kernel = np.exp(-((pos[:, None] - pos[None]) ** 2).sum(-1) / (2 * params.g_sxy**2))
+    degree = kernel.sum(axis=1)
+    if normalisation == "symmetric":
+        kernel = kernel / np.sqrt(degree[:, None] * degree[None])
+    else:
+        kernel = kernel / degree[:, None]
+    log_p = np.log(np.clip(probs, 1e-5, None)).reshape(n_classes, -1)
+    q = np.exp(log_p) / np.exp(log_p).sum(axis=0)
+    for _ in range(params.n_iter):
+        score = log_p + params.g_w2 * q @ kernel.T + params.a_w1 * q
+        q = np.exp(score - score.max(axis=0))
+        q /= q.sum(axis=0)
+    return q.reshape(n_classes, height, width)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refinement_matches_brute_force_mean_field(seed: int) -> None:
+    # pydensecrf's lattice approximates the Gaussian; over a few iterations (before mean field
+    # settles into one of several fixed points) it stays within a mean ~0.003 of the exact
+    # kernel.
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 2.0, (3, 20, 24))
+    probs = (np.exp(logits) / np.exp(logits).sum(axis=0)).astype(np.float32)
+    image = rng.normal(size=(20, 24)).astype(np.float32)
+    for params in (CRFParams(a_sxy=0.01, a_srgb=0.5, a_w1=10.0, g_sxy=5.0, g_w2=30.0, n_iter=1),
+                   CRFParams(a_sxy=0.01, a_srgb=0.5, a_w1=1.0, g_sxy=5.0, g_w2=3.0, n_iter=3)):
+        refined = crf_refine_slice(image, probs, params)
+        assert np.abs(refined - _dense_mean_field(probs, params, "symmetric")).mean() < 0.005
+
+
+@pytest.mark.parametrize(
+    ("g_sxy", "a_w1", "n_iter"), [(3.0, 0.0, 1), (5.0, 1.0, 3), (10.0, 0.0, 1)]
+)
+def test_gaussian_term_is_symmetrically_normalised(g_sxy: float, a_w1: float, n_iter: int) -> None:
+    # A spatially constant map tells the normalisations apart: the row-normalised kernel
+    # (NORMALIZE_AFTER) leaves it constant, the released code's symmetric one passes less
+    # mass near the borders than in the middle. The library's pattern must be the exact
+    # symmetric kernel's.
+    probs = np.stack([np.full((20, 24), v) for v in (0.5, 0.3, 0.2)]).astype(np.float32)
+    params = CRFParams(a_sxy=0.01, a_srgb=0.5, a_w1=a_w1, g_sxy=g_sxy, g_w2=3.0, n_iter=n_iter)
+    refined = crf_refine_slice(np.zeros((20, 24), dtype=np.float32), probs, params)[0]
+    expected = _dense_mean_field(probs, params, "symmetric")[0]
+    pattern, expected_pattern = refined - refined.mean(), expected - expected.mean()
+    assert np.corrcoef(pattern.ravel(), expected_pattern.ravel())[0, 1] > 0.95
+    assert 0.8 < pattern.std() / expected_pattern.std() < 1.25
+    assert np.ptp(_dense_mean_field(probs, params, "after")[0]) < 1e-9  # the alternative
+
+
 def test_bilateral_self_term_sharpens_uniform_map() -> None:
     # With no Gaussian term and a_sxy = 0.01, the bilateral term still acts through the pixel
     # itself (pydensecrf includes k(i, i)): a uniform 0.6/0.4 map is pushed towards 1/0.
