@@ -137,6 +137,29 @@ def sample_positive_indices(
     return positive_indices(labels_onehot, u)
 
 
+class _ClassSumsAndPixels(torch.autograd.Function):
+    """Per-class sums and selected pixels of the embeddings, as one autograd node.
+
+    forward: z (N, D, HW), mask (N, C, HW) float one-hot, idx (N, D, K) long
+    -> sums (N, D, C) = z @ mask^T and pixels (N, D, K) = z gathered at idx.
+    Backward writes dz once (grad_sums @ mask) and adds the K pixel gradients into it in place;
+    autograd would build a dense zero gradient for the gather and add two dense gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, mask: torch.Tensor,
+                idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(mask, idx)
+        return torch.bmm(z, mask.transpose(1, 2)), torch.gather(z, 2, idx)
+
+    @staticmethod
+    def backward(ctx, grad_sums: torch.Tensor,
+                 grad_pixels: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        mask, idx = ctx.saved_tensors
+        grad_z = torch.bmm(grad_sums, mask)
+        return grad_z.scatter_add_(2, idx, grad_pixels), None, None
+
+
 def local_contrastive_loss(
     emb: torch.Tensor,
     labels_onehot: torch.Tensor,
@@ -181,26 +204,25 @@ def local_contrastive_loss(
     # it entirely in float32 for stability of cosine/tau and log-sum-exp.
     with torch.autocast(device_type=emb.device.type, enabled=False):
         z = emb.to(dtype).reshape(n, emb.shape[1], height * width)  # (N, D, HW)
-        cls = labels_onehot.argmax(dim=1).reshape(n, height * width, 1)
-        # Hard one-hot laid out (N, HW, C): bmm(z, onehot) is several times faster on CPU than
-        # the transposed product with an (N, C, HW) mask, forward and backward.
-        onehot = torch.zeros(n, height * width, n_cls, dtype=dtype, device=emb.device)
-        onehot.scatter_(2, cls.to(emb.device), 1.0)
-        counts = onehot.sum(dim=1)[:, 1:]  # (N, F) foreground pixel counts
+        cls = labels_onehot.argmax(dim=1).reshape(n, 1, height * width).to(emb.device)
+        # Hard one-hot laid out (N, C, HW): z @ onehot^T is the fastest layout of this skinny
+        # product on CPU, forward and backward.
+        onehot = (cls == torch.arange(n_cls, device=emb.device).view(1, n_cls, 1)).to(dtype)
+        counts = onehot.sum(dim=2)[:, 1:]  # (N, F) foreground pixel counts
         present = counts > 0
 
-        # Class means of the raw embeddings; absent classes give the zero vector, which is
-        # masked out of every term below.
-        sums = torch.bmm(z, onehot).transpose(1, 2)[:, 1:]  # (N, F, D)
-        mu = sums / counts.clamp(min=1).unsqueeze(-1)
-        mu = F.normalize(mu, dim=-1, eps=_NORM_EPS)
-
-        # Anchors: gather the sampled pixels; invalid (-1) rows read pixel 0 and are masked.
+        # Anchors: the sampled pixels; invalid (-1) rows read pixel 0 and are masked.
         pos_idx = pos_idx.to(device=emb.device, dtype=torch.int64)
         valid = (pos_idx[..., 0] >= 0) & (pos_idx[..., 1] >= 0) & present.unsqueeze(-1)
         flat = torch.where(valid, pos_idx[..., 0] * width + pos_idx[..., 1], 0)  # (N, F, P)
         gather_idx = flat.reshape(n, 1, n_fg * n_pos).expand(-1, z.shape[1], -1)
-        anchors = torch.gather(z, 2, gather_idx).reshape(n, z.shape[1], n_fg, n_pos)
+        sums, anchors = _ClassSumsAndPixels.apply(z, onehot, gather_idx)
+
+        # Class means of the raw embeddings; absent classes give the zero vector, which is
+        # masked out of every term below.
+        mu = sums.transpose(1, 2)[:, 1:] / counts.clamp(min=1).unsqueeze(-1)  # (N, F, D)
+        mu = F.normalize(mu, dim=-1, eps=_NORM_EPS)
+        anchors = anchors.reshape(n, z.shape[1], n_fg, n_pos)
         anchors = F.normalize(anchors.permute(0, 2, 3, 1), dim=-1, eps=_NORM_EPS)  # (N,F,P,D)
 
         # Partner of image a: B + a for the first half, a - B for the second.
