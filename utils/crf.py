@@ -324,10 +324,10 @@ class PendingLabels:
         return self.labels
 
 
-# Third-party packages a trainer's main module imports (about 1.5 s), imported once by the
-# fork server when the parent has them, so that each worker, forked from it, re-runs the main
-# module with them cached; and the CRF library the workers use. Our own modules are left out:
-# CPython 3.11's fork server ignores the parent's sys.path.
+# Third-party packages a trainer's main module imports (most of a worker's start), imported
+# once by the fork server when the parent has them, so that each worker, forked from it,
+# re-runs the main module with them cached; and the CRF library the workers use. Our own
+# modules are left out: CPython 3.11's fork server ignores the parent's sys.path.
 _SERVER_PRELOAD = ("torch", "numpy", "scipy.ndimage", "skimage.transform", "nibabel")
 _WORKER_MODULES = ("pydensecrf.densecrf", "pydensecrf.utils")
 

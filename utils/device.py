@@ -109,10 +109,9 @@ def release_freed_memory() -> None:
     ``configure_backend`` keeps freed memory in the process, so after a phase that allocated
     differently (pseudo-labelling, validation) its freed blocks stay resident, and the next
     phase, which cannot use them all, grows the heap on top. Trimming at the phase boundaries
-    (after pseudo-labelling, and in ``utils.training.BestKeeper.update`` after validation) kept
-    a joint ACDC-sized run at a peak of 3.81 M KiB instead of 4.15 M KiB (README,
-    Performance); the next training step re-faults the pages it reuses, once per phase. No-op
-    without glibc.
+    (after pseudo-labelling, and in ``utils.training.BestKeeper.update`` after validation)
+    lowers the peak; the next training step re-faults the pages it reuses, once per phase.
+    No-op without glibc.
     """
     trim = _glibc_function("malloc_trim")
     if trim is not None:
