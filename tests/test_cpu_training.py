@@ -168,6 +168,30 @@ def test_cpu_forward_falls_back_where_layers_differ(change) -> None:
         assert not torch.allclose(plain(x, 2)[0], original(x, 2)[0])
 
 
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2, stride=1), nn.MaxPool2d(2, padding=1)])
+def test_encoder_falls_back_for_another_max_pool(pool) -> None:
+    """A max-pool other than 2x2 with stride 2 and no padding (which the decoder could not
+    follow, but an encoder alone can) runs as its module: the same skips in training."""
+    model = _perturbed(UNet(3), seed=4).train()
+    model.encoder.pool = pool
+    plain, fused = _pair(model.encoder)
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    expected = plain(x)
+    assert expected[1].shape[-1] != 16  # not a 2x2, stride-2 pool
+    for a, b in zip(fused(x), expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_head_falls_back_for_an_even_same_conv() -> None:
+    """A conv with 'same' padding and an even kernel (PyTorch pads one more right and bottom
+    than left and top, so no symmetric padding) runs as its module, in training."""
+    head = _perturbed(SegHead(4), seed=5).train()
+    head.out = nn.Conv2d(16, 4, 2, padding="same", bias=False).double()
+    plain, fused = _pair(head)
+    _assert_same_run(plain, fused, torch.randn(3, 16, 16, 16, dtype=torch.float64), 2)
+
+
 def test_module_with_other_children_runs_its_own_forward(monkeypatch) -> None:
     """A module whose children are not the ones its CPU forward reads runs the plain forward
     of its class."""
@@ -263,6 +287,43 @@ def test_bn_relu_conv_runs_layers_outside_training() -> None:
         out = bn_relu_conv(y, bn, w, None, 1)
     assert out.shape == (2, 2, 8, 8)
     assert not torch.equal(bn.running_mean, stats)  # no-grad training still updates, as nn does
+
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_bn_relu_conv_moves_running_statistics_with_the_modules_momentum(momentum) -> None:
+    """Over three training calls the running averages are nn.BatchNorm2d's for a momentum
+    other than the default (repeat_running_updates sets one) and for None (a cumulative
+    average, 1 / batches tracked)."""
+    torch.manual_seed(8)
+    bns = [nn.BatchNorm2d(3, eps=1e-3, momentum=momentum).double() for _ in range(2)]
+    w = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    for k in range(3):
+        y = (torch.randn(2, 3, 6, 6, dtype=torch.float64) * (k + 1) + k).requires_grad_(True)
+        bn_relu_conv(y, bns[0], w, None, 1)
+        bns[1](y)
+    assert bns[1].num_batches_tracked.item() == 3
+    for key, ref in bns[1].state_dict().items():
+        torch.testing.assert_close(bns[0].state_dict()[key], ref, msg=key)
+
+
+def test_bn_relu_conv_under_autocast_runs_the_layers() -> None:
+    """Training under CPU autocast (--amp bf16) runs batch norm, ReLU and conv as the plain
+    layers do: the same bf16 output and the same gradients."""
+    torch.manual_seed(9)
+    bns = [nn.BatchNorm2d(4, eps=1e-3, momentum=0.01) for _ in range(2)]
+    w = torch.randn(3, 4, 3, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    y = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bn_relu_conv(y, bns[0], w, b, 1)
+        expected = F.conv2d(F.relu(bns[1](y)), w, b, padding=1)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(got, expected)
+    g = torch.randn_like(expected)
+    for a, ref in zip(torch.autograd.grad(got, (y, w, b, bns[0].weight), g),
+                      torch.autograd.grad(expected, (y, w, b, bns[1].weight), g), strict=True):
+        assert torch.equal(a, ref)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from utils.augment import apply_augment, to_onehot
 from utils.io import DataError
-from utils.joint_training import JointData, JointSettings, joint_batch
+from utils.joint_training import (
+    JointData,
+    JointSettings,
+    build_joint_data,
+    draw_joint,
+    joint_batch,
+    joint_batch_from,
+)
 from utils.sampling import (
     LABELED_DRAW_FACTOR,
     contrastive_batch,
@@ -191,6 +199,67 @@ def test_joint_batch_intra_pairs_are_the_same_image():
     src = [_source(xc[k], yc[k], data) for k in range(2 * b)]
     assert src[:b] == src[b:]
     assert [p for p, _ in src[:b]] == ["L"] * (b // 2) + ["U"] * (b // 2)
+
+
+
+def _wide_pool(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n slices of 32 x 48 (height != width) with both foreground classes, each somewhere
+    else, and images base + 0.02 * label + a faint texture."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(n, 32, 48, dtype=torch.uint8)
+    for i in range(n):
+        labels[i, 4 + i:16 + i, 6 + 2 * i:30 + 2 * i] = 1
+        labels[i, 20:28, 10 + 3 * i:20 + 3 * i] = 2
+    return 0.4 + 0.02 * labels[:, None].float() + 0.01 * torch.rand(n, 1, 32, 48,
+                                                                     generator=gen), labels
+
+
+@pytest.mark.parametrize("rd_en, ri_en, en_1hot",
+                         [(True, False, True), (False, True, False), (True, True, False)])
+def test_dice_batch_follows_the_augmentation_flags(rd_en, ri_en, en_1hot):
+    """The Dice slices get the deformation and the intensity change as rd_en and ri_en say,
+    each on its own, drawn for their H x W (not W x H); their labels stay soft after the
+    deformation unless en_1hot is off, which makes them one-hot of their argmax."""
+    img, lbl = _wide_pool(6, seed=0)
+    every = torch.arange(6)
+    data = JointData(img, lbl, every, every, img.clone(), lbl.clone(), every)
+    s = JointSettings(num_classes=C, n_seg=4, bt_size=2, rd_en=rd_en, ri_en=ri_en,
+                      en_1hot=en_1hot)
+    draws = draw_joint(data, s, torch.Generator().manual_seed(2))
+    assert draws.augment.basis_h.shape == (32, 3) and draws.augment.basis_w.shape == (48, 3)
+    images, y, _, _ = joint_batch_from(data, s, draws, pair_layout(2))
+    x_expected, y_expected = apply_augment(img[draws.dice], to_onehot(lbl[draws.dice], C),
+                                           draws.augment, rd_en=rd_en, ri_en=ri_en)
+    if not en_1hot:
+        hard = y_expected.argmax(1, keepdim=True) == torch.arange(C).view(1, C, 1, 1)
+        y_expected = hard.float()
+    assert torch.equal(images[:4], x_expected)
+    assert torch.equal(y, y_expected)
+    assert bool(((y > 0) & (y < 1)).any()) == (rd_en and en_1hot)
+
+
+def test_build_joint_data_indexes_each_pool_by_its_own_labels():
+    """Dice slices: at least min_labels_dice distinct labels (background counts); contrastive
+    slices of each pool: those with every class, read off that pool's own labels; the flag
+    says whether the pseudo-labeled pool has such a slice (else the fallback)."""
+    lab = torch.zeros(4, H, W, dtype=torch.uint8)
+    lab[1:3, 2:6, 2:6] = 1
+    lab[2:4, 10:14, 10:14] = 2  # slice 0: background only, 1: {0, 1}, 2: all, 3: {0, 2}
+    unl = torch.zeros(3, H, W, dtype=torch.uint8)
+    unl[:2, 2:6, 2:6] = 1
+    unl[0, 10:14, 10:14] = unl[2, 20:24, 20:24] = 2  # 0: all, 1: {0, 1}, 2: {0, 2}
+    gen = torch.Generator().manual_seed(0)
+    lab_img, unl_img = torch.rand(4, 1, H, W, generator=gen), torch.rand(3, 1, H, W, generator=gen)
+    data, complete = build_joint_data(lab_img, lab, unl_img, unl, C, 2)
+    assert data.dice_index.tolist() == [1, 2, 3]
+    assert data.lab_index.tolist() == [2]
+    assert data.unl_index.tolist() == [0]
+    assert complete
+    assert data.lab_img is lab_img and data.unl_lbl is unl
+    data, complete = build_joint_data(lab_img, lab, unl_img, unl[1:], C, 3)
+    assert data.dice_index.tolist() == [2]
+    assert data.unl_index.tolist() == [0, 1]  # no slice with every class: the most complete
+    assert not complete
 
 
 def test_dice_and_labeled_contrastive_slices_come_from_one_draw():

@@ -20,6 +20,7 @@ from models.unet import (
     count_parameters,
     one_stream_kernels,
     repeat_running_updates,
+    torch_batch_statistics,
 )
 
 
@@ -142,6 +143,15 @@ def test_he_init_statistics() -> None:
     assert torch.all(conv.bias == 0)
     bn = enc.levels[3][1][1]
     assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+
+
+def test_he_init_uses_the_fan_in() -> None:
+    """std sqrt(2 / fan_in), not fan_out, on a conv where the two differ (32 -> 64 channels:
+    fan-in 288, fan-out 576; ~18k weights, so the estimate is within about 1 %)."""
+    torch.manual_seed(0)
+    conv = Encoder().levels[2][0][0]
+    assert conv.weight.shape == (64, 32, 3, 3)
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (32 * 9)), rel=0.03)
 
 
 def test_upconv_tf_same_padding() -> None:
@@ -403,3 +413,52 @@ def test_one_stream_kernels_as_the_released_code() -> None:
     for k, v in model.state_dict().items():
         if k not in kernels:
             assert torch.equal(v, rest[k]), k
+
+
+def test_torch_batch_statistics_restart_at_pytorch_defaults() -> None:
+    """Every batch norm's running mean 0, variance 1 (not the zero start of init_weights) and
+    no batches tracked; gamma, beta and the convs unchanged."""
+    model = JointUNet(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(1.5)
+                m.bias.fill_(0.2)
+                m.running_mean.fill_(0.3)
+                m.running_var.fill_(0.4)
+                m.num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch_batch_statistics(model)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 6 * 2 + 5 + 4 * 2 + 1 + 2 + 1  # encoder, up-convs, decoder convs, heads
+    for m in bns:
+        assert torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+        assert torch.equal(m.running_var, torch.ones_like(m.running_var))
+        assert m.num_batches_tracked.item() == 0
+    for k, v in model.state_dict().items():
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("n_seg", [0, 4])
+def test_joint_split_at_either_end(n_seg: int) -> None:
+    """n_seg 0 (contrastive images only) and N (segmentation only) are valid splits: empty
+    logits or empty embeddings, the other output for every image (eval mode: no statistics
+    over an empty batch)."""
+    torch.manual_seed(0)
+    joint = JointUNet(3).eval()
+    for m in joint.modules():  # unit running variances: a well-scaled eval forward
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.fill_(1.0)
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        logits, emb = joint(x, n_seg)
+        full = joint.seg_head(joint.features(x))
+    assert logits.shape == (n_seg, 3, 32, 32) and emb.shape == (4 - n_seg, 16, 32, 32)
+    torch.testing.assert_close(logits, full[:n_seg])
+
+
+@pytest.mark.parametrize("n_seg", [-1, 5])
+def test_joint_split_out_of_range_raises(n_seg: int) -> None:
+    with pytest.raises(ValueError, match=f"n_seg={n_seg} out of range for batch of 4"):
+        JointUNet(3)(torch.randn(4, 1, 32, 32), n_seg)

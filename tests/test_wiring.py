@@ -241,14 +241,23 @@ def _run_joint_step(model, settings, monkeypatch):
     return losses, grads, recorded["batch"], recorded["call"]
 
 
-def test_joint_step_gradient_is_dice_plus_lambda_local(monkeypatch):
+@pytest.mark.parametrize("settings", [
+    joint_training.JointSettings(num_classes=3, n_seg=4, bt_size=4, lamda_local=0.3),
+    # Every setting of the local loss away from its default: one hard-wired would show.
+    joint_training.JointSettings(num_classes=3, n_seg=4, bt_size=4, lamda_local=0.3,
+                                 temp_fac=0.25, inter_image=False, loss_reduction="mean"),
+], ids=["defaults", "other_local_loss_settings"])
+def test_joint_step_gradient_is_dice_plus_lambda_local(monkeypatch, settings):
     torch.manual_seed(0)
-    settings = joint_training.JointSettings(num_classes=3, n_seg=4, bt_size=4, lamda_local=0.3)
     model = _TinyJoint(3)
     fresh = copy.deepcopy(model)
     (loss, loss_seg, loss_lcl), grads, batch, (args, kwargs) = _run_joint_step(
         model, settings, monkeypatch)
     _, y, yc, pos_idx = batch
+    b = settings.bt_size
+    # Intra-image pairs are each slice with itself (pixel-aligned labels); inter-image pairs
+    # include different slices.
+    assert torch.equal(yc[:b], yc[b:]) == (not settings.inter_image)
 
     # Independent computation on the same batch and the same call of a copy of the model.
     fresh.train()
