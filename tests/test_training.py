@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -569,3 +570,126 @@ def test_a_tagged_variant_has_its_own_directories_and_baseline(edited_config, tm
     record = yaml.safe_load((runs / "joint" / "abl" / "tr1_c1_v0" / "original" / "config.yaml")
                             .read_text())
     assert record["flags"]["baseline_checkpoint"] == str(base / "checkpoints" / "best.pt")
+
+
+# ------------------------------------------- self_train's rounds with a stand-in run (fast)
+N_ITER = 4
+
+
+def _fake_run(tmp_path: Path, start_iteration: int = 0, state: dict | None = None):
+    """What `self_training.self_train` uses of a `utils.training.Run`, recording the stop
+    checks (the last iteration run) and the log rows."""
+    seen = {"stops": [], "logs": []}
+    run = SimpleNamespace(
+        start_iteration=start_iteration, state=state, device=torch.device("cpu"),
+        cfg=SimpleNamespace(num_classes=2, struct_name=("fg",)),
+        keeper=SimpleNamespace(path=tmp_path / "checkpoints" / "best.pt"), run_dir=tmp_path,
+        generator=torch.Generator(), args=SimpleNamespace(no_progress=True),
+        stop_if_requested=seen["stops"].append,
+        log=SimpleNamespace(log=lambda it, **row: seen["logs"].append((it, row))))
+    return run, seen
+
+
+def _self_train(tmp_path: Path, monkeypatch, start_iteration: int = 0,
+                state: dict | None = None):
+    """Three rounds of N_ITER on a two-volume pool with stand-ins: round k's "training" sets
+    the run's weights to 10 + k and its learning rate to 100 + k, writes them as best.pt, then
+    leaves worse ones (weights -1, learning rate 999); the labeller records the weights and
+    learning rate it is given and labels every pixel with the number of its call."""
+    from models.unet import UNet
+    from utils import self_training
+    from utils.crf import CRFParams
+    from utils.run import save_checkpoint
+
+    run, seen = _fake_run(tmp_path, start_iteration, state)
+    pool = {sid: (torch.full((z, 1, 8, 8), 0.1 * z), torch.zeros(z, 8, 8, dtype=torch.uint8))
+            for sid, z in (("p1", 2), ("p2", 3))}
+    baseline = {k: torch.full_like(v, 0.25) if v.is_floating_point() else v
+                for k, v in UNet(2).state_dict().items()}
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    seen.update(labelled=[], trained=[], figures=[])
+
+    def label_pool(network, pool_, labelling, run_):
+        weight = next(network.parameters()).detach().flatten()[0].item()
+        seen["labelled"].append((weight, optimizer.param_groups[0]["lr"]))
+        n = sum(v[0].shape[0] for v in pool_.values())
+        return PseudoLabelRound(torch.cat([v[0] for v in pool_.values()]),
+                                torch.full((n, 8, 8), len(seen["labelled"]), dtype=torch.uint8),
+                                list(pool_), dice_before_crf=0.5, dice_after_crf=0.6)
+
+    def best_then_worse(k: int) -> None:
+        with torch.no_grad():
+            model.weight.fill_(10 + k)
+        optimizer.param_groups[0]["lr"] = 100 + k
+        save_checkpoint(run.keeper.path, {"model": model.state_dict(),
+                                          "optimizer": optimizer.state_dict()})
+        with torch.no_grad():
+            model.weight.fill_(-1)
+        optimizer.param_groups[0]["lr"] = 999
+
+    def train(rnd):
+        seen["trained"].append((rnd.index, rnd.iterations, rnd.checkpoint["round"],
+                                int(rnd.pseudo.labels.unique().item())))
+        assert torch.equal(rnd.pseudo.images, torch.cat([v[0] for v in pool.values()]))
+        best_then_worse(rnd.index)
+
+    monkeypatch.setattr(self_training, "label_pool", label_pool)
+    monkeypatch.setattr(self_training, "write_pseudo_label_figure",
+                        lambda path, *a: seen["figures"].append(path.name))
+    labelling = self_training.Labelling(CRFParams(**experiment_init.load("demo").crf_params))
+    if state is not None:  # resumed in round 2 (index 1), whose training wrote best.pt
+        best_then_worse(state["round"])
+    self_training.self_train(run, model, optimizer, baseline, pool, labelling, 3, N_ITER, train)
+    return seen
+
+
+def test_self_training_rounds_label_with_the_baseline_then_the_restored_best(tmp_path,
+                                                                             monkeypatch):
+    seen = _self_train(tmp_path, monkeypatch)
+    # round 1: the baseline's weights; later rounds: best.pt's weights and optimizer state
+    assert seen["labelled"] == [(0.25, 1e-3), (10.0, 100), (11.0, 101)]
+    assert seen["trained"] == [(k, range(N_ITER * k, N_ITER * (k + 1)), k, k + 1)
+                               for k in range(3)]
+    assert seen["stops"] == [-1, N_ITER - 1, 2 * N_ITER - 1]  # before each labelling
+    quality = {"pseudo_kept": 2, "pseudo_dice_before_crf": 0.5, "pseudo_dice_after_crf": 0.6}
+    assert seen["logs"] == [(N_ITER * k, {"round": k + 1, **quality}) for k in range(3)]
+    assert seen["figures"] == ["round1.png", "round2.png", "round3.png"]
+
+
+@pytest.mark.parametrize("start", [N_ITER + 2, 2 * N_ITER])
+def test_a_resumed_self_training_skips_finished_rounds_and_keeps_the_checkpoints_labels(
+        tmp_path, monkeypatch, start):
+    """Resumed inside round 2 (or at its last iteration): round 2 goes on with the
+    pseudo-labels of last.pt (labels 7), round 3 labels with best.pt."""
+    from utils.self_training import as_data
+
+    pseudo = PseudoLabelRound(torch.zeros(5, 1, 8, 8), torch.full((5, 8, 8), 7, dtype=torch.uint8),
+                              ["p1", "p2"], dice_before_crf=0.5, dice_after_crf=0.6)
+    seen = _self_train(tmp_path, monkeypatch, start, {"round": 1, "pseudo": as_data(pseudo)})
+    assert seen["labelled"] == [(11.0, 101)]  # round 3 only, from the best.pt of round 2
+    assert seen["trained"] == [(1, range(N_ITER, 2 * N_ITER), 1, 7)][:int(start < 2 * N_ITER)] \
+        + [(2, range(2 * N_ITER, 3 * N_ITER), 2, 1)]
+    assert seen["stops"] == [2 * N_ITER - 1]
+    assert [it for it, _ in seen["logs"]] == [2 * N_ITER]  # round 2 logged before the stop
+    assert seen["figures"] == ["round3.png"]
+
+
+def test_label_pool_passes_the_labelling_settings(tmp_path, monkeypatch):
+    from utils import self_training
+    from utils.crf import CRFParams
+
+    calls = []
+    monkeypatch.setattr(self_training, "make_pseudo_labels",
+                        lambda *args, **kwargs: calls.append((args, kwargs)))
+    crf = CRFParams(**experiment_init.load("demo").crf_params)
+    run, _ = _fake_run(tmp_path)
+    net = torch.nn.Identity()
+    for use_crf, overlap in ((False, True), (True, False)):
+        labelling = self_training.Labelling(crf, use_crf=use_crf, test_aug_overlap=overlap,
+                                            overlap_threshold=0.7, crf_workers=3)
+        self_training.label_pool(net, {}, labelling, run)
+        args, kwargs = calls.pop()
+        assert args == (net, {}, 2, crf, run.device, run.generator, overlap, 0.7)
+        assert kwargs == {"progress": False, "use_crf": use_crf, "crf_workers": 3}
+
