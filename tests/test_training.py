@@ -693,3 +693,159 @@ def test_label_pool_passes_the_labelling_settings(tmp_path, monkeypatch):
         assert args == (net, {}, 2, crf, run.device, run.generator, overlap, 0.7)
         assert kwargs == {"progress": False, "use_crf": use_crf, "crf_workers": 3}
 
+
+# ------------------------------------- keep-best, the periodic step and the test of best.pt
+def _scripted_validation(monkeypatch, scores: dict[int, float]) -> None:
+    """Validation Dice scripted per iteration: the stand-in network's weight is its
+    iteration."""
+    from utils import training
+
+    monkeypatch.setattr(training, "validation_score",
+                        lambda model, *args: scores[int(model.weight.item())])
+
+
+def test_best_keeper_keeps_the_first_of_equal_scores_until_its_bar_is_lowered(tmp_path,
+                                                                             monkeypatch):
+    _scripted_validation(monkeypatch, {0: 0.5, 1: 0.5, 2: 0.3, 3: 0.6, 4: 0.6, 5: 0.25})
+    keeper = BestKeeper(tmp_path, [], 2, torch.device("cpu"))
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.Adam(model.parameters())
+
+    def update(it: int) -> float:
+        with torch.no_grad():
+            model.weight.fill_(it)
+        return keeper.update(model, optimizer, it, {"round": 7})
+
+    assert [update(it) for it in range(5)] == [0.5, 0.5, 0.3, 0.6, 0.6]
+    best = torch.load(keeper.path, weights_only=False)
+    assert (keeper.best_iteration, keeper.best_score, keeper.bar) == (3, 0.6, 0.6)
+    assert (best["iteration"], best["val_dice"], best["round"]) == (3, 0.6, 7)
+    assert best["model"]["weight"].item() == 3
+    keeper.lower_bar(0.2)  # a newer, lower-scoring checkpoint may win now
+    update(5)
+    assert (keeper.best_iteration, keeper.best_score, keeper.bar) == (5, 0.25, 0.25)
+    assert torch.load(keeper.path, weights_only=False)["iteration"] == 5
+
+
+def _bare_run(tmp_path: Path, val_step_update: int, ckpt_every: int, start_iteration: int):
+    """A `utils.training.Run` without `start_run` (no data, no lock, no signal handlers):
+    what `Run.train` and `Run.finish` use, the log as a list of rows."""
+    from utils.mixed_precision import MixedPrecision
+    from utils.training import Run
+
+    run = Run.__new__(Run)
+    rows: list = []
+    run.args = argparse.Namespace(no_progress=True, ckpt_every=ckpt_every)
+    run.cfg = SimpleNamespace(val_step_update=val_step_update, test=[], num_classes=2,
+                              struct_name=("fg",))
+    run.device, run.generator = torch.device("cpu"), torch.Generator()
+    run.precision = MixedPrecision("cpu", None)
+    run.run_dir, run.record, run.started = tmp_path, {"provenance": {}}, 0.0
+    run.keeper = BestKeeper(tmp_path, [], 2, run.device)
+    run.guard = NonFiniteGuard(10)
+    run.log = SimpleNamespace(rows=rows, log=lambda it, **row: rows.append((it, row)),
+                              flush=lambda: None, close=lambda: None)
+    run.stop = SimpleNamespace(received=None, restore=lambda: None)
+    run.start_iteration, run.saved_iteration = start_iteration, start_iteration - 1
+    run.state = None
+    return run
+
+
+def test_a_resumed_run_gets_back_its_counts_its_bar_and_the_best_checkpoint_of_its_time(
+        tmp_path, monkeypatch):
+    """last.pt written after 5 skipped steps (the last 1 in a row) and a best of iteration 2
+    under a lowered bar; best.pt rewritten later (or, for a last.pt from before any best,
+    written at all) is put back as last.pt knew it."""
+    import copy
+
+    from utils import training
+
+    _scripted_validation(monkeypatch, {2: 0.6, 9: 0.9})
+    saved = []
+    monkeypatch.setattr(training, "save_periodic_checkpoint",
+                        lambda d, state: saved.append(copy.deepcopy(state)))
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.Adam(model.parameters())
+    early = _bare_run(tmp_path / "a", 1, 1, 0)
+    early.save_progress(0, model, optimizer)  # before any validation: no best
+    run = _bare_run(tmp_path / "a", 1, 1, 0)
+    with torch.no_grad():
+        model.weight.fill_(2)
+    run.keeper.update(model, optimizer, 2)
+    run.keeper.lower_bar(0.3)
+    for loss in (math.nan, math.nan, 1.0, math.nan, math.nan, 1.0, math.nan):
+        run.guard.ok(torch.tensor(loss), 5)
+    run.save_progress(5, model, optimizer)
+    with torch.no_grad():
+        model.weight.fill_(9)
+    run.keeper.update(model, optimizer, 9)  # killed before the next last.pt
+
+    for state, best_iteration in ((saved[1], 2), (saved[0], None)):
+        resumed = _bare_run(tmp_path / "a", 1, 1, 0)
+        resumed.state = state
+        assert resumed.resume(torch.nn.Linear(1, 1), torch.optim.Adam(model.parameters())) \
+            == state["iteration"] + 1
+        if best_iteration is None:
+            assert not resumed.keeper.path.exists()
+            continue
+        assert (resumed.guard.total, resumed.guard.consecutive) == (5, 1)
+        assert (resumed.keeper.best_iteration, resumed.keeper.best_score) == (2, 0.6)
+        assert resumed.keeper.bar == 0.3
+        assert torch.load(resumed.keeper.path, weights_only=False)["iteration"] == 2
+
+
+def test_the_periodic_step_validates_logs_and_checkpoints_on_the_rounds_schedule(
+        tmp_path, monkeypatch):
+    """A round of iterations 6..16 resumed at 9, validated every 4 iterations of the round
+    and at its end, checkpointed after every third iteration and at the end; the guard's
+    total count of skipped steps (one counted later, as a captured step does) in each row."""
+    from utils import training
+
+    _scripted_validation(monkeypatch, {10: 0.5, 14: 0.4, 16: 0.45})
+    saved = []
+    monkeypatch.setattr(training, "save_periodic_checkpoint", lambda d, state: saved.append(
+        (state["iteration"], state["bad_total"], state["best_iteration"], state["best_bar"])))
+    run = _bare_run(tmp_path, val_step_update=4, ckpt_every=3, start_iteration=9)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.Adam(model.parameters())
+    stepped = []
+
+    def step(it: int) -> dict[str, torch.Tensor]:
+        stepped.append(it)
+        with torch.no_grad():
+            model.weight.fill_(it)
+        loss = torch.tensor(math.nan if it in (9, 14) else float(it))
+        if it == 14:
+            run.guard.later(loss, it)
+        else:
+            run.guard.ok(loss, it)
+        return {"loss": loss}
+
+    run.train(model, optimizer, range(6, 17), step, "round", lower_bar_at_end=True)
+    assert stepped == list(range(9, 17))
+    assert [(it, row["val_dice"], row["bad_steps"]) for it, row in run.log.rows] == [
+        (10, 0.5, 1), (14, 0.4, 2), (16, 0.45, 2)]
+    # iteration 10 stays best: a bar lowered at every validation would let 16 win
+    assert saved == [(11, 1, 10, 0.5), (14, 2, 10, 0.5), (16, 2, 10, 0.45)]
+    assert (run.keeper.best_iteration, run.keeper.bar) == (10, 0.45)
+
+
+def test_finish_tests_the_best_checkpoint_not_the_last_weights(tmp_path, monkeypatch):
+    from utils import training
+    from utils.run import save_checkpoint
+
+    run = _bare_run(tmp_path, val_step_update=1, ckpt_every=1, start_iteration=0)
+    model = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(5)
+    save_checkpoint(run.keeper.path, {"model": model.state_dict(), "iteration": 5,
+                                      "val_dice": 0.8})
+    with torch.no_grad():
+        model.weight.fill_(9)  # the last iteration's weights
+    tested = []
+    monkeypatch.setattr(training, "load_eval_volumes", lambda cfg, ids: [])
+    monkeypatch.setattr(training, "evaluate_test_set", lambda net, *args: tested.append(
+        (net.weight.item(), args[-1])) or {"per_structure": {}, "mean_dice": 0.7})
+    assert run.finish(model)["mean_dice"] == 0.7
+    assert tested == [(5.0, {"set": "validation", "iteration": 5, "val_dice": 0.8})]
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["provenance"]["ended"]
