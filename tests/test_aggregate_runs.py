@@ -156,3 +156,68 @@ def test_outputs_md_csv_tex(runs_root, tmp_path, capsys, agg):
     assert r"\begin{tabular}" in tex and "lam05 (joint original) & tr1" in tex
     with pytest.raises(SystemExit):
         agg.main([str(runs_root), "--out", str(tmp_path / "t.txt")])
+
+
+def set_hd95(run_dir: Path, hd95: list[float | None]) -> None:
+    """Rewrite a made run's per-structure HD95 (None: undefined on every test subject)."""
+    path = run_dir / "test_results" / "summary.json"
+    summary = json.loads(path.read_text())
+    for entry, value in zip(summary["per_structure"].values(), hd95, strict=True):
+        entry["hd95"] = value
+    path.write_text(json.dumps(summary))
+
+
+def test_undefined_hd95_is_left_out_at_each_level(tmp_path, agg):
+    # a structure without HD95 leaves the run's mean over the others: (20 + 30) / 2 = 25
+    set_hd95(make_run(tmp_path / "a", BASE, "tr1", "c1", ver=0, mean_dice=0.5), [None, 20, 30])
+    # a run without any HD95 leaves its combination's mean over its other seeds: c1 stays 25
+    set_hd95(make_run(tmp_path / "b", BASE, "tr1", "c1", ver=1, mean_dice=0.5),
+             [None, None, None])
+    # a combination without any HD95 leaves the cell's statistics: over c1 25 and c3 20 only
+    set_hd95(make_run(tmp_path / "c", BASE, "tr1", "c2", ver=0, mean_dice=0.5),
+             [None, None, None])
+    set_hd95(make_run(tmp_path / "d", BASE, "tr1", "c3", ver=0, mean_dice=0.5), [10, 20, 30])
+    runs, problems = agg.collect(tmp_path)
+    assert len(runs) == 4 and not problems
+    (row,) = agg.build_rows(runs)
+    assert row.stats["hd95"] == pytest.approx((22.5, math.sqrt(2 * 2.5 ** 2), 2))
+    assert row.stats["mean_dice"][2] == 3
+
+
+def test_a_run_with_non_finite_mean_dice_is_listed_not_counted(tmp_path, agg):
+    make_run(tmp_path / "ok", BASE, "tr1", "c1", ver=0, mean_dice=0.5)
+    make_run(tmp_path / "nan", BASE, "tr1", "c2", ver=0, mean_dice=math.nan)
+    runs, problems = agg.collect(tmp_path)
+    assert [r.comb for r in runs] == ["c1"]
+    assert [(p.path, p.what) for p in problems] == [(tmp_path / "nan", "failed: mean Dice nan")]
+
+
+def test_rows_per_labeled_set_size_in_natural_order(tmp_path, agg):
+    # the joint run of each size beats the baseline of its own size by 0.01 * (size / 8)
+    for i, (tr, dice) in enumerate({"tr52": 0.8, "tr8": 0.6, "tr1": 0.3}.items()):
+        make_run(tmp_path / f"b{i}", BASE, tr, "c1", ver=0, mean_dice=dice)
+        make_run(tmp_path / f"j{i}", JOINT, tr, "c1", ver=0,
+                 mean_dice=dice + 0.01 * int(tr[2:]) / 8)
+    rows = agg.build_rows(agg.collect(tmp_path)[0])
+    assert [(r.method, r.tr) for r in rows] == [
+        (m, tr) for m in ("baseline", "joint original") for tr in ("tr1", "tr8", "tr52")]
+    base = {r.tr: r.stats["mean_dice"][0] for r in rows if r.method == "baseline"}
+    assert base == pytest.approx({"tr1": 0.3, "tr8": 0.6, "tr52": 0.8})
+    joint = [r for r in rows if r.method != "baseline"]
+    assert {r.tr: r.diff for r in joint} == pytest.approx({"tr1": 0.01 / 8, "tr8": 0.01,
+                                                           "tr52": 0.065})
+    assert [r.n_pairs for r in joint] == [1, 1, 1]
+
+
+def test_wilcoxon_keeps_the_pairs_with_other_differences_when_one_is_zero(tmp_path, agg):
+    diffs = [0.0, 0.05, -0.01, 0.08, 0.03, 0.02]
+    for i, d in enumerate(diffs):
+        make_run(tmp_path / f"b{i}", BASE, "tr1", f"c{i}", ver=0, mean_dice=0.5)
+        make_run(tmp_path / f"j{i}", JOINT, "tr1", f"c{i}", ver=0, mean_dice=0.5 + d)
+    rows = agg.build_rows(agg.collect(tmp_path)[0])
+    joint = next(r for r in rows if r.method == "joint original")
+    assert joint.n_pairs == 6
+    # scipy's default drops the zero difference ("wilcox"): the p of the other five
+    expected = wilcoxon([0.5 + d - 0.5 for d in diffs]).pvalue
+    assert math.isfinite(expected) and joint.p == pytest.approx(expected)
+    assert math.isnan(agg.wilcoxon_p([0.0, 0.0]))

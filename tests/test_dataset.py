@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ import experiment_init
 from utils.crf import CRFParams
 from utils.dataset import create_cropped, load_pool, load_slices, verify_inputs
 from utils.demo_data import make_demo_dataset
-from utils.io import DataError, cropped_paths, raw_paths
+from utils.io import DataError, cropped_paths, raw_paths, save_nifti, write_cropped
 from utils.pseudo_labels import make_pseudo_labels
 
 
@@ -107,3 +108,67 @@ def test_pool_only_volume_trained_on_as_labeled_needs_its_label(cfg):
         load_slices(cfg, ["021"])
     with pytest.raises(DataError, match="id 021: label file not found"):
         verify_inputs(cfg, ["021"], [], ["021"])
+
+
+def _hand_cropped(cfg: experiment_init.ExperimentConfig, sid: str, subject: int, n_slices: int,
+                  label: np.ndarray | None = None) -> None:
+    """A cropped volume written directly, (X, Y, Z): label 1 on the rows x < 8 + 4 z (an
+    asymmetric, slice-dependent pattern) unless given, image 100 * subject + 10 * z + label,
+    so that each loaded slice's subject, slice number and orientation can be read back."""
+    cx, cy = cfg.crop_size
+    x = np.arange(cx)[:, None, None]
+    z = np.arange(n_slices)[None, None, :]
+    if label is None:
+        label = np.broadcast_to(x < 8 + 4 * z, (cx, cy, n_slices)).astype(np.uint8)
+    image = 100.0 * subject + 10.0 * z + label
+    write_cropped(cfg.data_path_tr_cropped, sid, image, label, cfg.target_resolution)
+
+
+@pytest.fixture
+def bare_cfg(tmp_path: Path) -> experiment_init.ExperimentConfig:
+    """The demo configuration without raw data (only hand-made cropped volumes are read)."""
+    return experiment_init.load("demo", data_root=tmp_path / "demo")
+
+
+def test_loaded_slices_keep_subject_order_slice_order_and_orientation(bare_cfg):
+    _hand_cropped(bare_cfg, "001", subject=1, n_slices=3)
+    _hand_cropped(bare_cfg, "002", subject=2, n_slices=2)
+    images, labels = load_slices(bare_cfg, ["002", "001"])
+    assert images.shape == (5, 1, *bare_cfg.crop_size) and labels.dtype == torch.uint8
+    # slice k is (subject, z) in the order asked for; its image and label agree pixel-wise
+    for k, (subject, z) in enumerate([(2, 0), (2, 1), (1, 0), (1, 1), (1, 2)]):
+        want = torch.zeros(bare_cfg.crop_size, dtype=torch.uint8)
+        want[: 8 + 4 * z] = 1  # the first axis of the slice is the volume's x
+        assert torch.equal(labels[k], want)
+        assert torch.equal(images[k, 0], 100.0 * subject + 10.0 * z + want.float())
+    pool = load_pool(bare_cfg, ["001"])
+    assert torch.equal(pool["001"][0], images[2:]) and torch.equal(pool["001"][1], labels[2:])
+
+
+@pytest.mark.parametrize("bad", [4, -1])
+def test_cropped_labels_outside_the_classes_are_refused(bare_cfg, bad):
+    label = np.zeros((*bare_cfg.crop_size, 2), np.int16)
+    label[3, 4, 1] = bad  # num_classes = 4: labels 0..3
+    _hand_cropped(bare_cfg, "001", subject=1, n_slices=2, label=label)
+    mask = cropped_paths(bare_cfg.data_path_tr_cropped, "001")[1]
+    save_nifti(mask, label, np.diag([*bare_cfg.target_resolution, 1.0, 1.0]))  # keeps int16
+    with pytest.raises(DataError, match="outside 0..3"):
+        load_slices(bare_cfg, ["001"])
+
+
+def test_a_labeled_pool_volume_cropped_without_label_is_an_error(bare_cfg):
+    _hand_cropped(bare_cfg, "001", subject=1, n_slices=2)
+    cropped_paths(bare_cfg.data_path_tr_cropped, "001")[1].unlink()
+    with pytest.raises(DataError, match="cropped label not found"):
+        load_pool(bare_cfg, ["001"], create_missing=False)
+
+
+def test_verify_inputs_checks_eval_volumes_and_raw_data_of_uncropped_volumes_only(cfg):
+    create_cropped(cfg, ["001"])
+    _drop_label(cfg, "001")  # the cropped copy is what training reads
+    verify_inputs(cfg, ["001"], [], [])
+    with pytest.raises(DataError, match="id 001: label file not found"):
+        verify_inputs(cfg, ["002"], ["001"], [])  # evaluation reads the raw volume
+    assert create_cropped(cfg, ["002"]) == 1
+    assert create_cropped(cfg, ["002"]) == 0
+    assert create_cropped(cfg, ["002"], overwrite=True) == 1

@@ -313,7 +313,7 @@ def test_dice_slices_are_the_first_eligible_of_one_draw_of_15_n_seg():
         assert dice.tolist() == want[:20]
 
 
-def test_contrastive_batch_rejects_an_empty_pool():
+def test_contrastive_batch_layouts_and_an_empty_pool():
     data = _data()
     data.unl_index = data.unl_index[:0]
     s = JointSettings(num_classes=C, n_seg=4, bt_size=4)
@@ -322,3 +322,21 @@ def test_contrastive_batch_rejects_an_empty_pool():
     x, y = contrastive_batch(data.lab_img[:4], data.lab_lbl[:4], True, C,
                              torch.Generator().manual_seed(0))
     assert x.shape == (8, 1, H, W) and y.shape == (8, C, H, W)
+    assert not torch.equal(y[1], y[5])  # inter-image: pair 1 is (L1, U1)
+    # intra-image: both sets hold the four slices in order (every slice's label is its own)
+    _, y = contrastive_batch(data.lab_img[:4], data.lab_lbl[:4], False, C,
+                             torch.Generator().manual_seed(0))
+    assert torch.equal(y[:4], y[4:]) and torch.equal(y[:4].argmax(1), data.lab_lbl[:4].long())
+
+
+def test_dice_slices_come_from_the_dice_index_and_contrastive_ones_from_theirs():
+    # the Dice index (even slices) and the contrastive one (multiples of 5) overlap in 0, 10,
+    # 20, 30: each term takes the first entries of the one draw that are in its own index
+    dice_index, lab_index = torch.arange(0, 40, 2), torch.arange(0, 40, 5)
+    for seed in range(3):
+        seq = torch.randint(40, (LABELED_DRAW_FACTOR * 8,),
+                            generator=torch.Generator().manual_seed(seed)).tolist()
+        dice, lab, _ = pick_joint_slices(40, dice_index, lab_index, lab_index, 8, 6,
+                                         torch.Generator().manual_seed(seed))
+        assert dice.tolist() == [v for v in seq if v % 2 == 0][:8]
+        assert lab.tolist() == [v for v in seq if v % 5 == 0][:3]

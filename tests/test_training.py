@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -569,3 +570,282 @@ def test_a_tagged_variant_has_its_own_directories_and_baseline(edited_config, tm
     record = yaml.safe_load((runs / "joint" / "abl" / "tr1_c1_v0" / "original" / "config.yaml")
                             .read_text())
     assert record["flags"]["baseline_checkpoint"] == str(base / "checkpoints" / "best.pt")
+
+
+# ------------------------------------------- self_train's rounds with a stand-in run (fast)
+N_ITER = 4
+
+
+def _fake_run(tmp_path: Path, start_iteration: int = 0, state: dict | None = None):
+    """What `self_training.self_train` uses of a `utils.training.Run`, recording the stop
+    checks (the last iteration run) and the log rows."""
+    seen = {"stops": [], "logs": []}
+    run = SimpleNamespace(
+        start_iteration=start_iteration, state=state, device=torch.device("cpu"),
+        cfg=SimpleNamespace(num_classes=2, struct_name=("fg",)),
+        keeper=SimpleNamespace(path=tmp_path / "checkpoints" / "best.pt"), run_dir=tmp_path,
+        generator=torch.Generator(), args=SimpleNamespace(no_progress=True),
+        stop_if_requested=seen["stops"].append,
+        log=SimpleNamespace(log=lambda it, **row: seen["logs"].append((it, row))))
+    return run, seen
+
+
+def _self_train(tmp_path: Path, monkeypatch, start_iteration: int = 0,
+                state: dict | None = None):
+    """Three rounds of N_ITER on a two-volume pool with stand-ins: round k's "training" sets
+    the run's weights to 10 + k and its learning rate to 100 + k, writes them as best.pt, then
+    leaves worse ones (weights -1, learning rate 999); the labeller records the weights and
+    learning rate it is given and labels every pixel with the number of its call."""
+    from models.unet import UNet
+    from utils import self_training
+    from utils.crf import CRFParams
+    from utils.run import save_checkpoint
+
+    run, seen = _fake_run(tmp_path, start_iteration, state)
+    pool = {sid: (torch.full((z, 1, 8, 8), 0.1 * z), torch.zeros(z, 8, 8, dtype=torch.uint8))
+            for sid, z in (("p1", 2), ("p2", 3))}
+    baseline = {k: torch.full_like(v, 0.25) if v.is_floating_point() else v
+                for k, v in UNet(2).state_dict().items()}
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    seen.update(labelled=[], trained=[], figures=[])
+
+    def label_pool(network, pool_, labelling, run_):
+        weight = next(network.parameters()).detach().flatten()[0].item()
+        seen["labelled"].append((weight, optimizer.param_groups[0]["lr"]))
+        n = sum(v[0].shape[0] for v in pool_.values())
+        return PseudoLabelRound(torch.cat([v[0] for v in pool_.values()]),
+                                torch.full((n, 8, 8), len(seen["labelled"]), dtype=torch.uint8),
+                                list(pool_), dice_before_crf=0.5, dice_after_crf=0.6)
+
+    def best_then_worse(k: int) -> None:
+        with torch.no_grad():
+            model.weight.fill_(10 + k)
+        optimizer.param_groups[0]["lr"] = 100 + k
+        save_checkpoint(run.keeper.path, {"model": model.state_dict(),
+                                          "optimizer": optimizer.state_dict()})
+        with torch.no_grad():
+            model.weight.fill_(-1)
+        optimizer.param_groups[0]["lr"] = 999
+
+    def train(rnd):
+        seen["trained"].append((rnd.index, rnd.iterations, rnd.checkpoint["round"],
+                                int(rnd.pseudo.labels.unique().item())))
+        assert torch.equal(rnd.pseudo.images, torch.cat([v[0] for v in pool.values()]))
+        best_then_worse(rnd.index)
+
+    monkeypatch.setattr(self_training, "label_pool", label_pool)
+    monkeypatch.setattr(self_training, "write_pseudo_label_figure",
+                        lambda path, *a: seen["figures"].append(path.name))
+    labelling = self_training.Labelling(CRFParams(**experiment_init.load("demo").crf_params))
+    if state is not None:  # resumed in round 2 (index 1), whose training wrote best.pt
+        best_then_worse(state["round"])
+    self_training.self_train(run, model, optimizer, baseline, pool, labelling, 3, N_ITER, train)
+    return seen
+
+
+def test_self_training_rounds_label_with_the_baseline_then_the_restored_best(tmp_path,
+                                                                             monkeypatch):
+    seen = _self_train(tmp_path, monkeypatch)
+    # round 1: the baseline's weights; later rounds: best.pt's weights and optimizer state
+    assert seen["labelled"] == [(0.25, 1e-3), (10.0, 100), (11.0, 101)]
+    assert seen["trained"] == [(k, range(N_ITER * k, N_ITER * (k + 1)), k, k + 1)
+                               for k in range(3)]
+    assert seen["stops"] == [-1, N_ITER - 1, 2 * N_ITER - 1]  # before each labelling
+    quality = {"pseudo_kept": 2, "pseudo_dice_before_crf": 0.5, "pseudo_dice_after_crf": 0.6}
+    assert seen["logs"] == [(N_ITER * k, {"round": k + 1, **quality}) for k in range(3)]
+    assert seen["figures"] == ["round1.png", "round2.png", "round3.png"]
+
+
+@pytest.mark.parametrize("start", [N_ITER + 2, 2 * N_ITER])
+def test_a_resumed_self_training_skips_finished_rounds_and_keeps_the_checkpoints_labels(
+        tmp_path, monkeypatch, start):
+    """Resumed inside round 2 (or at its last iteration): round 2 goes on with the
+    pseudo-labels of last.pt (labels 7), round 3 labels with best.pt."""
+    from utils.self_training import as_data
+
+    pseudo = PseudoLabelRound(torch.zeros(5, 1, 8, 8), torch.full((5, 8, 8), 7, dtype=torch.uint8),
+                              ["p1", "p2"], dice_before_crf=0.5, dice_after_crf=0.6)
+    seen = _self_train(tmp_path, monkeypatch, start, {"round": 1, "pseudo": as_data(pseudo)})
+    assert seen["labelled"] == [(11.0, 101)]  # round 3 only, from the best.pt of round 2
+    assert seen["trained"] == [(1, range(N_ITER, 2 * N_ITER), 1, 7)][:int(start < 2 * N_ITER)] \
+        + [(2, range(2 * N_ITER, 3 * N_ITER), 2, 1)]
+    assert seen["stops"] == [2 * N_ITER - 1]
+    assert [it for it, _ in seen["logs"]] == [2 * N_ITER]  # round 2 logged before the stop
+    assert seen["figures"] == ["round3.png"]
+
+
+def test_label_pool_passes_the_labelling_settings(tmp_path, monkeypatch):
+    from utils import self_training
+    from utils.crf import CRFParams
+
+    calls = []
+    monkeypatch.setattr(self_training, "make_pseudo_labels",
+                        lambda *args, **kwargs: calls.append((args, kwargs)))
+    crf = CRFParams(**experiment_init.load("demo").crf_params)
+    run, _ = _fake_run(tmp_path)
+    net = torch.nn.Identity()
+    for use_crf, overlap in ((False, True), (True, False)):
+        labelling = self_training.Labelling(crf, use_crf=use_crf, test_aug_overlap=overlap,
+                                            overlap_threshold=0.7, crf_workers=3)
+        self_training.label_pool(net, {}, labelling, run)
+        args, kwargs = calls.pop()
+        assert args == (net, {}, 2, crf, run.device, run.generator, overlap, 0.7)
+        assert kwargs == {"progress": False, "use_crf": use_crf, "crf_workers": 3}
+
+
+# ------------------------------------- keep-best, the periodic step and the test of best.pt
+def _scripted_validation(monkeypatch, scores: dict[int, float]) -> None:
+    """Validation Dice scripted per iteration: the stand-in network's weight is its
+    iteration."""
+    from utils import training
+
+    monkeypatch.setattr(training, "validation_score",
+                        lambda model, *args: scores[int(model.weight.item())])
+
+
+def test_best_keeper_keeps_the_first_of_equal_scores_until_its_bar_is_lowered(tmp_path,
+                                                                             monkeypatch):
+    _scripted_validation(monkeypatch, {0: 0.5, 1: 0.5, 2: 0.3, 3: 0.6, 4: 0.6, 5: 0.25})
+    keeper = BestKeeper(tmp_path, [], 2, torch.device("cpu"))
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.Adam(model.parameters())
+
+    def update(it: int) -> float:
+        with torch.no_grad():
+            model.weight.fill_(it)
+        return keeper.update(model, optimizer, it, {"round": 7})
+
+    assert [update(it) for it in range(5)] == [0.5, 0.5, 0.3, 0.6, 0.6]
+    best = torch.load(keeper.path, weights_only=False)
+    assert (keeper.best_iteration, keeper.best_score, keeper.bar) == (3, 0.6, 0.6)
+    assert (best["iteration"], best["val_dice"], best["round"]) == (3, 0.6, 7)
+    assert best["model"]["weight"].item() == 3
+    keeper.lower_bar(0.2)  # a newer, lower-scoring checkpoint may win now
+    update(5)
+    assert (keeper.best_iteration, keeper.best_score, keeper.bar) == (5, 0.25, 0.25)
+    assert torch.load(keeper.path, weights_only=False)["iteration"] == 5
+
+
+def _bare_run(tmp_path: Path, val_step_update: int, ckpt_every: int, start_iteration: int):
+    """A `utils.training.Run` without `start_run` (no data, no lock, no signal handlers):
+    what `Run.train` and `Run.finish` use, the log as a list of rows."""
+    from utils.mixed_precision import MixedPrecision
+    from utils.training import Run
+
+    run = Run.__new__(Run)
+    rows: list = []
+    run.args = argparse.Namespace(no_progress=True, ckpt_every=ckpt_every)
+    run.cfg = SimpleNamespace(val_step_update=val_step_update, test=[], num_classes=2,
+                              struct_name=("fg",))
+    run.device, run.generator = torch.device("cpu"), torch.Generator()
+    run.precision = MixedPrecision("cpu", None)
+    run.run_dir, run.record, run.started = tmp_path, {"provenance": {}}, 0.0
+    run.keeper = BestKeeper(tmp_path, [], 2, run.device)
+    run.guard = NonFiniteGuard(10)
+    run.log = SimpleNamespace(rows=rows, log=lambda it, **row: rows.append((it, row)),
+                              flush=lambda: None, close=lambda: None)
+    run.stop = SimpleNamespace(received=None, restore=lambda: None)
+    run.start_iteration, run.saved_iteration = start_iteration, start_iteration - 1
+    run.state = None
+    return run
+
+
+def test_a_resumed_run_gets_back_its_counts_its_bar_and_the_best_checkpoint_of_its_time(
+        tmp_path, monkeypatch):
+    """last.pt written after 5 skipped steps (the last 1 in a row) and a best of iteration 2
+    under a lowered bar; best.pt rewritten later (or, for a last.pt from before any best,
+    written at all) is put back as last.pt knew it."""
+    import copy
+
+    from utils import training
+
+    _scripted_validation(monkeypatch, {2: 0.6, 9: 0.9})
+    saved = []
+    monkeypatch.setattr(training, "save_periodic_checkpoint",
+                        lambda d, state: saved.append(copy.deepcopy(state)))
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.Adam(model.parameters())
+    early = _bare_run(tmp_path / "a", 1, 1, 0)
+    early.save_progress(0, model, optimizer)  # before any validation: no best
+    run = _bare_run(tmp_path / "a", 1, 1, 0)
+    with torch.no_grad():
+        model.weight.fill_(2)
+    run.keeper.update(model, optimizer, 2)
+    run.keeper.lower_bar(0.3)
+    for loss in (math.nan, math.nan, 1.0, math.nan, math.nan, 1.0, math.nan):
+        run.guard.ok(torch.tensor(loss), 5)
+    run.save_progress(5, model, optimizer)
+    with torch.no_grad():
+        model.weight.fill_(9)
+    run.keeper.update(model, optimizer, 9)  # killed before the next last.pt
+
+    for state, best_iteration in ((saved[1], 2), (saved[0], None)):
+        resumed = _bare_run(tmp_path / "a", 1, 1, 0)
+        resumed.state = state
+        assert resumed.resume(torch.nn.Linear(1, 1), torch.optim.Adam(model.parameters())) \
+            == state["iteration"] + 1
+        if best_iteration is None:
+            assert not resumed.keeper.path.exists()
+            continue
+        assert (resumed.guard.total, resumed.guard.consecutive) == (5, 1)
+        assert (resumed.keeper.best_iteration, resumed.keeper.best_score) == (2, 0.6)
+        assert resumed.keeper.bar == 0.3
+        assert torch.load(resumed.keeper.path, weights_only=False)["iteration"] == 2
+
+
+def test_the_periodic_step_validates_logs_and_checkpoints_on_the_rounds_schedule(
+        tmp_path, monkeypatch):
+    """A round of iterations 6..16 resumed at 9, validated every 4 iterations of the round
+    and at its end, checkpointed after every third iteration and at the end; the guard's
+    total count of skipped steps (one counted later, as a captured step does) in each row."""
+    from utils import training
+
+    _scripted_validation(monkeypatch, {10: 0.5, 14: 0.4, 16: 0.45})
+    saved = []
+    monkeypatch.setattr(training, "save_periodic_checkpoint", lambda d, state: saved.append(
+        (state["iteration"], state["bad_total"], state["best_iteration"], state["best_bar"])))
+    run = _bare_run(tmp_path, val_step_update=4, ckpt_every=3, start_iteration=9)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.Adam(model.parameters())
+    stepped = []
+
+    def step(it: int) -> dict[str, torch.Tensor]:
+        stepped.append(it)
+        with torch.no_grad():
+            model.weight.fill_(it)
+        loss = torch.tensor(math.nan if it in (9, 14) else float(it))
+        if it == 14:
+            run.guard.later(loss, it)
+        else:
+            run.guard.ok(loss, it)
+        return {"loss": loss}
+
+    run.train(model, optimizer, range(6, 17), step, "round", lower_bar_at_end=True)
+    assert stepped == list(range(9, 17))
+    assert [(it, row["val_dice"], row["bad_steps"]) for it, row in run.log.rows] == [
+        (10, 0.5, 1), (14, 0.4, 2), (16, 0.45, 2)]
+    # iteration 10 stays best: a bar lowered at every validation would let 16 win
+    assert saved == [(11, 1, 10, 0.5), (14, 2, 10, 0.5), (16, 2, 10, 0.45)]
+    assert (run.keeper.best_iteration, run.keeper.bar) == (10, 0.45)
+
+
+def test_finish_tests_the_best_checkpoint_not_the_last_weights(tmp_path, monkeypatch):
+    from utils import training
+    from utils.run import save_checkpoint
+
+    run = _bare_run(tmp_path, val_step_update=1, ckpt_every=1, start_iteration=0)
+    model = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(5)
+    save_checkpoint(run.keeper.path, {"model": model.state_dict(), "iteration": 5,
+                                      "val_dice": 0.8})
+    with torch.no_grad():
+        model.weight.fill_(9)  # the last iteration's weights
+    tested = []
+    monkeypatch.setattr(training, "load_eval_volumes", lambda cfg, ids: [])
+    monkeypatch.setattr(training, "evaluate_test_set", lambda net, *args: tested.append(
+        (net.weight.item(), args[-1])) or {"per_structure": {}, "mean_dice": 0.7})
+    assert run.finish(model)["mean_dice"] == 0.7
+    assert tested == [(5.0, {"set": "validation", "iteration": 5, "val_dice": 0.8})]
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["provenance"]["ended"]
