@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.augment import apply_augment, to_onehot
+from utils.augment import apply_augment, draw_set_intensity, to_onehot
 from utils.io import DataError
 from utils.joint_training import (
     JointData,
@@ -17,8 +17,8 @@ from utils.joint_training import (
 )
 from utils.sampling import (
     LABELED_DRAW_FACTOR,
-    contrastive_batch,
     contrastive_index,
+    contrastive_sets,
     draw,
     first_eligible,
     labels_present,
@@ -313,19 +313,18 @@ def test_dice_slices_are_the_first_eligible_of_one_draw_of_15_n_seg():
         assert dice.tolist() == want[:20]
 
 
-def test_contrastive_batch_layouts_and_an_empty_pool():
+def test_contrastive_sets_layouts_and_an_empty_pool():
     data = _data()
     data.unl_index = data.unl_index[:0]
     s = JointSettings(num_classes=C, n_seg=4, bt_size=4)
     with pytest.raises(DataError, match="pseudo-labeled slice"):
         joint_batch(data, s, torch.Generator().manual_seed(0))
-    x, y = contrastive_batch(data.lab_img[:4], data.lab_lbl[:4], True, C,
-                             torch.Generator().manual_seed(0))
+    draws = torch.stack([draw_set_intensity(torch.Generator().manual_seed(i)) for i in (0, 1)])
+    x, y = contrastive_sets(data.lab_img[:4], data.lab_lbl[:4], *pair_layout(4, True), C, draws)
     assert x.shape == (8, 1, H, W) and y.shape == (8, C, H, W)
     assert not torch.equal(y[1], y[5])  # inter-image: pair 1 is (L1, U1)
     # intra-image: both sets hold the four slices in order (every slice's label is its own)
-    _, y = contrastive_batch(data.lab_img[:4], data.lab_lbl[:4], False, C,
-                             torch.Generator().manual_seed(0))
+    _, y = contrastive_sets(data.lab_img[:4], data.lab_lbl[:4], *pair_layout(4, False), C, draws)
     assert torch.equal(y[:4], y[4:]) and torch.equal(y[:4].argmax(1), data.lab_lbl[:4].long())
 
 

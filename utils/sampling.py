@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.augment import apply_set_intensity, draw_set_intensity, to_onehot
+from utils.augment import apply_set_intensity, to_onehot
 from utils.device import host_to_device
 from utils.io import DataError
 
@@ -164,35 +164,22 @@ def contrastive_sets(
     num_classes: int,
     set_draws: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensor half of :func:`contrastive_batch`: the pair layout ``first``, ``second``
-    (B,) of :func:`pair_layout` and ``set_draws`` (2, 2), one :func:`draw_set_intensity` per
-    set, given."""
-    first, second = (host_to_device(t, images.device) for t in (first, second))
-    onehot = to_onehot(labels, num_classes)
-    x1 = apply_set_intensity(images[first], set_draws[0])
-    x2 = apply_set_intensity(images[second], set_draws[1])
-    return torch.cat([x1, x2]), torch.cat([onehot[first], onehot[second]])
-
-
-def contrastive_batch(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    inter_image: bool,
-    num_classes: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
     """The 2B images of the contrastive term and their one-hot (pseudo-)labels.
 
     Args:
         images: (B, 1, H, W) the picked slices ``[L_0 .. L_{h-1}, U_0 .. U_{h-1}]``: B/2
             labeled, then B/2 pseudo-labeled; labels: (B, H, W) their ground truth / pseudo-labels.
-        inter_image: the pair layout (``pair_layout``).
+        first, second: (B,) the pair layout of :func:`pair_layout`.
+        num_classes: C.
+        set_draws: (2, 2) one ``utils.augment.draw_set_intensity`` per set.
     Returns:
         images (2B, 1, H, W) and labels_onehot (2B, C, H, W): set 1 then set 2, so images i and
-        B + i form pair i. No spatial augmentation: each set gets one brightness and one
-        contrast draw of its own and clipping to [0, 1.5] (``set_intensity_augment``), so a
-        same-slice pair is pixel-aligned with identical labels.
+        B + i form pair i. No spatial augmentation: each set gets its own brightness and
+        contrast draw and clipping to [0, 1.5], so a same-slice pair is pixel-aligned with
+        identical labels.
     """
-    first, second = pair_layout(images.shape[0], inter_image)
-    set_draws = torch.stack([draw_set_intensity(generator), draw_set_intensity(generator)])
-    return contrastive_sets(images, labels, first, second, num_classes, set_draws)
+    first, second = (host_to_device(t, images.device) for t in (first, second))
+    onehot = to_onehot(labels, num_classes)
+    x1 = apply_set_intensity(images[first], set_draws[0])
+    x2 = apply_set_intensity(images[second], set_draws[1])
+    return torch.cat([x1, x2]), torch.cat([onehot[first], onehot[second]])
