@@ -41,7 +41,8 @@ NOTE = ("Each cell: mean ± sample standard deviation (ddof 1) over combinations
         "mean Dice: mean over test subjects of their mean foreground Dice; HD95: mean over "
         "structures of the test-set mean HD95 where defined, in mm. Paired comparison: mean "
         "Dice of the method minus the baseline's over the (combination, seed) units both "
-        "finished; p: two-sided Wilcoxon signed-rank test (scipy.stats.wilcoxon).")
+        "finished; p: two-sided Wilcoxon signed-rank test (scipy.stats.wilcoxon, which leaves "
+        "out the units with a zero difference; pairs counts them).")
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,10 @@ def read_run(config_path: Path) -> Run | Problem:
 
 
 def collect(root: Path) -> tuple[list[Run], list[Problem]]:
-    """Every run under ``root``, and the problems: unreadable or unfinished runs, and units
-    a method lacks that another method of the same dataset and tr has."""
+    """Every run under ``root``, and the problems: unreadable or unfinished runs, finished runs
+    of the same (dataset, method, tr, combination, ver, seed) (a copied folder would count
+    twice; all are left out until one remains), and units a method lacks that another method
+    of the same dataset and tr has."""
     runs, problems = [], []
     seen: dict[tuple[str, str], set] = defaultdict(set)  # (dataset, tr) -> units
     # (dataset, method, tr) -> units with a run folder, finished or listed as a problem
@@ -146,6 +149,17 @@ def collect(root: Path) -> tuple[list[Run], list[Problem]]:
             dataset, method, tr, unit = where
             cells[dataset, method, tr].add(unit)
             seen[dataset, tr].add(unit)
+    by_key: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_key[run.dataset, run.method, run.tr, run.unit].append(run)
+    for same in by_key.values():
+        if len(same) > 1:
+            for run in same:
+                others = ", ".join(str(o.path) for o in same if o is not run)
+                problems.append(Problem(run.path, f"duplicate: the same run as {others}; "
+                                        "keep one folder", (run.dataset, run.method, run.tr,
+                                                            run.unit)))
+    runs = [run for run in runs if len(by_key[run.dataset, run.method, run.tr, run.unit]) == 1]
     for (dataset, method, tr), units in sorted(cells.items()):
         for comb, ver, seed in sorted(seen[dataset, tr] - units):
             problems.append(Problem(root / dataset, f"missing: {method} {tr} {comb} ver {ver} "

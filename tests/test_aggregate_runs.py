@@ -221,3 +221,20 @@ def test_wilcoxon_keeps_the_pairs_with_other_differences_when_one_is_zero(tmp_pa
     expected = wilcoxon([0.5 + d - 0.5 for d in diffs]).pvalue
     assert math.isfinite(expected) and joint.p == pytest.approx(expected)
     assert math.isnan(agg.wilcoxon_p([0.0, 0.0]))
+
+
+def test_duplicate_runs_are_listed_and_left_out(runs_root, agg):
+    # a copy of joint c1 seed 0 (another folder, another score): neither copy is counted, so
+    # the joint row has one run less and its pairs one unit less; both are listed
+    make_run(runs_root / "copy" / "run1", JOINT, "tr1", "c1", ver=0, mean_dice=0.99)
+    runs, problems = agg.collect(runs_root)
+    rows = {(r.method, r.tr): r for r in agg.build_rows(runs)}
+    joint = rows["joint original", "tr1"]
+    assert joint.n_runs == 4 and rows["baseline", "tr1"].n_runs == 5
+    diffs = [d for key, d in DIFFS.items() if key != ("c1", 0)]
+    assert (joint.diff, joint.p, joint.n_pairs) == pytest.approx(
+        (sum(diffs) / 4, wilcoxon(diffs).pvalue, 4))
+    listed = {p.path.relative_to(runs_root).as_posix(): p.what for p in problems}
+    assert "copy/run1" in listed["b/run1"] and "b/run1" in listed["copy/run1"]
+    assert all(w.startswith("duplicate") for k, w in listed.items() if k.endswith("run1"))
+    assert not any("missing: joint original tr1" in w for w in listed.values())  # not missing
