@@ -152,14 +152,13 @@ def collect(root: Path) -> tuple[list[Run], list[Problem]]:
     by_key: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
         by_key[run.dataset, run.method, run.tr, run.unit].append(run)
-    for same in by_key.values():
+    runs = [same[0] for same in by_key.values() if len(same) == 1]
+    for key, same in by_key.items():
         if len(same) > 1:
             for run in same:
                 others = ", ".join(str(o.path) for o in same if o is not run)
                 problems.append(Problem(run.path, f"duplicate: the same run as {others}; "
-                                        "keep one folder", (run.dataset, run.method, run.tr,
-                                                            run.unit)))
-    runs = [run for run in runs if len(by_key[run.dataset, run.method, run.tr, run.unit]) == 1]
+                                        "keep one folder", key))
     for (dataset, method, tr), units in sorted(cells.items()):
         for comb, ver, seed in sorted(seen[dataset, tr] - units):
             problems.append(Problem(root / dataset, f"missing: {method} {tr} {comb} ver {ver} "

@@ -289,7 +289,6 @@ def test_bn_relu_conv_runs_layers_outside_training() -> None:
     assert not torch.equal(bn.running_mean, stats)  # no-grad training still updates, as nn does
 
 
-
 @pytest.mark.parametrize("momentum", [0.3, None])
 def test_bn_relu_conv_moves_running_statistics_with_the_modules_momentum(momentum) -> None:
     """Over three training calls the running averages are nn.BatchNorm2d's for a momentum

@@ -201,7 +201,6 @@ def test_joint_batch_intra_pairs_are_the_same_image():
     assert [p for p, _ in src[:b]] == ["L"] * (b // 2) + ["U"] * (b // 2)
 
 
-
 def _wide_pool(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n slices of 32 x 48 (height != width) with both foreground classes, each somewhere
     else, and images base + 0.02 * label + a faint texture."""
