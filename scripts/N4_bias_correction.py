@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from experiment_init import ConfigError  # noqa: E402
-from utils.io import DataError, atomic_path, load_nifti, save_nifti  # noqa: E402
-from utils.preprocess import N4_MASKS, n4_bias_correction  # noqa: E402
-from utils.training import run_main  # noqa: E402
+from experiment_init import ConfigError
+from utils.io import DataError, atomic_path, load_nifti, save_nifti
+from utils.preprocess import N4_MASKS, n4_bias_correction
+from utils.training import run_main
 
 
 def is_label(path: Path) -> bool:

@@ -28,9 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.training import RESUME_FREE_FLAGS  # noqa: E402
+from utils.training import RESUME_FREE_FLAGS
 
 BASELINE = "baseline"
 # Flags that tell runs of one table cell apart, or do not change results.

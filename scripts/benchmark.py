@@ -32,51 +32,49 @@ import time
 
 _T0 = time.perf_counter()  # before the heavy imports: time_to_first_step counts them
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
+import torch
 
 _T_TORCH = time.perf_counter()  # torch's own import, the floor of every process start
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch.nn.functional as F
+from torch import nn
 
-import experiment_init  # noqa: E402
-from losses.dice import soft_dice_loss  # noqa: E402
-from losses.local_contrastive import local_contrastive_loss, sample_positive_indices  # noqa: E402
-from models import cpu_training  # noqa: E402
-from models.unet import JointUNet, UNet  # noqa: E402
-from utils.augment import to_onehot  # noqa: E402
-from utils.baseline_training import BaselineSettings, baseline_stepper  # noqa: E402
-from utils.captured_step import CapturedStep, check_step_flags  # noqa: E402
-from utils.crf import CRFParams, CRFPool  # noqa: E402
-from utils.device import (  # noqa: E402
+import experiment_init
+from losses.dice import soft_dice_loss
+from losses.local_contrastive import local_contrastive_loss, sample_positive_indices
+from models import cpu_training
+from models.unet import JointUNet, UNet
+from utils.augment import to_onehot
+from utils.baseline_training import BaselineSettings, baseline_stepper
+from utils.captured_step import CapturedStep, check_step_flags
+from utils.crf import CRFParams, CRFPool
+from utils.device import (
     available_cpus,
     configure_backend,
     resolve_device,
     set_cpu_threads,
 )
-from utils.evaluation import predict_slices, prepare_volume, validation_score  # noqa: E402
-from utils.io import Volume  # noqa: E402
-from utils.joint_training import (  # noqa: E402
+from utils.evaluation import predict_slices, prepare_volume, validation_score
+from utils.io import Volume
+from utils.joint_training import (
     JointSettings,
     build_joint_data,
     joint_batch,
     joint_stepper,
 )
-from utils.mixed_precision import MixedPrecision, cpu_flags, mixed_precision  # noqa: E402
-from utils.provenance import device_name, git_state  # noqa: E402
-from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
-from utils.training import NonFiniteGuard  # noqa: E402
+from utils.mixed_precision import MixedPrecision, cpu_flags, mixed_precision
+from utils.provenance import device_name, git_state
+from utils.pseudo_labels import make_pseudo_labels
+from utils.training import NonFiniteGuard
 
 # The /proc/cpuinfo flags that decide CPU step times, recorded with every figure.
 SPEED_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")

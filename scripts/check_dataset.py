@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-import experiment_init  # noqa: E402
-from utils.integrity import check_subject, configured_ids, lacks_label  # noqa: E402
-from utils.training import run_main  # noqa: E402
+import experiment_init
+from utils.integrity import check_subject, configured_ids, lacks_label
+from utils.training import run_main
 
 
 def main() -> None:

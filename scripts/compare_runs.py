@@ -27,16 +27,14 @@ import nibabel as nib
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.evaluation import prediction_path  # noqa: E402
-from utils.figures import (  # noqa: E402
+from utils.evaluation import prediction_path
+from utils.figures import (
     difference_plot,
     slices_to_show,
     volume_montage,
     write_png,
 )
-from utils.io import (  # noqa: E402
+from utils.io import (
     DataError,
     data_layout,
     labels_to_classes,

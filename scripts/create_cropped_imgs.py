@@ -11,17 +11,13 @@ volume only the unlabeled pool needs may lack its label file and gets the image 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-import experiment_init  # noqa: E402
-from utils.dataset import create_cropped, ensure_demo_data  # noqa: E402
-from utils.io import cropped_paths  # noqa: E402
-from utils.training import run_main  # noqa: E402
+import experiment_init
+from utils.dataset import create_cropped, ensure_demo_data
+from utils.io import cropped_paths
+from utils.training import run_main
 
 
 def main() -> None:

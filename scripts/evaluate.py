@@ -25,18 +25,16 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import experiment_init  # noqa: E402
-from utils.evaluation import (  # noqa: E402
+import experiment_init
+from utils.evaluation import (
     prediction_path,
     structure_metrics,
     summarize,
     write_test_results,
 )
-from utils.io import DataError, nifti_stem, read_raw_volume, read_volume, subject_id_in_name  # noqa: E402
-from utils.run import RunDirError, load_checkpoint, read_run, selected_on  # noqa: E402
-from utils.training import exit_status, run_main  # noqa: E402
+from utils.io import DataError, nifti_stem, read_raw_volume, read_volume, subject_id_in_name
+from utils.run import RunDirError, load_checkpoint, read_run, selected_on
+from utils.training import exit_status, run_main
 
 PRED_PREFIX, PRED_SUFFIX = "pred_seg_id_", "_seg"
 

@@ -9,19 +9,14 @@ unless --overwrite is given. Works from any working directory.
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
 from pathlib import Path
 
-# The repository root on sys.path, so `utils` imports when run as a plain script.
+from utils.demo_data import demo_dataset_complete, make_demo_dataset
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-from utils.demo_data import demo_dataset_complete, make_demo_dataset  # noqa: E402
-
 DEFAULT_OUT = REPO_ROOT / "data" / "demo" / "raw"
 
 

@@ -22,25 +22,23 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models.unet import JointUNet, UNet  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
-from utils.evaluation import (  # noqa: E402
+from models.unet import JointUNet, UNet
+from utils.device import resolve_device
+from utils.evaluation import (
     native_labels,
     native_probs,
     prepare_volume,
     save_prediction,
 )
-from utils.flags import JOINT  # noqa: E402
-from utils.integrity import image_problems  # noqa: E402
-from utils.io import DataError, atomic_path, nifti_stem, read_volume  # noqa: E402
-from utils.preprocess import n4_bias_correction  # noqa: E402
-from utils.run import RunDirError, load_checkpoint, read_run, selected_on  # noqa: E402
-from utils.training import TRAINERS, exit_status, on_device, run_main  # noqa: E402
+from utils.flags import JOINT
+from utils.integrity import image_problems
+from utils.io import DataError, atomic_path, nifti_stem, read_volume
+from utils.preprocess import n4_bias_correction
+from utils.run import RunDirError, load_checkpoint, read_run, selected_on
+from utils.training import TRAINERS, exit_status, on_device, run_main
 
 # Name endings of the label files beside the images in the ACDC (and demo) and MMWHS raw
 # layouts (utils/io.py); a folder's such files are not inputs.

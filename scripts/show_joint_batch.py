@@ -17,24 +17,21 @@ best checkpoint and the dense CRF, as the trainer's first round does with the ba
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import experiment_init  # noqa: E402
-from models.unet import JointUNet, UNet  # noqa: E402
-from utils.crf import CRFParams  # noqa: E402
-from utils.dataset import ensure_demo_data, load_pool, load_slices  # noqa: E402
-from utils.io import atomic_path  # noqa: E402
-from utils.joint_training import JointSettings, build_joint_data, joint_batch  # noqa: E402
-from utils.pseudo_labels import make_pseudo_labels  # noqa: E402
-from utils.run import load_checkpoint, seed_everything  # noqa: E402
-from utils.sampling import pair_layout  # noqa: E402
-from utils.training import run_main  # noqa: E402
+import experiment_init
+from models.unet import JointUNet, UNet
+from utils.crf import CRFParams
+from utils.dataset import ensure_demo_data, load_pool, load_slices
+from utils.io import atomic_path
+from utils.joint_training import JointSettings, build_joint_data, joint_batch
+from utils.pseudo_labels import make_pseudo_labels
+from utils.run import load_checkpoint, seed_everything
+from utils.sampling import pair_layout
+from utils.training import run_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

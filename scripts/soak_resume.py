@@ -39,13 +39,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from experiment_init import load
+from utils.io import write_text_atomic
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from experiment_init import load  # noqa: E402
-from utils.io import write_text_atomic  # noqa: E402
 
 # One thread: the same arithmetic in every process, so that resumed runs can be bit-identical.
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

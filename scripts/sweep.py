@@ -42,13 +42,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import experiment_init
+from experiment_init import ConfigError
+from utils.io import write_text_atomic
+from utils.training import run_main
 
-import experiment_init  # noqa: E402
-from experiment_init import ConfigError  # noqa: E402
-from utils.io import write_text_atomic  # noqa: E402
-from utils.training import run_main  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PIPELINE = REPO / "pseudo_lbl_rand_init.sh"
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -15,29 +15,26 @@ The best checkpoint is evaluated on the test set; the last line printed is
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from experiment_init import ConfigError, ExperimentConfig  # noqa: E402
-from models.unet import (  # noqa: E402
+from experiment_init import ConfigError, ExperimentConfig
+from models.unet import (
     JointUNet,
     one_stream_kernels,
     repeat_running_updates,
     torch_batch_statistics,
 )
-from utils.crf import CRFParams  # noqa: E402
-from utils.dataset import load_pool, load_slices  # noqa: E402
-from utils.device import available_cpus  # noqa: E402
-from utils.flags import BASELINE, JOINT, parse_flags  # noqa: E402
-from utils.joint_training import JointSettings, build_joint_data, joint_stepper  # noqa: E402
-from utils.run import RunDirError, load_checkpoint  # noqa: E402
-from utils.sampling import pair_layout  # noqa: E402
-from utils.self_training import Labelling, Round, describe, self_train  # noqa: E402
-from utils.training import (  # noqa: E402
+from utils.crf import CRFParams
+from utils.dataset import load_pool, load_slices
+from utils.device import available_cpus
+from utils.flags import BASELINE, JOINT, parse_flags
+from utils.joint_training import JointSettings, build_joint_data, joint_stepper
+from utils.run import RunDirError, load_checkpoint
+from utils.sampling import pair_layout
+from utils.self_training import Labelling, Round, describe, self_train
+from utils.training import (
     TrainingStopped,
     on_device,
     run_directory,

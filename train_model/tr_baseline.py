@@ -11,18 +11,13 @@ line printed is ``run directory: <path>``.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from models.unet import UNet, one_stream_kernels, torch_batch_statistics  # noqa: E402
-from utils.baseline_training import BaselineSettings, baseline_stepper  # noqa: E402
-from utils.dataset import load_slices  # noqa: E402
-from utils.flags import BASELINE, parse_flags  # noqa: E402
-from utils.training import on_device, run_main, segmentation_loss, start_run  # noqa: E402
+from models.unet import UNet, one_stream_kernels, torch_batch_statistics
+from utils.baseline_training import BaselineSettings, baseline_stepper
+from utils.dataset import load_slices
+from utils.flags import BASELINE, parse_flags
+from utils.training import on_device, run_main, segmentation_loss, start_run
 
 
 def main(argv: list[str] | None = None) -> None:
