@@ -32,6 +32,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from utils.errors import ConfigError
 from utils.io import LAYOUTS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,10 +51,6 @@ _NOT_SETTINGS = {
 # Marks the fields that do not come from the init file.
 _FROM_NAME = {"source": "the --dataset name"}
 _FROM_SPLITS = {"source": "data_cfg_<dataset>.py"}
-
-
-class ConfigError(ValueError):
-    """A configuration value or command-line choice that cannot be used."""
 
 
 @dataclass(frozen=True)

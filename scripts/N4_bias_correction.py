@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from experiment_init import ConfigError
-from utils.io import DataError, atomic_path, load_nifti, save_nifti
+from utils.errors import ConfigError, DataError, run_main
+from utils.io import atomic_path, load_nifti, save_nifti
 from utils.preprocess import N4_MASKS, n4_bias_correction
-from utils.training import run_main
 
 
 def is_label(path: Path) -> bool:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import time
 
+from utils.errors import ConfigError
+
 _T0 = time.perf_counter()  # before the heavy imports: time_to_first_step counts them
 
 import argparse
@@ -610,5 +612,5 @@ def print_json(figures: list[tuple[str, float, str]], info: dict[str, object]) -
 if __name__ == "__main__":
     try:
         main()
-    except experiment_init.ConfigError as err:  # a setting this machine cannot run
+    except ConfigError as err:  # a setting this machine cannot run
         raise SystemExit(f"error: {err}") from None

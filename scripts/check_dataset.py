@@ -19,8 +19,8 @@ import sys
 from tqdm import tqdm
 
 import experiment_init
+from utils.errors import run_main
 from utils.integrity import check_subject, configured_ids, lacks_label
-from utils.training import run_main
 
 
 def main() -> None:

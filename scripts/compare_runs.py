@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 import yaml
 
+from utils.errors import DataError
 from utils.evaluation import prediction_path
 from utils.figures import (
     difference_plot,
@@ -34,13 +35,7 @@ from utils.figures import (
     volume_montage,
     write_png,
 )
-from utils.io import (
-    DataError,
-    data_layout,
-    labels_to_classes,
-    read_raw_volume,
-    write_text_atomic,
-)
+from utils.io import data_layout, labels_to_classes, read_raw_volume, write_text_atomic
 
 N_EXTREMES = 3  # subjects shown for the largest gains and for the largest losses
 

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 import experiment_init
 from utils.dataset import create_cropped, ensure_demo_data
+from utils.errors import run_main
 from utils.io import cropped_paths
-from utils.training import run_main
 
 
 def main() -> None:

@@ -26,15 +26,15 @@ import sys
 from pathlib import Path
 
 import experiment_init
+from utils.errors import DataError, RunDirError, exit_status, run_main
 from utils.evaluation import (
     prediction_path,
     structure_metrics,
     summarize,
     write_test_results,
 )
-from utils.io import DataError, nifti_stem, read_raw_volume, read_volume, subject_id_in_name
-from utils.run import RunDirError, load_checkpoint, read_run, selected_on
-from utils.training import exit_status, run_main
+from utils.io import nifti_stem, read_raw_volume, read_volume, subject_id_in_name
+from utils.run import load_checkpoint, read_run, selected_on
 
 PRED_PREFIX, PRED_SUFFIX = "pred_seg_id_", "_seg"
 

@@ -27,6 +27,7 @@ import torch
 
 from models.unet import JointUNet, UNet
 from utils.device import resolve_device
+from utils.errors import DataError, RunDirError, exit_status, run_main
 from utils.evaluation import (
     native_labels,
     native_probs,
@@ -35,10 +36,10 @@ from utils.evaluation import (
 )
 from utils.flags import JOINT
 from utils.integrity import image_problems
-from utils.io import DataError, atomic_path, nifti_stem, read_volume
+from utils.io import atomic_path, nifti_stem, read_volume
 from utils.preprocess import n4_bias_correction
-from utils.run import RunDirError, load_checkpoint, read_run, selected_on
-from utils.training import TRAINERS, exit_status, on_device, run_main
+from utils.run import load_checkpoint, read_run, selected_on
+from utils.training import TRAINERS, on_device
 
 # Name endings of the label files beside the images in the ACDC (and demo) and MMWHS raw
 # layouts (utils/io.py); a folder's such files are not inputs.

@@ -26,12 +26,12 @@ import experiment_init
 from models.unet import JointUNet, UNet
 from utils.crf import CRFParams
 from utils.dataset import ensure_demo_data, load_pool, load_slices
+from utils.errors import ConfigError, run_main
 from utils.io import atomic_path
 from utils.joint_training import JointSettings, build_joint_data, joint_batch
 from utils.pseudo_labels import make_pseudo_labels
 from utils.run import load_checkpoint, seed_everything
 from utils.sampling import pair_layout
-from utils.training import run_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +59,7 @@ def pool_labels(
     if source == "gt":
         unlabeled = [sid for sid, (_, lbl) in pool.items() if lbl is None]
         if unlabeled:
-            raise experiment_init.ConfigError(
+            raise ConfigError(
                 f"--pseudo_labels gt: pool volumes {', '.join(unlabeled)} have no ground "
                 "truth; pass a run directory to pseudo-label them")
         return (torch.cat([img for img, _ in pool.values()]),

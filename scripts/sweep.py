@@ -43,9 +43,8 @@ from datetime import datetime
 from pathlib import Path
 
 import experiment_init
-from experiment_init import ConfigError
+from utils.errors import ConfigError, run_main
 from utils.io import write_text_atomic
-from utils.training import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,12 +17,12 @@ from conftest import nested_squares
 
 import utils.baseline_training as bt
 import utils.joint_training as jt
-from experiment_init import ConfigError
 from losses.dice import soft_dice_loss
 from losses.local_contrastive import draw_positive_uniforms
 from models.unet import JointUNet, UNet
 from utils.augment import apply_set_intensity, draw_augment, draw_set_intensity
 from utils.captured_step import check_step_flags, make_capturable, tensors
+from utils.errors import ConfigError
 from utils.mixed_precision import MixedPrecision
 from utils.sampling import pair_layout, pick_joint_slices
 from utils.training import NonFiniteGuard

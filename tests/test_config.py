@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import experiment_init
-from experiment_init import REPO_ROOT, ConfigError
+from experiment_init import REPO_ROOT
+from utils.errors import ConfigError
 
 
 @pytest.mark.parametrize("dataset", experiment_init.datasets())

@@ -12,7 +12,8 @@ import experiment_init
 from utils.crf import CRFParams
 from utils.dataset import create_cropped, load_pool, load_slices, verify_inputs
 from utils.demo_data import make_demo_dataset
-from utils.io import DataError, cropped_paths, raw_paths, save_nifti, write_cropped
+from utils.errors import DataError
+from utils.io import cropped_paths, raw_paths, save_nifti, write_cropped
 from utils.pseudo_labels import make_pseudo_labels
 
 

@@ -18,9 +18,9 @@ from conftest import blob_volume
 from test_training import TINY_SPLITS, _trainer
 
 import experiment_init
-from utils.io import DiskFullError, read_cropped, save_nifti, write_cropped, write_text_atomic
+from utils.errors import DiskFullError, run_main
+from utils.io import read_cropped, save_nifti, write_cropped, write_text_atomic
 from utils.run import load_checkpoint, save_periodic_checkpoint
-from utils.training import run_main
 
 
 def _no_space(path: object) -> OSError:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import experiment_init
-from experiment_init import ConfigError
+from utils.errors import ConfigError
 from utils.flags import BASELINE, FLAGS, JOINT, RESUME_FREE_FLAGS, parse_flags, parser, route
 
 REPO = Path(__file__).resolve().parents[1]

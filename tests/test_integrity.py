@@ -13,8 +13,8 @@ import pytest
 from conftest import blob_volume, write_nifti
 
 import experiment_init
+from utils.errors import DataError
 from utils.integrity import check_subject, configured_ids, require_valid
-from utils.io import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 

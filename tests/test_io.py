@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import blob_volume, write_nifti
 
+from utils.errors import ConfigError, DataError
 from utils.io import (
     MMWHS_LABEL_VALUES,
-    DataError,
     classes_to_labels,
     labels_to_classes,
     read_cropped,
@@ -209,7 +209,7 @@ def test_a_new_layout_is_one_registry_entry(tmp_path, monkeypatch, edited_config
     folder = edited_config(data_layout="data_layout = 'flat'")
     assert experiment_init.load("demo", config_dir=folder).data_layout == "flat"
     monkeypatch.delitem(io.LAYOUTS, "flat")
-    with pytest.raises(experiment_init.ConfigError, match=r"data_layout 'flat' is not one of "
+    with pytest.raises(ConfigError, match=r"data_layout 'flat' is not one of "
                        r"acdc, decathlon, mmwhs \(utils/io.py, LAYOUTS\)"):
         experiment_init.load("demo", config_dir=folder)
     with pytest.raises(ValueError, match=r"unknown data layout 'flat'.*LAYOUTS"):

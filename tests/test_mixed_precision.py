@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from experiment_init import ConfigError
 from models.unet import JointUNet
 from utils.device import cpu_threads
+from utils.errors import ConfigError
 from utils.joint_training import JointSettings, build_joint_data, joint_stepper
 from utils.mixed_precision import MixedPrecision, cpu_flags, mixed_precision
 from utils.training import NonFiniteGuard

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import blob_volume
 from scipy import ndimage
 
-from utils.io import DataError
+from utils.errors import DataError
 from utils.preprocess import (
     Geometry,
     crop_or_pad,

@@ -10,9 +10,9 @@ import scipy.ndimage as ndi
 import torch
 
 import experiment_init
-from experiment_init import ConfigError
 from utils.augment import AFF_FLIP, AFF_ROTATE, AFF_SCALE
 from utils.crf import CRFParams
+from utils.errors import ConfigError
 from utils.evaluation import dice_per_class
 from utils.pseudo_labels import (
     _warp,

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
+from utils.errors import RunDirError
 from utils.flags import BASELINE, add_flags
 from utils.flags import parser as flag_parser
 from utils.run import (
-    RunDirError,
     load_checkpoint,
     restore_rng_state,
     rng_state,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from utils.errors import RunDirError
 from utils.flags import BASELINE, JOINT, route
-from utils.run import RunDirError
 from utils.run_lock import LOCK_NAME, lock_run_dir, process_start
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from utils.augment import apply_augment, draw_set_intensity, to_onehot
-from utils.io import DataError
+from utils.errors import DataError
 from utils.joint_training import (
     JointData,
     JointSettings,

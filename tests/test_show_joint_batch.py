@@ -9,6 +9,7 @@ import pytest
 
 import experiment_init
 from utils.dataset import load_slices
+from utils.errors import ConfigError
 
 
 @pytest.mark.parametrize("variant", [1, 0])
@@ -53,7 +54,7 @@ def test_ground_truth_in_place_of_pseudo_labels_needs_a_labeled_pool(load_script
     pool = {"001": (torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4, dtype=torch.uint8)),
             "021": (torch.zeros(3, 1, 4, 4), None)}
     pool_labels = load_script("show_joint_batch").pool_labels
-    with pytest.raises(experiment_init.ConfigError, match="pool volumes 021 have no ground truth"):
+    with pytest.raises(ConfigError, match="pool volumes 021 have no ground truth"):
         pool_labels(None, pool, "gt", None)
     images, labels = pool_labels(None, {"001": pool["001"]}, "gt", None)
     assert images.shape == (2, 1, 4, 4) and labels.shape == (2, 4, 4)

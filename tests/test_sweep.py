@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import experiment_init
+from utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "sweep.py"
@@ -38,10 +39,10 @@ def test_grid_is_every_combination_with_a_validation_list(sweep):
     assert sweep.select_cells(grid, "acdc", ["tr8", "tr1"], ["c3"]) == [("tr8", "c3"),
                                                                          ("tr1", "c3")]
     assert len(sweep.select_cells(grid, "acdc", None, ["all"])) == 13
-    with pytest.raises(experiment_init.ConfigError, match="tr8: c1 c2 c3") as err:
+    with pytest.raises(ConfigError, match="tr8: c1 c2 c3") as err:
         sweep.select_cells(grid, "acdc", ["tr1", "tr8"], ["c4"])
     assert "--comb c4 does not exist for tr8" in str(err.value)
-    with pytest.raises(experiment_init.ConfigError, match="--tr tr52: .*tr2: c1 c2 c3 c4 c5"):
+    with pytest.raises(ConfigError, match="--tr tr52: .*tr2: c1 c2 c3 c4 c5"):
         sweep.select_cells(grid, "acdc", ["tr52"], None)
 
 
@@ -88,7 +89,7 @@ def test_variants_add_tagged_lines_that_share_a_lock_per_unit(tmp_path, sweep):
     (["--variant", "a=--crf 0", "--variant", "a=--crf 1"], "names must differ"),
 ])
 def test_bad_requests_are_errors(tmp_path, argv, message, sweep):
-    with pytest.raises(experiment_init.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         sweep.main(["--dataset", "demo", "--backend", "local", "--dry_run", "--sweep_dir",
                     str(tmp_path), *argv])
 

@@ -17,24 +17,14 @@ import torch
 import yaml
 
 import experiment_init
-from experiment_init import ConfigError
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
 from utils.device import resolve_device
+from utils.errors import ConfigError, DataError, RunDirError, RunFinished, TrainingStopped, run_main
 from utils.flags import BASELINE, add_flags, parse_flags, resolve_flags
-from utils.io import DataError
 from utils.preemption import Preempted
 from utils.pseudo_labels import PseudoLabelRound
-from utils.run import RunDirError
-from utils.training import (
-    BestKeeper,
-    NonFiniteGuard,
-    RunFinished,
-    TrainingStopped,
-    open_run_dir,
-    run_main,
-    segmentation_loss,
-)
+from utils.training import BestKeeper, NonFiniteGuard, open_run_dir, segmentation_loss
 
 REPO = Path(__file__).resolve().parents[1]
 

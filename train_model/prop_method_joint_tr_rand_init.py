@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from experiment_init import ConfigError, ExperimentConfig
+from experiment_init import ExperimentConfig
 from models.unet import (
     JointUNet,
     one_stream_kernels,
@@ -29,19 +29,13 @@ from models.unet import (
 from utils.crf import CRFParams
 from utils.dataset import load_pool, load_slices
 from utils.device import available_cpus
+from utils.errors import ConfigError, RunDirError, TrainingStopped, run_main
 from utils.flags import BASELINE, JOINT, parse_flags
 from utils.joint_training import JointSettings, build_joint_data, joint_stepper
-from utils.run import RunDirError, load_checkpoint
+from utils.run import load_checkpoint
 from utils.sampling import pair_layout
 from utils.self_training import Labelling, Round, describe, self_train
-from utils.training import (
-    TrainingStopped,
-    on_device,
-    run_directory,
-    run_main,
-    segmentation_loss,
-    start_run,
-)
+from utils.training import on_device, run_directory, segmentation_loss, start_run
 
 
 def find_baseline(cfg: ExperimentConfig, args) -> Path:

@@ -16,8 +16,9 @@ import torch
 from models.unet import UNet, one_stream_kernels, torch_batch_statistics
 from utils.baseline_training import BaselineSettings, baseline_stepper
 from utils.dataset import load_slices
+from utils.errors import run_main
 from utils.flags import BASELINE, parse_flags
-from utils.training import on_device, run_main, segmentation_loss, start_run
+from utils.training import on_device, segmentation_loss, start_run
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from experiment_init import ConfigError
+from utils.errors import ConfigError
 from utils.mixed_precision import MixedPrecision
 
 

@@ -13,16 +13,10 @@ import numpy as np
 import torch
 
 from experiment_init import ExperimentConfig
+from utils.errors import DataError
 from utils.evaluation import EvalVolume, prepare_eval_volume
 from utils.integrity import lacks_label, missing_label, require_valid
-from utils.io import (
-    DataError,
-    cropped_paths,
-    raw_paths,
-    read_cropped,
-    read_raw_volume,
-    write_cropped,
-)
+from utils.io import cropped_paths, raw_paths, read_cropped, read_raw_volume, write_cropped
 from utils.preprocess import to_target
 
 log = logging.getLogger(__name__)

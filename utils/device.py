@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
-from experiment_init import ConfigError
+from utils.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from experiment_init import ConfigError, ExperimentConfig, datasets, load
+from experiment_init import ExperimentConfig, datasets, load
+from utils.errors import ConfigError
 
 BASELINE = "baseline"
 JOINT = "joint"

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from experiment_init import ExperimentConfig
-from utils.io import DataError, Volume, raw_paths, read_raw_volume
+from utils.errors import DataError
+from utils.io import Volume, raw_paths, read_raw_volume
 
 # In-plane and slice spacing outside this range (mm) is almost surely a broken header.
 PLAUSIBLE_SPACING_MM = (0.05, 30.0)

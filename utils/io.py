@@ -20,16 +20,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from utils.errors import DataError, DiskFullError
+
 # MMWHS raw label values in class order 1..7 (myo, LA, LV, RA, RV, AA, PA); others -> 0.
 MMWHS_LABEL_VALUES = (205, 420, 500, 550, 600, 820, 850)
-
-
-class DataError(RuntimeError):
-    """A data file or folder that is missing, unreadable or inconsistent."""
-
-
-class DiskFullError(RuntimeError):
-    """A file that could not be written for lack of space (ENOSPC) or quota (EDQUOT)."""
 
 
 def _size(n_bytes: float) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from experiment_init import ConfigError
+from utils.errors import ConfigError
 
 AMP_CHOICES = ("off", "bf16", "fp16")
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiment_init import ConfigError
 from utils.augment import AFF_FLIP, AFF_ROTATE, AFF_SCALE, affine_matrices
 from utils.crf import CRFParams, CRFPool, PendingLabels
+from utils.errors import ConfigError
 from utils.evaluation import dice_per_class, mean_foreground_dice, predict_slices
 
 

@@ -34,12 +34,9 @@ import numpy as np
 import torch
 import yaml
 
-from experiment_init import ConfigError, ExperimentConfig
+from experiment_init import ExperimentConfig
+from utils.errors import ConfigError, RunDirError
 from utils.io import atomic_path, write_text_atomic
-
-
-class RunDirError(RuntimeError):
-    """A run directory or checkpoint that cannot be used as asked."""
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -23,9 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from utils.errors import RunDirError
 from utils.preemption import slurm_job_id
 from utils.provenance import now
-from utils.run import RunDirError
 
 LOCK_NAME = "run.lock"
 

@@ -11,7 +11,7 @@ import torch
 
 from utils.augment import apply_set_intensity, to_onehot
 from utils.device import host_to_device
-from utils.io import DataError
+from utils.errors import DataError
 
 
 def labels_present(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

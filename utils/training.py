@@ -3,13 +3,8 @@ checks, run directory and its lock, resume, config.yaml, logs, keep-best, guard)
 periodic step (`Run.train`: validate, log, checkpoint around the method's own iteration), then
 the test of the best checkpoint (`Run.finish`).
 
-The project's own errors, each a user-facing stop that `run_main` reports in one line:
-`experiment_init.ConfigError` (settings and flags), `utils.io.DataError` (data files),
-`utils.io.DiskFullError` (a write that found no space), `utils.run.RunDirError` (run
-directories and checkpoints) and `TrainingStopped` (a run that cannot go on). Any other
-exception is a programming error and keeps its traceback. A run stopped by SIGTERM or
-SIGUSR1 (`utils.preemption`) exits with status 75 after writing its periodic checkpoint. The
-run directory's lock is released on each of these ways out.
+Errors end a run through `utils.errors.run_main` (one line, exit status 2; 75 after a
+pre-emption); the run directory's lock is released on each of these ways out.
 """
 
 from __future__ import annotations
@@ -17,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +21,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from experiment_init import ConfigError, ExperimentConfig
+from experiment_init import ExperimentConfig
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
 from models import cpu_training
@@ -39,14 +33,13 @@ from utils.device import (
     resolve_device,
     set_cpu_threads,
 )
+from utils.errors import RunDirError, RunFinished, TrainingStopped
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
 from utils.flags import BASELINE, JOINT, RESUME_FREE_FLAGS
-from utils.io import DataError, DiskFullError
 from utils.mixed_precision import MixedPrecision, mixed_precision
-from utils.preemption import PREEMPTED_EXIT, Preempted, StopRequests, requeue
+from utils.preemption import Preempted, StopRequests
 from utils.provenance import now, session
 from utils.run import (
-    RunDirError,
     RunLog,
     load_checkpoint,
     load_latest_checkpoint,
@@ -62,18 +55,6 @@ from utils.run_lock import LOCK_NAME, RunLock, lock_run_dir
 
 # The script of each step, as config.yaml names it.
 TRAINERS = {BASELINE: "tr_baseline", JOINT: "prop_method_joint_tr_rand_init"}
-
-
-class TrainingStopped(RuntimeError):
-    """A run that cannot go on: too many non-finite losses in a row, nothing to train on."""
-
-
-class RunFinished(Exception):
-    """--resume of a run whose test results are already written."""
-
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__(f"{run_dir}: this run has finished already; nothing to resume")
-        self.run_dir = run_dir
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -490,29 +471,3 @@ def start_run(
     except BaseException:
         lock.release()
         raise
-
-
-def exit_status(failures: int) -> int:
-    """The exit status of a script that counts what it could not do: that number, at most 100
-    (higher statuses mean other things to shells and schedulers)."""
-    return min(failures, 100)
-
-
-def run_main(main: Callable[[], None]) -> None:
-    """Run a script's main: the project's own errors end with one line on stderr and exit
-    status 2; any other exception (a programming error) propagates with its traceback."""
-    try:
-        main()
-    except RunFinished as done:
-        print(str(done), flush=True)
-        print(f"run directory: {done.run_dir}", flush=True)
-        sys.exit(0)
-    except (ConfigError, DataError, DiskFullError, RunDirError, TrainingStopped) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except Preempted as stopped:
-        print(f"{stopped}; {requeue(signal_name=stopped.signal_name)}", file=sys.stderr, flush=True)
-        sys.exit(PREEMPTED_EXIT)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)

@@ -1,0 +1,51 @@
+"""Which package may import which: the errors module stays light, the layers point one way."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    """The top-level module names ``path`` imports (``utils.io`` for ``from utils.io import``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_errors_and_run_main_load_no_torch() -> None:
+    """A script that only reports errors (`run_main`) starts without the training stack."""
+    code = ("import sys, utils.errors; "
+            "print(sorted(m for m in ('torch', 'numpy', 'utils.training') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_lower_layers_import_no_trainer_machinery() -> None:
+    """Configs, losses, models and the numeric utilities never import the run skeleton or the
+    step modules (they are imported by them)."""
+    upper = {"utils.training", "utils.self_training", "utils.joint_training",
+             "utils.baseline_training"}
+    lower = [REPO / "experiment_init" / "__init__.py", *sorted((REPO / "losses").glob("*.py")),
+             *sorted((REPO / "models").glob("*.py"))] + [
+        REPO / "utils" / f"{name}.py" for name in
+        ("errors", "io", "augment", "sampling", "crf", "device", "mixed_precision",
+         "captured_step", "evaluation", "preprocess", "dataset")]
+    for path in lower:
+        assert not _imports(path) & upper, (path.relative_to(REPO), _imports(path) & upper)
+
+
+def test_utilities_do_not_import_experiment_init_for_errors() -> None:
+    """The device and step utilities take plain values; only the config readers need
+    experiment_init (its errors are in utils.errors)."""
+    for name in ("device", "mixed_precision", "captured_step"):
+        assert "experiment_init" not in _imports(REPO / "utils" / f"{name}.py"), name
