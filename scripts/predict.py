@@ -6,7 +6,8 @@
 Each input (a NIfTI file, or every .nii/.nii.gz file in a folder) is read as the run's dataset
 reads its images (the dataset's channel of a 4D Decathlon image), preprocessed with the run's
 recorded geometry (config.yaml, not today's init file), segmented slice by slice and mapped back
-to its own grid: OUT/<name>_seg.nii.gz has the input's affine and header and the dataset's
+to its own grid: OUT/<name>_seg.nii.gz (nnU-Net layout: the images <case>_<CCCC> of the run's
+channel, written as OUT/<case>.nii.gz) has the input's affine and header and the dataset's
 label values (MMWHS: 205, ..., 850), so it opens over the image and its ground truth.
 --save_probabilities adds OUT/<name>_probs.npz: ``probabilities`` (C, X, Y, Z) float32 softmax in
 the native grid, ``label_values`` (the file value of each channel) and ``structures``.
@@ -37,7 +38,8 @@ from utils.evaluation import (  # noqa: E402
 )
 from utils.flags import JOINT  # noqa: E402
 from utils.integrity import image_problems  # noqa: E402
-from utils.io import DataError, atomic_path, nifti_stem, read_volume  # noqa: E402
+from utils.io import DataError, atomic_path, nifti_stem, nnunet_channel, read_volume  # noqa: E402
+from utils.nnunet import case_of  # noqa: E402
 from utils.preprocess import n4_bias_correction  # noqa: E402
 from utils.run import RunDirError, load_checkpoint, read_run, selected_on  # noqa: E402
 from utils.training import TRAINERS, exit_status, on_device, run_main  # noqa: E402
@@ -102,8 +104,15 @@ def main() -> None:
           f"layout), {cfg.crop_size} crop at {cfg.target_resolution} mm, on {device}",
           flush=True)
     failed, written = 0, set()
+    channel = nnunet_channel(cfg.data_layout)
     for path in input_files(args.input):
         name = nifti_stem(path)
+        if channel is not None and name is not None:
+            # nnU-Net names a case's images <case>_<CCCC> and its prediction <case>.
+            if not name.endswith(f"_{channel:04d}"):
+                print(f"ignoring {path}: not channel {channel} of an nnU-Net case", flush=True)
+                continue
+            name = case_of(name)
         try:
             if name is None:
                 raise DataError(f"{path}: not a .nii or .nii.gz file")
@@ -121,7 +130,7 @@ def main() -> None:
             vol.image = n4_bias_correction(vol.image, vol.spacing)
         probs = native_probs(model, prepare_volume(vol, cfg.target_resolution, cfg.crop_size),
                              device)
-        out = args.output / f"{name}_seg.nii.gz"
+        out = args.output / (f"{name}.nii.gz" if channel is not None else f"{name}_seg.nii.gz")
         save_prediction(out, native_labels(probs), vol)
         if args.save_probabilities:
             values = (0, *(vol.label_values or range(1, cfg.num_classes)))
