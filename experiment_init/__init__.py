@@ -15,6 +15,9 @@ records under ``flags``):
     lr -> --lr_seg    n_iter -> --n_iter (baseline)    n_iter_per_round -> --n_iter_per_round
     n_rounds -> --n_rounds    batch_size_ft -> --bt_size
 
+The folder of the configuration files: ``$LCL_CONFIG_DIR`` when set (e.g. the files
+``scripts/new_dataset.py --config_dir`` wrote elsewhere), else this package's folder.
+
 Path resolution (first match wins):
 - data folder of a dataset: ``--data_root DIR`` > ``$LCL_DATA_ROOT/<dataset>`` >
   ``<repository>/data/<dataset>``. Raw volumes are read from ``<data folder>/<data_path_tr>``
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from utils.errors import ConfigError
-from utils.io import LAYOUTS
+from utils.io import LAYOUTS, data_layout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -166,9 +169,17 @@ def init_settings() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(ExperimentConfig) if not f.metadata}
 
 
+def config_folder(config_dir: Path | None = None) -> Path:
+    """The folder of the configuration files: ``config_dir`` > ``$LCL_CONFIG_DIR`` > this
+    package's folder."""
+    if config_dir is not None:
+        return Path(config_dir)
+    return Path(os.environ["LCL_CONFIG_DIR"]) if os.environ.get("LCL_CONFIG_DIR") else CONFIG_DIR
+
+
 def datasets(config_dir: Path | None = None) -> tuple[str, ...]:
     """The configured datasets: ``<name>`` of every ``init_<name>.py``, sorted."""
-    folder = config_dir or CONFIG_DIR
+    folder = config_folder(config_dir)
     return tuple(sorted(p.stem.removeprefix("init_") for p in folder.glob("init_*.py")))
 
 
@@ -270,9 +281,12 @@ def _check(values: dict[str, Any], shown: str) -> None:
     if len(values["struct_name"]) != values["num_classes"] - 1:
         raise ConfigError(f"{shown}: struct_name has {len(values['struct_name'])} names but "
                           f"num_classes - 1 = {values['num_classes'] - 1}")
-    if values["data_layout"] not in LAYOUTS:
+    try:
+        data_layout(values["data_layout"])
+    except ValueError:
         raise ConfigError(f"{shown}: data_layout '{values['data_layout']}' is not one of "
-                          f"{', '.join(LAYOUTS)} (utils/io.py, LAYOUTS)")
+                          f"{', '.join(LAYOUTS)} (utils/io.py, LAYOUTS), nor nnunet_ch<k> "
+                          "(channel k of an nnU-Net dataset)") from None
     if ("demo_seed" in values) != ("demo_n_patients" in values):
         raise ConfigError(f"{shown}: demo_n_patients and demo_seed describe a synthetic dataset "
                           "together; set both or neither")
@@ -326,9 +340,9 @@ def load(
         data_root: the dataset's data folder (holds ``raw/`` and ``cropped/``); overrides
             ``$LCL_DATA_ROOT``.
         out_dir: output root for runs; overrides ``$LCL_RUNS_ROOT``.
-        config_dir: the folder of the configuration files (default: this package's).
+        config_dir: the folder of the configuration files (default: `config_folder`).
     """
-    folder = config_dir or CONFIG_DIR
+    folder = config_folder(config_dir)
     known = datasets(folder)
     if dataset not in known:
         raise ConfigError(f"--dataset={dataset!r} is unknown; choose one of {', '.join(known)} "

@@ -6,7 +6,8 @@
 Each input (a NIfTI file, or every .nii/.nii.gz file in a folder) is read as the run's dataset
 reads its images (the dataset's channel of a 4D Decathlon image), preprocessed with the run's
 recorded geometry (config.yaml, not today's init file), segmented slice by slice and mapped back
-to its own grid: OUT/<name>_seg.nii.gz has the input's affine and header and the dataset's
+to its own grid: OUT/<name>_seg.nii.gz (nnU-Net layout: the images <case>_<CCCC> of the run's
+channel, written as OUT/<case>.nii.gz) has the input's affine and header and the dataset's
 label values (MMWHS: 205, ..., 850), so it opens over the image and its ground truth.
 --save_probabilities adds OUT/<name>_probs.npz: ``probabilities`` (C, X, Y, Z) float32 softmax in
 the native grid, ``label_values`` (the file value of each channel) and ``structures``.
@@ -36,7 +37,8 @@ from utils.evaluation import (
 )
 from utils.flags import JOINT
 from utils.integrity import image_problems
-from utils.io import atomic_path, nifti_stem, read_volume
+from utils.io import atomic_path, nifti_stem, nnunet_channel, read_volume
+from utils.nnunet import case_of
 from utils.preprocess import n4_bias_correction
 from utils.run import load_checkpoint, read_run, selected_on
 from utils.training import TRAINERS, on_device
@@ -101,8 +103,15 @@ def main() -> None:
           f"layout), {cfg.crop_size} crop at {cfg.target_resolution} mm, on {device}",
           flush=True)
     failed, written = 0, set()
+    channel = nnunet_channel(cfg.data_layout)
     for path in input_files(args.input):
         name = nifti_stem(path)
+        if channel is not None and name is not None:
+            # nnU-Net names a case's images <case>_<CCCC> and its prediction <case>.
+            if not name.endswith(f"_{channel:04d}"):
+                print(f"ignoring {path}: not channel {channel} of an nnU-Net case", flush=True)
+                continue
+            name = case_of(name)
         try:
             if name is None:
                 raise DataError(f"{path}: not a .nii or .nii.gz file")
@@ -120,7 +129,7 @@ def main() -> None:
             vol.image = n4_bias_correction(vol.image, vol.spacing)
         probs = native_probs(model, prepare_volume(vol, cfg.target_resolution, cfg.crop_size),
                              device)
-        out = args.output / f"{name}_seg.nii.gz"
+        out = args.output / (f"{name}.nii.gz" if channel is not None else f"{name}_seg.nii.gz")
         save_prediction(out, native_labels(probs), vol)
         if args.save_probabilities:
             values = (0, *(vol.label_values or range(1, cfg.num_classes)))

@@ -210,7 +210,7 @@ def test_a_new_layout_is_one_registry_entry(tmp_path, monkeypatch, edited_config
     assert experiment_init.load("demo", config_dir=folder).data_layout == "flat"
     monkeypatch.delitem(io.LAYOUTS, "flat")
     with pytest.raises(ConfigError, match=r"data_layout 'flat' is not one of "
-                       r"acdc, decathlon, mmwhs \(utils/io.py, LAYOUTS\)"):
+                       r"acdc, decathlon, mmwhs, nnunet \(utils/io.py, LAYOUTS\)"):
         experiment_init.load("demo", config_dir=folder)
     with pytest.raises(ValueError, match=r"unknown data layout 'flat'.*LAYOUTS"):
         io.subject_id_in_name("flat", "img_12")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import re
 import shutil
@@ -316,6 +317,23 @@ def mmwhs_paths(root: Path, subject_id: str) -> tuple[Path, Path]:
     return image, image.with_name(f"mr_train_{subject_id}_label.nii.gz")
 
 
+def channel_file(folder: Path, case: str, channel: int) -> Path:
+    """``folder/<case>_<CCCC>.nii.gz``, nnU-Net's name of one channel's image of one case."""
+    return folder / f"{case}_{channel:04d}.nii.gz"
+
+
+def nnunet_paths(root: Path, case: str, channel: int = 0) -> tuple[Path, Path]:
+    """nnU-Net v2 raw layout (utils/nnunet.py): the image of ``channel`` in imagesTr/ (or
+    imagesTs/ for an unlabeled case), the label ``labelsTr/<case>.nii.gz``. ``root`` may be the
+    dataset folder or its labelsTr/ (how ``scripts/evaluate.py --gt`` names the ground truth)."""
+    if root.name == "labelsTr":
+        root = root.parent
+    image = channel_file(root / "imagesTr", case, channel)
+    if not image.is_file() and channel_file(root / "imagesTs", case, channel).is_file():
+        image = channel_file(root / "imagesTs", case, channel)
+    return image, root / "labelsTr" / f"{case}.nii.gz"
+
+
 @dataclass(frozen=True)
 class DataLayout:
     """Where a dataset's raw files are and how they are read; one entry of `LAYOUTS`, named by
@@ -343,14 +361,30 @@ LAYOUTS: dict[str, DataLayout] = {
     "acdc": DataLayout(acdc_paths, r"patient(\d+)"),
     "decathlon": DataLayout(decathlon_paths, r"prostate_(\d+)", id_digits=3, channel=0),
     "mmwhs": DataLayout(mmwhs_paths, r"mr_train_(\d+)", label_values=MMWHS_LABEL_VALUES),
+    # nnU-Net's labels are consecutive 0..N, so the file values are the class indices.
+    "nnunet": DataLayout(nnunet_paths, r"(.+)"),
 }
+
+# The nnU-Net layout reading another channel than 0: "nnunet_ch1", "nnunet_ch2", ...
+NNUNET_CHANNEL = re.compile(r"nnunet_ch(\d+)")
+
+
+def nnunet_channel(name: str) -> int | None:
+    """The channel a layout name reads: "nnunet" -> 0, "nnunet_ch2" -> 2; None for others."""
+    if name == "nnunet":
+        return 0
+    match = NNUNET_CHANNEL.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 def data_layout(name: str) -> DataLayout:
     """The layout registered as ``name`` in `LAYOUTS`; a ValueError naming the known ones."""
+    channel = nnunet_channel(name)
+    if channel:
+        return DataLayout(functools.partial(nnunet_paths, channel=channel), r"(.+)")
     if name not in LAYOUTS:
         raise ValueError(f"unknown data layout {name!r}: one of {', '.join(LAYOUTS)} "
-                         "(utils/io.py, LAYOUTS)")
+                         "(utils/io.py, LAYOUTS; nnunet_ch<k> for channel k)")
     return LAYOUTS[name]
 
 

@@ -1,0 +1,185 @@
+"""nnU-Net v2 raw datasets: reading and refusals, generated configuration files, a short run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import experiment_init
+from utils.demo_data import make_demo_patient
+from utils.errors import ConfigError, DataError
+from utils.io import read_raw_volume
+from utils.nnunet import read_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = {"background": 0, "rv": 1, "myo": 2, "lv": 3}
+
+
+def save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+
+
+def write_dataset(root: Path, n_labeled: int = 8, n_unlabeled: int = 2, n_test: int = 1,
+                  labels: dict | None = None, file_ending: str = ".nii.gz") -> Path:
+    """Demo patients 1.. in nnU-Net's layout: channel 0 the ED image, channel 1 its negative;
+    the first ``n_labeled`` with labels, then ``n_unlabeled`` in imagesTr/ without label and
+    ``n_test`` in imagesTs/."""
+    meta = {"channel_names": {"0": "cine", "1": "negative"}, "labels": labels or LABELS,
+            "numTraining": n_labeled + n_unlabeled, "file_ending": file_ending}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for i in range(1, n_labeled + n_unlabeled + n_test + 1):
+        pat = make_demo_patient(i, 0)
+        affine = np.diag([*pat["spacing"], 1.0])
+        case = f"heart_{i:03d}"
+        folder = root / ("imagesTs" if i > n_labeled + n_unlabeled else "imagesTr")
+        image = pat["image_ed"].astype(np.float32)
+        save(folder / f"{case}_0000.nii.gz", image, affine)
+        save(folder / f"{case}_0001.nii.gz", -image, affine)
+        if i <= n_labeled:
+            save(root / "labelsTr" / f"{case}.nii.gz", pat["label_ed"].astype(np.uint8), affine)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("nnunet") / "Dataset001_Heart")
+
+
+def test_read_dataset_sorts_cases_into_labeled_and_unlabeled(dataset):
+    data = read_dataset(dataset, channel=1)
+    assert data.labeled == tuple(f"heart_{i:03d}" for i in range(1, 9))
+    assert data.unlabeled == ("heart_009", "heart_010", "heart_011")
+    assert data.structures == ("rv", "myo", "lv") and data.channel_name == "negative"
+
+
+def test_layout_pairs_each_case_with_its_own_label_and_channel(dataset):
+    for i in (1, 2, 5):
+        pat = make_demo_patient(i, 0)
+        vol = read_raw_volume("nnunet", dataset, f"heart_{i:03d}")
+        np.testing.assert_array_equal(vol.label, pat["label_ed"])
+        np.testing.assert_allclose(vol.image, pat["image_ed"])
+        other = read_raw_volume("nnunet_ch1", dataset / "labelsTr", f"heart_{i:03d}")
+        np.testing.assert_allclose(other.image, -pat["image_ed"])
+    unlabeled = read_raw_volume("nnunet", dataset, "heart_011", with_label=False)
+    assert unlabeled.image_path.parent.name == "imagesTs"
+
+
+@pytest.mark.parametrize("labels, file_ending, reason", [
+    ({"background": 0, "heart": [1, 2, 3]}, ".nii.gz", "region-based"),
+    ({**LABELS, "ignore": 4}, ".nii.gz", "'ignore'"),
+    ({"background": 0, "rv": 1, "lv": 3}, ".nii.gz", "not consecutive"),
+    (LABELS, ".png", "file_ending '.png'"),
+])
+def test_what_the_method_cannot_use_is_refused(tmp_path, labels, file_ending, reason):
+    root = write_dataset(tmp_path / "D", n_labeled=1, n_unlabeled=0, n_test=0, labels=labels,
+                         file_ending=file_ending)
+    with pytest.raises(DataError, match=reason) as err:
+        read_dataset(root)
+    assert "dataset.json" in str(err.value)
+
+
+def test_a_label_off_the_image_grid_is_refused(tmp_path):
+    root = write_dataset(tmp_path / "D", n_labeled=2, n_unlabeled=0, n_test=0)
+    label = root / "labelsTr" / "heart_002.nii.gz"
+    img = nib.load(str(label))
+    save(label, np.asarray(img.dataobj)[:-1], img.affine)
+    with pytest.raises(DataError, match="heart_002.nii.gz: label grid"):
+        read_dataset(root)
+
+
+def new_dataset(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/new_dataset.py", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_generated_splits_are_disjoint_seeded_and_load(dataset, tmp_path):
+    outs = []
+    for folder, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        proc = new_dataset([str(dataset), "--name", "heart", "--labeled", "1", "2",
+                            "--combinations", "3", "--test", "3", "--seed", seed,
+                            "--config_dir", str(tmp_path / folder)])
+        assert proc.returncode == 0, proc.stderr
+        outs.append((tmp_path / folder / "data_cfg_heart.py").read_text())
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+    cfg = experiment_init.load("heart", config_dir=tmp_path / "a")
+    test, val = set(cfg.test), set(cfg.val_ids("tr1", "c1"))
+    assert len(test) == 3 and len(val) == 2 and not test & val
+    for k in (1, 2):
+        for j in (1, 2, 3):
+            ids = set(cfg.labeled_ids(f"tr{k}", f"c{j}"))
+            assert len(ids) == k and not ids & (test | val)
+    assert set(cfg.unlabeled_ids()) == {f"heart_{i:03d}" for i in range(1, 12)} - test - val
+    assert cfg.data_layout == "nnunet" and cfg.struct_name == ("rv", "myo", "lv")
+    # The median in-plane spacing of the eight labeled volumes, read independently.
+    spacings = [make_demo_patient(i, 0)["spacing"][0] for i in range(1, 9)]
+    assert cfg.target_resolution[0] == pytest.approx(np.median(spacings), rel=1e-5)
+    assert cfg.crf_params["g_sxy"] == pytest.approx(10 * 1.36719 / np.median(spacings), abs=0.01)
+    again = new_dataset([str(dataset), "--name", "heart", "--config_dir", str(tmp_path / "a")])
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_a_dataset_too_small_for_the_request_is_refused(dataset, tmp_path):
+    proc = new_dataset([str(dataset), "--name", "heart", "--labeled", "8", "--test", "2",
+                        "--config_dir", str(tmp_path)])
+    assert proc.returncode != 0
+    assert "8 labeled cases" in proc.stderr and "ask for fewer" in proc.stderr
+    assert not list(tmp_path.glob("*.py"))
+
+
+def test_dataset_to_test_results_with_the_readme_commands(dataset, tmp_path):
+    """new_dataset, cropping, check, a short baseline, predict on imagesTs/, evaluate."""
+    config = tmp_path / "config"
+    env = dict(os.environ, LCL_CONFIG_DIR=str(config), LCL_DATA_ROOT=str(tmp_path / "data"),
+               LCL_RUNS_ROOT=str(tmp_path / "runs"))
+
+    def run(args: list[str]) -> str:
+        proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, f"{args}\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+
+    run(["scripts/new_dataset.py", str(dataset), "--name", "heart", "--labeled", "2",
+         "--combinations", "1", "--test", "2", "--max_crop", "64"])
+    run(["scripts/create_cropped_imgs.py", "--dataset", "heart"])
+    assert "no problems found" in run(["scripts/check_dataset.py", "--dataset", "heart"])
+    out = run(["train_model/tr_baseline.py", "--dataset", "heart", "--no_of_tr_imgs", "tr2",
+               "--comb_tr_imgs", "c1", "--n_iter", "11", "--no_progress"])
+    run_dir = Path(out.strip().splitlines()[-1].removeprefix("run directory: "))
+    summary = json.loads((run_dir / "test_results" / "summary.json").read_text())
+    cfg = experiment_init.load("heart", config_dir=config)
+    assert sorted(summary["per_subject"]) == sorted(cfg.test)
+    pred = tmp_path / "pred"
+    run(["scripts/predict.py", "--run_dir", str(run_dir), "--input", str(dataset / "imagesTs"),
+         "--output", str(pred)])
+    written = nib.load(str(pred / "heart_011.nii.gz"))
+    image = nib.load(str(dataset / "imagesTs" / "heart_011_0000.nii.gz"))
+    assert written.shape == image.shape and np.allclose(written.affine, image.affine)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 3}
+    scored = tmp_path / "scored"
+    run(["scripts/predict.py", "--run_dir", str(run_dir), "--input",
+         *[str(dataset / "imagesTr" / f"{c}_0000.nii.gz") for c in cfg.test],
+         "--output", str(scored)])
+    run(["scripts/evaluate.py", "--pred", str(scored), "--gt", str(dataset / "labelsTr"),
+         "--dataset", "heart"])
+    rescored = json.loads((scored / "summary.json").read_text())
+    assert sorted(rescored["per_subject"]) == sorted(cfg.test)
+
+
+def test_the_config_folder_is_the_flag_then_lcl_config_dir_then_the_package(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.delenv("LCL_CONFIG_DIR", raising=False)
+    assert experiment_init.config_folder() == experiment_init.CONFIG_DIR
+    monkeypatch.setenv("LCL_CONFIG_DIR", str(tmp_path / "env"))
+    assert experiment_init.config_folder() == tmp_path / "env"
+    assert experiment_init.config_folder(tmp_path / "flag") == tmp_path / "flag"
+    with pytest.raises(ConfigError, match="env"):
+        experiment_init.load("demo")
