@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models import cpu_training
 from models.unet import JointUNet, UNet
 from utils.device import resolve_device
 from utils.errors import DataError, RunDirError, exit_status, run_main
@@ -73,6 +74,8 @@ def load_network(run_dir: Path, checkpoint: str, num_classes: int, trainer: str,
     if "model" not in state:
         raise RunDirError(f"{run_dir}/checkpoints/{checkpoint}.pt: holds no network weights")
     model = on_device((JointUNet if trainer == TRAINERS[JOINT] else UNet)(num_classes), device)
+    if device.type == "cpu":  # same function, less memory and time
+        cpu_training.install(model)
     model.load_state_dict(state["model"])
     return model, state
 

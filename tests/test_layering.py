@@ -49,3 +49,18 @@ def test_utilities_do_not_import_experiment_init_for_errors() -> None:
     experiment_init (its errors are in utils.errors)."""
     for name in ("device", "mixed_precision", "captured_step"):
         assert "experiment_init" not in _imports(REPO / "utils" / f"{name}.py"), name
+
+
+def test_the_cpu_forwards_are_installed_where_each_network_is_built() -> None:
+    """`models.cpu_training` replaces forwards only where a caller says so: each place that
+    builds a network for the CPU installs it in its own code (a dropped line would leave the
+    CPU path slower and larger without any test noticing the numbers)."""
+    for rel in ("train_model/tr_baseline.py", "train_model/prop_method_joint_tr_rand_init.py",
+                "utils/self_training.py", "scripts/predict.py"):
+        calls = [node for node in ast.walk(ast.parse((REPO / rel).read_text()))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                 and node.func.attr == "install"
+                 and getattr(node.func.value, "id", None) == "cpu_training"]
+        assert len(calls) == 1, rel
+    assert "models.cpu_training" not in _imports(REPO / "utils" / "training.py")
+    assert "models" not in _imports(REPO / "utils" / "training.py")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from experiment_init import ExperimentConfig
+from models import cpu_training
 from models.unet import (
     JointUNet,
     one_stream_kernels,
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.init == "original":
             one_stream_kernels(model)  # the heads' start; the rest is the baseline's
         model = on_device(model, device)
+        if device.type == "cpu":  # same function, less memory and time
+            cpu_training.install(model)
         model.load_encoder_decoder(baseline)
         if args.bn_stats == "original":
             repeat_running_updates([model.encoder, model.decoder, model.proj_head], 2)

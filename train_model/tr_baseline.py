@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from models import cpu_training
 from models.unet import UNet, one_stream_kernels, torch_batch_statistics
 from utils.baseline_training import BaselineSettings, baseline_stepper
 from utils.dataset import load_slices
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.bn_stats == "torch":
             torch_batch_statistics(model)
         model = on_device(model, run.device)
+        if run.device.type == "cpu":  # same function, less memory and time
+            cpu_training.install(model)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr_seg)
         loss_fn = segmentation_loss(args.dsc_loss, cfg.num_classes)
         run.resume(model, optimizer)

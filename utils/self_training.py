@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from models import cpu_training
 from models.unet import UNet
 from utils.crf import CRFParams
 from utils.device import release_freed_memory
@@ -89,6 +90,8 @@ def self_train(
 def baseline_network(baseline: dict[str, torch.Tensor], run: Run) -> torch.nn.Module:
     """The baseline U-Net with its weights, on the run's device."""
     network = on_device(UNet(run.cfg.num_classes), run.device, channels_last=False)
+    if run.device.type == "cpu":  # same function, less memory and time
+        cpu_training.install(network)
     network.load_state_dict(baseline)
     return network
 

@@ -24,7 +24,6 @@ from tqdm import tqdm
 from experiment_init import ExperimentConfig
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
-from models import cpu_training
 from utils.captured_step import check_step_flags
 from utils.dataset import ensure_demo_data, load_eval_volumes, verify_inputs
 from utils.device import (
@@ -150,13 +149,11 @@ def segmentation_loss(
 def on_device(
     model: torch.nn.Module, device: torch.device, channels_last: bool = True
 ) -> torch.nn.Module:
-    """``model`` on ``device`` (channels-last for training); on the CPU with the memory- and
-    time-saving forwards of `models.cpu_training` (same function and state_dict)."""
-    model = model.to(device, memory_format=torch.channels_last) if channels_last \
+    """``model`` on ``device``, channels-last for training. On the CPU the callers then
+    install `models.cpu_training`'s forwards themselves, so that the swap is visible where
+    the model is built."""
+    return model.to(device, memory_format=torch.channels_last) if channels_last \
         else model.to(device)
-    if device.type == "cpu":
-        cpu_training.install(model)
-    return model
 
 
 class BestKeeper:
