@@ -562,12 +562,12 @@ def test_a_tagged_variant_has_its_own_directories_and_baseline(edited_config, tm
     assert record["flags"]["baseline_checkpoint"] == str(base / "checkpoints" / "best.pt")
 
 
-# ------------------------------------------- self_train's rounds with a stand-in run (fast)
+# ---------------------------------- self_training_rounds with a stand-in run (fast)
 N_ITER = 4
 
 
 def _fake_run(tmp_path: Path, start_iteration: int = 0, state: dict | None = None):
-    """What `self_training.self_train` uses of a `utils.training.Run`, recording the stop
+    """What `self_training.self_training_rounds` uses of a `utils.training.Run`, recording the stop
     checks (the last iteration run) and the log rows."""
     seen = {"stops": [], "logs": []}
     run = SimpleNamespace(
@@ -630,7 +630,9 @@ def _self_train(tmp_path: Path, monkeypatch, start_iteration: int = 0,
     labelling = self_training.Labelling(CRFParams(**experiment_init.load("demo").crf_params))
     if state is not None:  # resumed in round 2 (index 1), whose training wrote best.pt
         best_then_worse(state["round"])
-    self_training.self_train(run, model, optimizer, baseline, pool, labelling, 3, N_ITER, train)
+    for rnd in self_training.self_training_rounds(run, model, optimizer, baseline, pool,
+                                                  labelling, 3, N_ITER):
+        train(rnd)
     return seen
 
 
@@ -800,7 +802,7 @@ def test_the_periodic_step_validates_logs_and_checkpoints_on_the_rounds_schedule
     optimizer = torch.optim.Adam(model.parameters())
     stepped = []
 
-    def step(it: int) -> dict[str, torch.Tensor]:
+    def step(it: int) -> torch.Tensor:
         stepped.append(it)
         with torch.no_grad():
             model.weight.fill_(it)
@@ -809,7 +811,7 @@ def test_the_periodic_step_validates_logs_and_checkpoints_on_the_rounds_schedule
             run.guard.later(loss, it)
         else:
             run.guard.ok(loss, it)
-        return {"loss": loss}
+        return loss
 
     run.train(model, optimizer, range(6, 17), step, "round", lower_bar_at_end=True)
     assert stepped == list(range(9, 17))

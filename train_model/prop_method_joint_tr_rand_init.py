@@ -35,7 +35,7 @@ from utils.flags import BASELINE, JOINT, parse_flags
 from utils.joint_training import JointSettings, build_joint_data, joint_stepper
 from utils.run import load_checkpoint
 from utils.sampling import pair_layout
-from utils.self_training import Labelling, Round, describe, self_train
+from utils.self_training import Labelling, describe, self_training_rounds
 from utils.training import on_device, run_directory, segmentation_loss, start_run
 
 
@@ -90,7 +90,13 @@ def main(argv: list[str] | None = None) -> None:
         settings = JointSettings.from_flags(args, cfg.num_classes, cfg.mtask_bs)
         run.resume(model, optimizer)
 
-        def train(rnd: Round) -> None:
+        # Default: as many CRF processes as the run's CPU threads, so that the sweep's
+        # workers, each given a share of the CPUs, keep to their share.
+        workers = min(args.crf_workers or torch.get_num_threads(), available_cpus())
+        labelling = Labelling(crf, bool(args.crf), bool(args.test_aug_overlap),
+                              args.test_f1_threshold, workers)
+        for rnd in self_training_rounds(run, model, optimizer, baseline, pool, labelling,
+                                        args.n_rounds, args.n_iter_per_round):
             data, complete = build_joint_data(lab_img, lab_lbl, rnd.pseudo.images.to(device),
                                               rnd.pseudo.labels.to(device), cfg.num_classes,
                                               cfg.min_labels_dice_slice)
@@ -106,22 +112,10 @@ def main(argv: list[str] | None = None) -> None:
             iteration = joint_stepper(model, optimizer, data, settings, dice_loss, run.generator,
                                       run.guard, run.precision, bool(args.cuda_graph),
                                       bool(args.compile))
-
-            def step(it: int) -> dict[str, torch.Tensor]:
-                loss, loss_seg, loss_lcl = iteration(it)
-                return {"loss": loss, "loss_seg": loss_seg, "loss_local": loss_lcl}
-
-            run.train(model, optimizer, rnd.iterations, step, f"joint round {rnd.index + 1}",
+            run.train(model, optimizer, rnd.iterations, iteration, f"joint round {rnd.index + 1}",
+                      names=("loss", "loss_seg", "loss_local"),
                       best_extra={"round": rnd.index + 1}, progress_extra=rnd.checkpoint,
                       lower_bar_at_end=args.best_selection == "original")
-
-        # Default: as many CRF processes as the run's CPU threads, so that the sweep's
-        # workers, each given a share of the CPUs, keep to their share.
-        workers = min(args.crf_workers or torch.get_num_threads(), available_cpus())
-        labelling = Labelling(crf, bool(args.crf), bool(args.test_aug_overlap),
-                              args.test_f1_threshold, workers)
-        self_train(run, model, optimizer, baseline, pool, labelling, args.n_rounds,
-                   args.n_iter_per_round, train)
         run.finish(model)
 
 

@@ -45,11 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         iteration = baseline_stepper(model, optimizer, images, labels, slices, s, loss_fn,
                                      run.generator, run.guard, run.precision,
                                      bool(args.cuda_graph), bool(args.compile))
-
-        def step(it: int) -> dict[str, torch.Tensor]:
-            return {"loss_seg": iteration(it)}
-
-        run.train(model, optimizer, range(args.n_iter), step, "baseline")
+        run.train(model, optimizer, range(args.n_iter), iteration, "baseline", names=("loss_seg",))
         run.finish(model)
 
 

@@ -9,7 +9,7 @@ checkpoint holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -52,7 +52,7 @@ class Round:
     checkpoint: dict[str, Any]
 
 
-def self_train(
+def self_training_rounds(
     run: Run,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -61,13 +61,13 @@ def self_train(
     labelling: Labelling,
     n_rounds: int,
     n_iter: int,
-    train: Callable[[Round], None],
-) -> None:
-    """The rounds of the run not finished yet: label, train, keep the best.
+) -> Iterator[Round]:
+    """The rounds of the run not finished yet, each labelled and ready to train: the caller
+    trains each round's iterations (the method's own loop, whose periodic step keeps the best
+    checkpoint) before asking for the next, which labels with that best checkpoint.
 
-    ``baseline``: the state_dict of the baseline U-Net, round 1's labeller; ``train(round)``
-    runs the round's iterations (the method's own loop, whose periodic step keeps the best
-    checkpoint); ``n_iter`` iterations per round.
+    ``baseline``: the state_dict of the baseline U-Net, round 1's labeller; ``n_iter``
+    iterations per round.
     """
     for index in range(n_rounds):
         iterations = range(index * n_iter, (index + 1) * n_iter)
@@ -84,7 +84,7 @@ def self_train(
         if iterations.start >= run.start_iteration:
             log_quality(run, index, pseudo, iterations.start)
         release_freed_memory()  # of the pseudo-labelling, before training grows the heap
-        train(Round(index, pseudo, iterations, {"round": index, "pseudo": as_data(pseudo)}))
+        yield Round(index, pseudo, iterations, {"round": index, "pseudo": as_data(pseudo)})
 
 
 def baseline_network(baseline: dict[str, torch.Tensor], run: Run) -> torch.nn.Module:

@@ -321,13 +321,15 @@ class Run:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         iterations: range,
-        step: Callable[[int], dict[str, torch.Tensor]],
+        step: Callable[[int], torch.Tensor | tuple[torch.Tensor, ...]],
         desc: str,
+        names: tuple[str, ...] = ("loss",),
         best_extra: dict[str, Any] | None = None,
         progress_extra: dict[str, Any] | None = None,
         lower_bar_at_end: bool = False,
     ) -> None:
-        """Run ``step(it)``, one iteration of the method returning its losses by log name, for
+        """Run ``step(it)``, one iteration of the method returning its losses (a scalar tensor
+        or a tuple of them, logged under ``names``), for
         each of ``iterations`` not run yet, each followed by the periodic step: every
         ``val_step_update`` iterations of ``iterations`` and at its end, validate, keep the
         best (its checkpoint gets ``best_extra``) and log the losses; every ``--ckpt_every``
@@ -340,7 +342,8 @@ class Run:
                    dynamic_ncols=True, initial=begin - iterations.start, total=len(iterations))
         for it in bar:
             self.stop_if_requested(it - 1, model, optimizer, progress_extra)
-            losses = step(it)
+            out = step(it)
+            losses = dict(zip(names, out if isinstance(out, tuple) else (out,), strict=True))
             last = it == iterations.stop - 1
             if (it - iterations.start) % self.cfg.val_step_update == 0 or last:
                 self.guard.settle()
