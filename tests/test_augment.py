@@ -491,3 +491,25 @@ def test_both_steps_draw_their_intensities_as_set(coupled: bool) -> None:
         [(d.sets[k, 1], 1 + d.sets[k, 0]) for d in joint for k in (0, 1)]
     equal = [abs(float(a) - float(b)) < 1e-6 for a, b in pairs]
     assert all(equal) if coupled else not any(equal)
+
+
+@pytest.mark.parametrize("step", ["baseline", "joint"])
+def test_dice_batch_intensity_as_the_released_code_by_default(step) -> None:
+    """The released batch kept the deformed slices and dropped their intensity-augmented copy:
+    with --rd_en 1 no intensity augmentation reaches the Dice batch unless
+    --intensity_with_deformation 1; with --rd_en 0 it does (when --ri_en 1)."""
+    from utils.baseline_training import BaselineSettings
+    from utils.flags import parse_flags
+    from utils.joint_training import JointSettings
+
+    def ri_en(*flags: str) -> bool:
+        args, cfg = parse_flags(step, ["--dataset", "demo", *flags])
+        if step == "baseline":
+            return BaselineSettings.from_flags(args, cfg.num_classes, cfg.batch_size).ri_en
+        return JointSettings.from_flags(args, cfg.num_classes, cfg.mtask_bs).ri_en
+
+    assert ri_en() is False
+    assert ri_en("--rd_en", "0") is True
+    assert ri_en("--intensity_with_deformation", "1") is True
+    assert ri_en("--rd_en", "0", "--ri_en", "0") is False
+    assert ri_en("--intensity_with_deformation", "1", "--ri_en", "0") is False

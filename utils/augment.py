@@ -26,6 +26,7 @@ Geometry conventions (shared by every warp in this module):
 
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 from typing import NamedTuple
@@ -551,3 +552,11 @@ def set_intensity_augment(images: torch.Tensor, generator: torch.Generator) -> t
         (N, 1, H, W) images with values in [0, 1.5].
     """
     return apply_set_intensity(images, draw_set_intensity(generator))
+
+
+def dice_intensity(args: argparse.Namespace) -> bool:
+    """Whether the labeled (Dice) batch gets the intensity augmentation, from the trainers'
+    ``--ri_en``, ``--rd_en`` and ``--intensity_with_deformation``: the released code's batch
+    took the deformed slices and dropped their intensity-augmented copy, so by default the
+    intensity step runs only when the deformation is off."""
+    return bool(args.ri_en) and (not args.rd_en or bool(args.intensity_with_deformation))

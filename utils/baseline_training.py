@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from utils.augment import AugmentDraws, apply_augment, draw_augment, to_onehot
+from utils.augment import AugmentDraws, apply_augment, dice_intensity, draw_augment, to_onehot
 from utils.captured_step import stepper
 from utils.device import host_to_device
 from utils.mixed_precision import MixedPrecision
@@ -40,7 +40,7 @@ class BaselineSettings:
                    batch_size: int) -> BaselineSettings:
         """The settings of the baseline trainer's parsed flags (`utils.flags.parse_flags`)."""
         return cls(num_classes=num_classes, batch_size=batch_size, rd_en=bool(args.rd_en),
-                   sigma=args.sigma, ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot),
+                   sigma=args.sigma, ri_en=dice_intensity(args), en_1hot=bool(args.en_1hot),
                    coupled_intensity=args.intensity_draws == "original")
 
 

@@ -76,6 +76,10 @@ FLAGS: tuple[Flag, ...] = (
     _both("sigma", type=float, default=5.0,
           help="std (pixels) of the 3x3 random-deformation grid"),
     _both("ri_en", type=int, default=1, choices=(0, 1), help="random intensity augmentation"),
+    _both("intensity_with_deformation", type=int, default=0, choices=(0, 1),
+          help="labeled (Dice) batch: 0 as the released code, whose intensity augmentation "
+          "reached the batch only with --rd_en 0 (with deformation on, its result was "
+          "discarded); 1 both, as the paper describes"),
     _both("en_1hot", type=int, default=1, choices=(0, 1),
           help="1: train on soft one-hot labels after deformation; 0: re-harden them"),
     _both("rd_ni", type=int, default=1,

@@ -21,7 +21,14 @@ from losses.local_contrastive import (
     local_contrastive_loss,
     positive_indices,
 )
-from utils.augment import AugmentDraws, apply_augment, draw_augment, draw_set_intensity, to_onehot
+from utils.augment import (
+    AugmentDraws,
+    apply_augment,
+    dice_intensity,
+    draw_augment,
+    draw_set_intensity,
+    to_onehot,
+)
 from utils.captured_step import stepper
 from utils.device import host_to_device
 from utils.mixed_precision import MixedPrecision
@@ -98,7 +105,7 @@ class JointSettings:
                    no_of_pos_eles=args.no_of_pos_eles, temp_fac=args.temp_fac,
                    lamda_local=args.lamda_local, inter_image=args.local_loss_exp_no == 1,
                    loss_reduction=args.loss_reduction, rd_en=bool(args.rd_en),
-                   sigma=args.sigma, ri_en=bool(args.ri_en), en_1hot=bool(args.en_1hot),
+                   sigma=args.sigma, ri_en=dice_intensity(args), en_1hot=bool(args.en_1hot),
                    coupled_intensity=args.intensity_draws == "original")
 
 
