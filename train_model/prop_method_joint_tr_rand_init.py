@@ -15,6 +15,8 @@ The best checkpoint is evaluated on the test set; the last line printed is
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 from pathlib import Path
 
 import torch
@@ -30,11 +32,10 @@ from models.unet import (
 from utils.crf import CRFParams
 from utils.dataset import load_pool, load_slices
 from utils.device import available_cpus
-from utils.errors import ConfigError, RunDirError, TrainingStopped, run_main
+from utils.errors import RunDirError, TrainingStopped, run_main
 from utils.flags import BASELINE, JOINT, parse_flags
 from utils.joint_training import JointSettings, build_joint_data, joint_stepper
 from utils.run import load_checkpoint
-from utils.sampling import pair_layout
 from utils.self_training import Labelling, describe, self_training_rounds
 from utils.training import on_device, run_directory, segmentation_loss, start_run
 
@@ -53,16 +54,6 @@ def find_baseline(cfg: ExperimentConfig, args) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args, cfg = parse_flags(JOINT, argv, __doc__.splitlines()[0])
-    try:
-        pair_layout(args.bt_size, args.local_loss_exp_no == 1)  # validates --bt_size first
-    except ValueError as err:
-        raise ConfigError(f"{err} (its default is batch_size_ft of "
-                          f"experiment_init/init_{cfg.dataset}.py)") from err
-    try:
-        crf = CRFParams(**cfg.crf_params)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"experiment_init/init_{cfg.dataset}.py: crf_params "
-                          f"{cfg.crf_params!r} cannot be used: {err}") from err
     baseline_ckpt = find_baseline(cfg, args)
     baseline = load_checkpoint(baseline_ckpt)["model"]  # refused here if it is not plain data
     plan = (f"pool {len(cfg.unlabeled_ids())} volumes, {args.n_rounds} rounds x "
@@ -93,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         # Default: as many CRF processes as the run's CPU threads, so that the sweep's
         # workers, each given a share of the CPUs, keep to their share.
         workers = min(args.crf_workers or torch.get_num_threads(), available_cpus())
-        labelling = Labelling(crf, bool(args.crf), bool(args.test_aug_overlap),
-                              args.test_f1_threshold, workers)
+        labelling = Labelling(CRFParams(**cfg.crf_params), bool(args.crf),
+                              bool(args.test_aug_overlap), args.test_f1_threshold, workers)
         for rnd in self_training_rounds(run, model, optimizer, baseline, pool, labelling,
                                         args.n_rounds, args.n_iter_per_round):
             data, complete = build_joint_data(lab_img, lab_lbl, rnd.pseudo.images.to(device),
