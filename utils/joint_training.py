@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from losses.local_contrastive import (
     draw_positive_uniforms,
@@ -23,9 +22,7 @@ from losses.local_contrastive import (
 )
 from utils.augment import (
     AugmentDraws,
-    apply_augment,
-    dice_intensity,
-    draw_augment,
+    DiceAugment,
     draw_set_intensity,
     to_onehot,
 )
@@ -92,11 +89,7 @@ class JointSettings:
     lamda_local: float = 0.1
     inter_image: bool = True  # --local_loss_exp_no 1
     loss_reduction: str = "original"
-    rd_en: bool = True
-    sigma: float = 5.0
-    ri_en: bool = True
-    en_1hot: bool = True
-    coupled_intensity: bool = True  # --intensity_draws original
+    augment: DiceAugment = DiceAugment()  # the Dice slices' (and the sets' coupled draws)
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace, num_classes: int, n_seg: int) -> JointSettings:
@@ -104,9 +97,7 @@ class JointSettings:
         return cls(num_classes=num_classes, n_seg=n_seg, bt_size=args.bt_size,
                    no_of_pos_eles=args.no_of_pos_eles, temp_fac=args.temp_fac,
                    lamda_local=args.lamda_local, inter_image=args.local_loss_exp_no == 1,
-                   loss_reduction=args.loss_reduction, rd_en=bool(args.rd_en),
-                   sigma=args.sigma, ri_en=dice_intensity(args), en_1hot=bool(args.en_1hot),
-                   coupled_intensity=args.intensity_draws == "original")
+                   loss_reduction=args.loss_reduction, augment=DiceAugment.from_flags(args))
 
 
 class JointDraws(NamedTuple):
@@ -130,10 +121,10 @@ def draw_joint(data: JointData, s: JointSettings, generator: torch.Generator) ->
         data.lab_img.shape[0], data.dice_index, data.lab_index, data.unl_index, s.n_seg,
         s.bt_size, generator)
     h, w = data.lab_img.shape[-2:]
-    augment = draw_augment(s.n_seg, h, w, generator, s.rd_en, s.sigma, s.ri_en,
-                           s.coupled_intensity)
-    sets = torch.stack([draw_set_intensity(generator, s.coupled_intensity),
-                        draw_set_intensity(generator, s.coupled_intensity)])
+    augment = s.augment.draw(s.n_seg, h, w, generator)
+    coupled = s.augment.coupled_intensity
+    sets = torch.stack([draw_set_intensity(generator, coupled),
+                        draw_set_intensity(generator, coupled)])
     positive = draw_positive_uniforms(2 * s.bt_size, s.num_classes - 1, s.no_of_pos_eles,
                                       generator)
     return JointDraws(dice_i, lab_i, unl_i, augment, sets, positive)
@@ -147,10 +138,8 @@ def joint_batch_from(
     dev = data.lab_img.device
     dice_i, lab_i, unl_i = (host_to_device(t, dev) for t in (draws.dice, draws.lab, draws.unl))
     # The original augments the Dice slices whatever --data_aug says (it only names the output).
-    x, y = apply_augment(data.lab_img[dice_i], to_onehot(data.lab_lbl[dice_i], s.num_classes),
-                         draws.augment, rd_en=s.rd_en, ri_en=s.ri_en)
-    if not s.en_1hot:
-        y = F.one_hot(y.argmax(1), s.num_classes).permute(0, 3, 1, 2).float()
+    x, y = s.augment.apply(data.lab_img[dice_i], to_onehot(data.lab_lbl[dice_i], s.num_classes),
+                           draws.augment)
     xc, yc = contrastive_sets(torch.cat([data.lab_img[lab_i], data.unl_img[unl_i]]),
                               torch.cat([data.lab_lbl[lab_i], data.unl_lbl[unl_i]]),
                               *layout, s.num_classes, draws.sets)
