@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from experiment_init import ExperimentConfig, datasets, load
+from utils.crf import CRFParams
 from utils.errors import ConfigError
 
 BASELINE = "baseline"
@@ -205,6 +206,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n_iter": (lambda v: v >= 1, "at least 1"),
     "n_iter_per_round": (lambda v: v >= 1, "at least 1"),
     "n_rounds": (lambda v: v >= 1, "at least 1"),
+    "bt_size": (lambda v: v >= 2 and v % 2 == 0, "an even number >= 2 (pairs of pairs)"),
     "ver": (lambda v: v >= 0, "at least 0"),
     "seed": (lambda v: 0 <= v < 2**32, "in 0..2**32-1 (numpy's range)"),
     "sigma": (lambda v: 0 <= v < math.inf, "a number >= 0"),
@@ -269,7 +271,8 @@ def parse_flags(
 ) -> tuple[argparse.Namespace, ExperimentConfig]:
     """Parse one step's command line, read its dataset's configuration, resolve the flags
     whose default is an init-file setting (`INIT_FILE_DEFAULTS`) and check the values
-    (`VALUE_RULES`)."""
+    (`VALUE_RULES`, and the joint step's CRF parameters), all before any run directory
+    exists."""
     args = parser(step, description).parse_args(argv)
     check_tag(args.tag)
     cfg = load(args.dataset, args.data_root, args.out_dir)
@@ -287,6 +290,12 @@ def parse_flags(
                  if getattr(args, flag) is None}
     resolved = resolve_flags(args, cfg, **INIT_FILE_DEFAULTS[step])
     check_values(resolved, from_init, cfg.dataset)
+    if step == JOINT:
+        try:
+            CRFParams(**cfg.crf_params)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"experiment_init/init_{cfg.dataset}.py: crf_params "
+                              f"{cfg.crf_params!r} cannot be used: {err}") from err
     return resolved, cfg
 
 
