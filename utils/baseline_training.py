@@ -92,7 +92,7 @@ def baseline_stepper(
     ``cuda_graph`` and ``compile_network`` as in ``utils.joint_training.joint_stepper``."""
     network = torch.compile(model) if compile_network else model
     step = stepper(
-        lambda g: draw_baseline(slices, s, *images.shape[-2:], g),
+        lambda g, it: draw_baseline(slices, s, *images.shape[-2:], g),
         lambda draws: baseline_losses(network, images, labels, s, draws, loss_fn, precision),
         model, optimizer, generator, guard, precision, cuda_graph)
     return lambda it: step(it)[0]
