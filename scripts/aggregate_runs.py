@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from utils.training import RESUME_FREE_FLAGS
+from utils.flags import RESUME_FREE_FLAGS
 
 BASELINE = "baseline"
 # Flags that tell runs of one table cell apart, or do not change results.

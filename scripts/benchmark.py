@@ -59,7 +59,7 @@ from models import cpu_training
 from models.unet import JointUNet, UNet
 from utils.augment import to_onehot
 from utils.baseline_training import BaselineSettings, baseline_stepper
-from utils.captured_step import CapturedStep, check_step_flags
+from utils.captured_step import CapturedStep, NonFiniteGuard, check_step_flags
 from utils.crf import CRFParams, CRFPool
 from utils.device import (
     available_cpus,
@@ -78,7 +78,6 @@ from utils.joint_training import (
 from utils.mixed_precision import MixedPrecision, cpu_flags, mixed_precision
 from utils.provenance import device_name, git_state
 from utils.pseudo_labels import make_pseudo_labels
-from utils.training import NonFiniteGuard
 
 # The /proc/cpuinfo flags that decide CPU step times, recorded with every figure.
 SPEED_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")

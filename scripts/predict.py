@@ -44,7 +44,8 @@ from utils.io import atomic_path, nifti_stem, nnunet_channel, read_volume
 from utils.nnunet import case_of
 from utils.preprocess import n4_bias_correction
 from utils.run import load_checkpoint, read_run, selected_on
-from utils.training import TRAINERS, on_device
+from utils.run_dir import TRAINERS
+from utils.training import on_device
 
 # Name endings of the label files beside the images in the ACDC (and demo) and MMWHS raw
 # layouts (utils/io.py); a folder's such files are not inputs.

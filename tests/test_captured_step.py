@@ -21,11 +21,10 @@ from losses.dice import soft_dice_loss
 from losses.local_contrastive import draw_positive_uniforms
 from models.unet import JointUNet, UNet
 from utils.augment import apply_set_intensity, draw_augment, draw_set_intensity
-from utils.captured_step import check_step_flags, make_capturable, tensors
+from utils.captured_step import NonFiniteGuard, check_step_flags, make_capturable, tensors
 from utils.errors import ConfigError
 from utils.mixed_precision import MixedPrecision
 from utils.sampling import pair_layout, pick_joint_slices
-from utils.training import NonFiniteGuard
 
 SETTINGS = jt.JointSettings(num_classes=3, n_seg=4, bt_size=4, no_of_pos_eles=2)
 

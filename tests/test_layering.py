@@ -39,9 +39,13 @@ def test_lower_layers_import_no_trainer_machinery() -> None:
              *sorted((REPO / "models").glob("*.py"))] + [
         REPO / "utils" / f"{name}.py" for name in
         ("errors", "io", "augment", "sampling", "crf", "device", "mixed_precision",
-         "captured_step", "evaluation", "preprocess", "dataset")]
+         "captured_step", "evaluation", "preprocess", "dataset", "run_dir")]
     for path in lower:
         assert not _imports(path) & upper, (path.relative_to(REPO), _imports(path) & upper)
+    # The step modules (one iteration each) sit below the run that calls them.
+    for name in ("baseline_training", "joint_training"):
+        assert not _imports(REPO / "utils" / f"{name}.py") & {"utils.training",
+                                                             "utils.self_training"}, name
 
 
 def test_utilities_do_not_import_experiment_init_for_errors() -> None:

@@ -14,11 +14,11 @@ import torch
 import yaml
 
 from models.unet import JointUNet
+from utils.captured_step import NonFiniteGuard
 from utils.device import cpu_threads
 from utils.errors import ConfigError
 from utils.joint_training import JointSettings, build_joint_data, joint_stepper
 from utils.mixed_precision import MixedPrecision, cpu_flags, mixed_precision
-from utils.training import NonFiniteGuard
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

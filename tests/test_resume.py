@@ -30,7 +30,7 @@ from utils.run import (
     save_periodic_checkpoint,
     seed_everything,
 )
-from utils.training import open_run_dir, resume_flags
+from utils.run_dir import open_run_dir, resume_flags
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--dataset", "demo", "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1", "--ver", "7",

@@ -19,12 +19,15 @@ import yaml
 import experiment_init
 from losses.cross_entropy import weighted_cross_entropy_loss
 from losses.dice import soft_dice_loss
+from losses.segmentation_loss import segmentation_loss
+from utils.captured_step import NonFiniteGuard
 from utils.device import resolve_device
 from utils.errors import ConfigError, DataError, RunDirError, RunFinished, TrainingStopped, run_main
 from utils.flags import BASELINE, add_flags, parse_flags, resolve_flags
 from utils.preemption import Preempted
 from utils.pseudo_labels import PseudoLabelRound
-from utils.training import BestKeeper, NonFiniteGuard, open_run_dir, segmentation_loss
+from utils.run_dir import open_run_dir
+from utils.training import BestKeeper
 
 REPO = Path(__file__).resolve().parents[1]
 

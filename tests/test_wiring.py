@@ -23,11 +23,11 @@ import utils.joint_training as joint_training
 from losses.dice import soft_dice_loss
 from losses.local_contrastive import local_contrastive_loss
 from utils.augment import to_onehot
+from utils.captured_step import NonFiniteGuard
 from utils.evaluation import EvalVolume, evaluate_test_set, predict_slices
 from utils.io import read_raw_volume
 from utils.mixed_precision import MixedPrecision
 from utils.preprocess import to_target
-from utils.training import NonFiniteGuard
 
 CPU = torch.device("cpu")
 

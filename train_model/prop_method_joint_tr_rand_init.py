@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from experiment_init import ExperimentConfig
+from losses.segmentation_loss import segmentation_loss
 from models import cpu_training
 from models.unet import (
     JointUNet,
@@ -36,8 +37,9 @@ from utils.errors import RunDirError, TrainingStopped, run_main
 from utils.flags import BASELINE, JOINT, parse_flags
 from utils.joint_training import JointSettings, build_joint_data, joint_stepper
 from utils.run import load_checkpoint
+from utils.run_dir import run_directory
 from utils.self_training import Labelling, describe, self_training_rounds
-from utils.training import on_device, run_directory, segmentation_loss, start_run
+from utils.training import on_device, start_run
 
 
 def find_baseline(cfg: ExperimentConfig, args) -> Path:

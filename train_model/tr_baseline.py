@@ -15,13 +15,14 @@ import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
 
 import torch
 
+from losses.segmentation_loss import segmentation_loss
 from models import cpu_training
 from models.unet import UNet, one_stream_kernels, torch_batch_statistics
 from utils.baseline_training import BaselineSettings, baseline_stepper
 from utils.dataset import load_slices
 from utils.errors import run_main
 from utils.flags import BASELINE, parse_flags
-from utils.training import on_device, segmentation_loss, start_run
+from utils.training import on_device, start_run
 
 
 def main(argv: list[str] | None = None) -> None:

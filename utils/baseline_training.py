@@ -15,11 +15,10 @@ from typing import NamedTuple
 import torch
 
 from utils.augment import AugmentDraws, DiceAugment, to_onehot
-from utils.captured_step import stepper
+from utils.captured_step import NonFiniteGuard, stepper
 from utils.device import host_to_device
 from utils.mixed_precision import MixedPrecision
 from utils.sampling import draw
-from utils.training import NonFiniteGuard
 
 
 @dataclass(frozen=True)

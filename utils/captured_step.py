@@ -12,11 +12,11 @@ CPU, and in the tests) the same step runs eagerly from the same buffers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, TrainingStopped
 from utils.mixed_precision import MixedPrecision
 
 
@@ -136,13 +136,44 @@ class CapturedStep:
         return tuple(t.clone() for t in self.outputs)
 
 
-class Guard(Protocol):
-    """What judges each step's loss (``utils.training.NonFiniteGuard``): ``ok`` before an
-    eager step's update, ``later`` for a step that skipped itself on the device."""
+class NonFiniteGuard:
+    """Counts skipped non-finite steps; too many in a row stop the run.
 
-    def ok(self, loss: torch.Tensor, iteration: int) -> bool: ...
+    ``ok(loss, it)`` checks a loss before its step (one wait for the GPU per step); a step that
+    skips itself on the device (``utils.captured_step``) is counted with ``later(loss, it)``,
+    checked at the next call or at `settle`, once the GPU has moved on to the next step.
+    """
 
-    def later(self, loss: torch.Tensor, iteration: int) -> None: ...
+    def __init__(self, max_consecutive: int) -> None:
+        self.max_consecutive = max_consecutive
+        self.total = 0
+        self.consecutive = 0
+        self.pending: tuple[torch.Tensor, int] | None = None
+
+    def later(self, loss: torch.Tensor, iteration: int) -> None:
+        self.settle()
+        self.pending = (loss, iteration)
+
+    def settle(self) -> None:
+        """Count the loss given to `later`, if any (before the counts are read or saved)."""
+        if self.pending is not None:
+            loss, iteration = self.pending
+            self.pending = None
+            self.ok(loss, iteration)
+
+    def ok(self, loss: torch.Tensor, iteration: int) -> bool:
+        self.settle()
+        if torch.isfinite(loss).item():
+            self.consecutive = 0
+            return True
+        self.total += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingStopped(
+                f"{self.consecutive} consecutive non-finite losses up to iteration {iteration}; "
+                "stopping (the best checkpoint so far is kept). Lower --lr_seg or check the data."
+            )
+        return False
 
 
 def stepper(
@@ -151,7 +182,7 @@ def stepper(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
-    guard: Guard,
+    guard: NonFiniteGuard,
     precision: MixedPrecision,
     cuda_graph: bool = False,
 ) -> Callable[[int], tuple[torch.Tensor, ...]]:

@@ -26,7 +26,7 @@ from utils.augment import (
     draw_set_intensity,
     to_onehot,
 )
-from utils.captured_step import stepper
+from utils.captured_step import NonFiniteGuard, stepper
 from utils.device import host_to_device
 from utils.mixed_precision import MixedPrecision
 from utils.sampling import (
@@ -36,7 +36,6 @@ from utils.sampling import (
     pick_joint_slices,
     slices_with_min_labels,
 )
-from utils.training import NonFiniteGuard
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from experiment_init import ExperimentConfig
-from losses.cross_entropy import weighted_cross_entropy_loss
-from losses.dice import soft_dice_loss
-from utils.captured_step import check_step_flags
+from utils.captured_step import NonFiniteGuard, check_step_flags
 from utils.dataset import ensure_demo_data, load_eval_volumes, verify_inputs
 from utils.device import (
     configure_backend,
@@ -32,16 +29,14 @@ from utils.device import (
     resolve_device,
     set_cpu_threads,
 )
-from utils.errors import RunDirError, RunFinished, TrainingStopped
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
-from utils.flags import BASELINE, JOINT, RESUME_FREE_FLAGS
+from utils.flags import JOINT
 from utils.mixed_precision import MixedPrecision, mixed_precision
 from utils.preemption import Preempted, StopRequests
 from utils.provenance import now, session
 from utils.run import (
     RunLog,
     load_checkpoint,
-    load_latest_checkpoint,
     restore_rng_state,
     rng_state,
     save_checkpoint,
@@ -50,100 +45,8 @@ from utils.run import (
     seed_everything,
     selected_on,
 )
-from utils.run_lock import LOCK_NAME, RunLock, lock_run_dir
-
-# The script of each step, as config.yaml names it.
-TRAINERS = {BASELINE: "tr_baseline", JOINT: "prop_method_joint_tr_rand_init"}
-
-
-def run_name(args: argparse.Namespace) -> str:
-    name = f"{args.no_of_tr_imgs}_{args.comb_tr_imgs}_v{args.ver}"
-    return name if args.seed is None or args.seed == args.ver else f"{name}_seed{args.seed}"
-
-
-def run_directory(cfg: ExperimentConfig, args: argparse.Namespace, step: str) -> Path:
-    """``<out>/<dataset>/<step>/[<tag>/]<tr>_<comb>_v<ver>[_seed<seed>]``, the joint step's in
-    a sub-folder per ``--loss_reduction``."""
-    path = cfg.srt_dir / cfg.dataset / step / (args.tag or "") / run_name(args)
-    return path / args.loss_reduction if step == JOINT else path
-
-
-# What a run writes in its directory (utils/run.py); the atomic writer's temporary files are
-# these names with a leading "." and a suffix.
-RUN_FILES = ("config.yaml", "log.csv", "curves.png", "tensorboard", "checkpoints",
-             "test_results", "pseudo_labels", LOCK_NAME)
-
-
-def holds_results(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds what a run produced: a checkpoint or test results. A start
-    that failed, or was stopped before its first validation, leaves neither and is not a run."""
-    return any(p.is_file() and not p.name.startswith(".")
-               for sub in ("checkpoints", "test_results") for p in (run_dir / sub).rglob("*"))
-
-
-def open_run_dir(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
-    """Find the state to resume from, or empty the run directory (but for its lock) for a
-    fresh start; the caller holds the directory's lock (`utils.run_lock.lock_run_dir`).
-
-    Returns the last periodic checkpoint when ``--resume`` finds one (after checking that the
-    flags match the interrupted run's), else None for a fresh start. Never silently replaces a
-    previous run's results: a directory holding a checkpoint or test results needs --resume or
-    --overwrite. One holding neither is reused, unless it holds files no run writes.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if getattr(args, "resume", False):
-        if (run_dir / "test_results" / "summary.json").is_file():
-            raise RunFinished(run_dir)
-        state = load_latest_checkpoint(run_dir / "checkpoints", resume_flags(args))
-        if state is not None:
-            return state
-    elif holds_results(run_dir) and not args.overwrite:
-        raise RunDirError(
-            f"{run_dir}: a run with these settings exists; pass --resume to continue it, "
-            "--overwrite to replace it, or change --ver"
-        )
-    left = sorted(e.name for e in run_dir.iterdir() if e.name != LOCK_NAME)
-    if left and not args.overwrite:
-        foreign = [name for name in left if name not in RUN_FILES
-                   and not name.startswith(tuple(f".{known}." for known in RUN_FILES))]
-        if foreign:
-            raise RunDirError(f"{run_dir}: holds files no run writes ({', '.join(foreign)}); "
-                              "move them away, or pass --overwrite to delete them")
-        print(f"starting {run_dir} afresh: it holds no periodic checkpoint or test results, "
-              f"only {', '.join(left)} of a start that stopped early", flush=True)
-    for entry in left:
-        path = run_dir / entry
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return None
-
-
-def resume_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags an interrupted run is recognised by (stored in every periodic checkpoint)."""
-    return {k: v for k, v in vars(args).items() if k not in RESUME_FREE_FLAGS}
-
-
-def segmentation_loss(
-    dsc_loss: int, num_classes: int
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The ``--dsc_loss`` choice as a function (logits, labels_onehot) -> scalar."""
-    if dsc_loss == 2:
-        return lambda logits, y: soft_dice_loss(logits, y, include_background=True)
-    if dsc_loss == 1:
-        return lambda logits, y: soft_dice_loss(logits, y, include_background=False)
-    from losses.cross_entropy import class_weights
-
-    weights = {torch.device("cpu"): class_weights(num_classes)}
-
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # One copy per device, made before any CUDA graph capture (the first, warm-up step).
-        if logits.device not in weights:
-            weights[logits.device] = weights[torch.device("cpu")].to(logits.device)
-        return weighted_cross_entropy_loss(logits, y, weights[logits.device])
-
-    return loss
+from utils.run_dir import TRAINERS, open_run_dir, resume_flags, run_directory
+from utils.run_lock import RunLock, lock_run_dir
 
 
 def on_device(
@@ -209,46 +112,6 @@ class BestKeeper:
             save_checkpoint(self.path, best_state)
         elif self.path.exists():
             self.path.unlink()
-
-
-class NonFiniteGuard:
-    """Counts skipped non-finite steps; too many in a row stop the run.
-
-    ``ok(loss, it)`` checks a loss before its step (one wait for the GPU per step); a step that
-    skips itself on the device (``utils.captured_step``) is counted with ``later(loss, it)``,
-    checked at the next call or at `settle`, once the GPU has moved on to the next step.
-    """
-
-    def __init__(self, max_consecutive: int) -> None:
-        self.max_consecutive = max_consecutive
-        self.total = 0
-        self.consecutive = 0
-        self.pending: tuple[torch.Tensor, int] | None = None
-
-    def later(self, loss: torch.Tensor, iteration: int) -> None:
-        self.settle()
-        self.pending = (loss, iteration)
-
-    def settle(self) -> None:
-        """Count the loss given to `later`, if any (before the counts are read or saved)."""
-        if self.pending is not None:
-            loss, iteration = self.pending
-            self.pending = None
-            self.ok(loss, iteration)
-
-    def ok(self, loss: torch.Tensor, iteration: int) -> bool:
-        self.settle()
-        if torch.isfinite(loss).item():
-            self.consecutive = 0
-            return True
-        self.total += 1
-        self.consecutive += 1
-        if self.consecutive >= self.max_consecutive:
-            raise TrainingStopped(
-                f"{self.consecutive} consecutive non-finite losses up to iteration {iteration}; "
-                "stopping (the best checkpoint so far is kept). Lower --lr_seg or check the data."
-            )
-        return False
 
 
 class Run:
