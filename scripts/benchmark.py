@@ -18,12 +18,13 @@ Synthetic slices of the dataset's crop size are used (no data needed); the joint
 trainer's own `utils.joint_training.joint_stepper`. ``--quick`` uses a quarter of the crop
 area and fewer repeats (a smoke run that finishes in about two minutes on two CPU cores).
 
-``--reference`` times only the peer the issue measured on another machine: the plain PyTorch
-U-Net of the published shape (`models.unet.UNet` without `models.cpu_training`), 20 images,
-PyTorch's default settings (no `configure_backend`), in channels_last and in the default
-layout. Its ratio to the peer's 2.0 s (figure ``machine_factor``) scales figures measured
-elsewhere to this machine. On CPU the other figures use the trainers' network:
-`models.cpu_training.install` on the same `JointUNet`.
+``--reference`` times only the reference step, timed once on the machine where the original
+TensorFlow code was timed: the plain PyTorch U-Net of the published shape (`models.unet.UNet`
+without `models.cpu_training`), 20 images, PyTorch's default settings (no
+`configure_backend`), in channels_last and in the default layout. Its ratio to that machine's
+2.0 s (figure ``machine_factor``) scales figures measured there to this machine. On CPU the
+other figures use the trainers' network: `models.cpu_training.install` on the same
+`JointUNet`.
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ def main() -> None:
     parser.add_argument("--low_memory", action="store_true",
                         help="as the trainers' --low_memory (glibc's default allocator on CPU)")
     parser.add_argument("--reference", action="store_true",
-                        help="time only the plain UNet, the peer measured on another machine, "
+                        help="time only the plain UNet, the reference step of another machine, "
                              "with PyTorch's default settings; prints machine_factor")
     parser.add_argument("--threads", type=int, default=None,
                         help="as the trainers' --threads (not with --reference)")
@@ -314,7 +315,7 @@ def main() -> None:
     repeats = 2 if args.quick else args.repeats
     s = JointSettings(num_classes=cfg.num_classes, n_seg=cfg.mtask_bs)
     n_all = s.n_seg if args.reference else s.n_seg + 2 * s.bt_size
-    if not args.reference:  # the peer ran with PyTorch's default threads
+    if not args.reference:  # the reference ran with PyTorch's default threads
         set_cpu_threads(args.threads)
     features = sorted((cpu_flags() or set()) & set(SPEED_FEATURES))
     info = {"device": device.type, "machine": device_name(device),
@@ -354,9 +355,9 @@ def main() -> None:
         print_json(figures, info)
         return
     if args.reference:
-        # No configure_backend: the peer ran with PyTorch's defaults.
+        # No configure_backend: the reference ran with PyTorch's defaults.
         t_ref = reference_figures(cfg, size, n_all, repeats, device, precision, report)
-        if device.type == "cpu" and (n_all, *size) == (20, 192, 192):  # the peer's batch
+        if device.type == "cpu" and (n_all, *size) == (20, 192, 192):  # the reference's batch
             report("machine_factor", t_ref / PEER_REFERENCE_STEP_S, "x")
         print_json(figures, info)
         return

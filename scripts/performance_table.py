@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-# Where each figure's goal is on each device (issue texts); shown with --goals.
+# Where each figure's goal is on each device; shown with --goals.
 GOALS = {
     "cpu": {
         "overhead_ratio": "≤ 1.10",
