@@ -183,6 +183,12 @@ def datasets(config_dir: Path | None = None) -> tuple[str, ...]:
     return tuple(sorted(p.stem.removeprefix("init_") for p in folder.glob("init_*.py")))
 
 
+def dataset_help() -> str:
+    """The --dataset help of every script: the configured names and where they are read."""
+    return (f"one of {', '.join(datasets())} (init_<name>.py in {_shown(config_folder())}; "
+            "LCL_CONFIG_DIR=DIR reads another folder)")
+
+
 def _shown(path: Path) -> str:
     """``path`` as error messages name it: relative to the repository when inside it."""
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)

@@ -28,7 +28,7 @@ from utils.integrity import check_subject, configured_ids, lacks_label
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True,
-                        help=f"one of {', '.join(experiment_init.datasets())}")
+                        help=experiment_init.dataset_help())
     parser.add_argument("--data_root", default=None, help="dataset folder holding raw/")
     args = parser.parse_args()
     cfg = experiment_init.load(args.dataset, args.data_root)

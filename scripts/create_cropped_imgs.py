@@ -25,7 +25,7 @@ from utils.io import cropped_paths
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True,
-                        help=f"one of {', '.join(experiment_init.datasets())}")
+                        help=experiment_init.dataset_help())
     parser.add_argument("--data_root", default=None, help="dataset folder holding raw/")
     parser.add_argument("--ids", nargs="*", default=None,
                         help="subject ids (default: all training ids)")

@@ -86,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pred", type=Path, help="folder of predictions (searched recursively)")
     parser.add_argument("--gt", type=Path, help="the dataset's raw folder (its layout)")
-    parser.add_argument("--dataset", help=f"one of {', '.join(experiment_init.datasets())}")
+    parser.add_argument("--dataset", help=experiment_init.dataset_help())
     parser.add_argument("--run_dir", type=Path, help="re-score this run's test_results/")
     parser.add_argument("--out", type=Path, help="folder for summary.json and the other files")
     args = parser.parse_args()

@@ -313,7 +313,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 usage="%(prog)s --dataset D --backend slurm|local [options] "
                                       "[-- flags for both trainers]")
-    p.add_argument("--dataset", required=True, help=" | ".join(experiment_init.datasets()))
+    p.add_argument("--dataset", required=True, help=experiment_init.dataset_help())
     p.add_argument("--tr", nargs="+", default=None,
                    help="labeled set sizes (default: every one with combinations)")
     p.add_argument("--comb", nargs="+", default=["all"], help="combinations, or 'all'")

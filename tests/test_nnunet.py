@@ -96,6 +96,18 @@ def test_a_label_off_the_image_grid_is_refused(tmp_path):
         read_dataset(root)
 
 
+def test_a_label_on_the_grid_but_with_another_spacing_is_refused(tmp_path):
+    """Same shape, other voxel size: the label would be resampled onto other anatomy."""
+    root = write_dataset(tmp_path / "D", n_labeled=2, n_unlabeled=0, n_test=0)
+    label = root / "labelsTr" / "heart_002.nii.gz"
+    img = nib.load(str(label))
+    save(label, np.asarray(img.dataobj), img.affine @ np.diag([1.2, 1.0, 1.0, 1.0]))
+    with pytest.raises(DataError, match="heart_002.nii.gz: label affine differs from the "
+                       r"image's by up to .* \(heart_002_0000.nii.gz"):
+        read_dataset(root)
+    read_dataset(root, check_grids=False)  # the check, not the reading, refuses it
+
+
 def new_dataset(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "scripts/new_dataset.py", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=env)
@@ -136,7 +148,8 @@ def test_a_dataset_too_small_for_the_request_is_refused(dataset, tmp_path):
 
 
 def test_dataset_to_test_results_with_the_readme_commands(dataset, tmp_path):
-    """new_dataset, cropping, check, a short baseline, predict on imagesTs/, evaluate."""
+    """new_dataset, cropping, check, a short baseline and joint step, predict on imagesTs/,
+    evaluate."""
     config = tmp_path / "config"
     env = dict(os.environ, LCL_CONFIG_DIR=str(config), LCL_DATA_ROOT=str(tmp_path / "data"),
                LCL_RUNS_ROOT=str(tmp_path / "runs"))
@@ -151,12 +164,21 @@ def test_dataset_to_test_results_with_the_readme_commands(dataset, tmp_path):
          "--combinations", "1", "--test", "2", "--max_crop", "64"])
     run(["scripts/create_cropped_imgs.py", "--dataset", "heart"])
     assert "no problems found" in run(["scripts/check_dataset.py", "--dataset", "heart"])
+    # A rate that leaves the baseline predicting structures after a few iterations, so that
+    # the joint step's pseudo-labels have some.
     out = run(["train_model/tr_baseline.py", "--dataset", "heart", "--no_of_tr_imgs", "tr2",
-               "--comb_tr_imgs", "c1", "--n_iter", "11", "--no_progress"])
+               "--comb_tr_imgs", "c1", "--n_iter", "21", "--lr_seg", "0.01", "--no_progress"])
     run_dir = Path(out.strip().splitlines()[-1].removeprefix("run directory: "))
     summary = json.loads((run_dir / "test_results" / "summary.json").read_text())
     cfg = experiment_init.load("heart", config_dir=config)
     assert sorted(summary["per_subject"]) == sorted(cfg.test)
+    out = run(["train_model/prop_method_joint_tr_rand_init.py", "--dataset", "heart",
+               "--no_of_tr_imgs", "tr2", "--comb_tr_imgs", "c1", "--n_rounds", "1",
+               "--n_iter_per_round", "3", "--no_progress"])
+    assert f"pseudo-labels for {len(cfg.unlabeled_ids())} volumes" in out
+    joint_dir = Path(out.strip().splitlines()[-1].removeprefix("run directory: "))
+    joint = json.loads((joint_dir / "test_results" / "summary.json").read_text())
+    assert sorted(joint["per_subject"]) == sorted(cfg.test)
     pred = tmp_path / "pred"
     run(["scripts/predict.py", "--run_dir", str(run_dir), "--input", str(dataset / "imagesTs"),
          "--output", str(pred)])

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from experiment_init import ExperimentConfig, datasets, load
+from experiment_init import ExperimentConfig, dataset_help, load
 from utils.crf import CRFParams
 from utils.errors import ConfigError
 
@@ -65,7 +65,7 @@ def _joint(name: str, resume_free: bool = False, **options: Any) -> Flag:
 FLAGS: tuple[Flag, ...] = (
     # The original baseline's flags (METHOD §9).
     _both("dataset", default="acdc",
-          help=f"one of {', '.join(datasets())} (experiment_init/init_<name>.py)"),
+          help=dataset_help()),
     _both("no_of_tr_imgs", default="tr2", help="labeled set size: tr1, tr2, tr8, ..."),
     _both("comb_tr_imgs", default="c1", help="combination of the labeled set: c1..c5"),
     _both("lr_seg", type=float, default=None,

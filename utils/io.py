@@ -189,7 +189,7 @@ def _as_3d(data: np.ndarray, path: Path, channel: int | None = None) -> np.ndarr
     return data
 
 
-def _check_label_space(
+def check_label_space(
     image_affine: np.ndarray, label_affine: np.ndarray, voxel_mm: float,
     image_path: Path, label_path: Path,
 ) -> None:
@@ -260,7 +260,7 @@ def read_volume(
                 f"{label_path}: label grid {raw.shape} differs from image grid {image.shape} "
                 f"of {image_path.name}"
             )
-        _check_label_space(img.affine, lab_img.affine, min(spacing), image_path, label_path)
+        check_label_space(img.affine, lab_img.affine, min(spacing), image_path, label_path)
         _check_whole_numbers(raw, label_path)
         raw = np.rint(raw).astype(np.int32)
         if known_labels_only and label_values is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 
 from utils.errors import DataError
-from utils.io import channel_file
+from utils.io import channel_file, check_label_space
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 IMAGE_FOLDERS = ("imagesTr", "imagesTs")
@@ -72,7 +72,8 @@ def _labels(labels: object, path: Path) -> tuple[str, ...]:
 def read_dataset(root: str | Path, channel: int = 0, check_grids: bool = True) -> NnunetDataset:
     """Read and check the nnU-Net raw dataset in ``root``.
 
-    ``check_grids``: a label whose grid (shape) differs from its image's is refused (header
+    ``check_grids``: a label whose grid (shape) or space (voxel-to-world matrix, spacing
+    included, as `utils.io.check_label_space`) differs from its image's is refused (header
     reads only).
     """
     root = Path(root)
@@ -112,13 +113,15 @@ def read_dataset(root: str | Path, channel: int = 0, check_grids: bool = True) -
         raise DataError(f"{tests[twice[0]]}: case {twice[0]} is in imagesTr/ too; rename one")
     if check_grids:
         for case in labeled:
-            image_shape = nib.load(str(training[case])).shape
+            image = nib.load(str(training[case]))
             label_path = label_dir / f"{case}.nii.gz"
-            label_shape = nib.load(str(label_path)).shape
-            if image_shape != label_shape:
-                raise DataError(f"{label_path}: label grid {label_shape} differs from its image "
-                                f"grid {image_shape} ({training[case].name}); resample the label "
+            label = nib.load(str(label_path))
+            if image.shape != label.shape:
+                raise DataError(f"{label_path}: label grid {label.shape} differs from its image "
+                                f"grid {image.shape} ({training[case].name}); resample the label "
                                 "onto the image")
+            check_label_space(image.affine, label.affine, min(image.header.get_zooms()[:3]),
+                              training[case], label_path)
     unlabeled = sorted(c for c in training if c not in labeled) + sorted(tests)
     return NnunetDataset(root, channel, names[str(channel)], structures, tuple(labeled),
                          tuple(unlabeled))
