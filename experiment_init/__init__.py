@@ -89,6 +89,10 @@ class ExperimentConfig:
     # from this seed.
     demo_n_patients: int | None = None
     demo_seed: int | None = None
+    # A second raw folder, of volumes without labels, in the dataset's layout (an nnU-Net
+    # layout also reads a flat folder of <case>_<CCCC>.nii.gz): a subject whose image is not in
+    # data_path_tr is read from here. Resolved as data_path_tr.
+    data_path_unlabeled: Path | None = None
 
     @property
     def crop_size(self) -> tuple[int, int]:
@@ -113,6 +117,12 @@ class ExperimentConfig:
 
     def val_ids(self, no_of_tr_imgs: str, comb_tr_imgs: str | None) -> list[str]:
         return list(self.validation[self.split_key(no_of_tr_imgs, comb_tr_imgs)])
+
+    def raw_folders(self) -> tuple[Path, ...]:
+        """The raw folders a subject is looked for in: ``data_path_tr``, then
+        ``data_path_unlabeled`` when set (`utils.io.raw_paths`)."""
+        extra = () if self.data_path_unlabeled is None else (self.data_path_unlabeled,)
+        return (self.data_path_tr, *extra)
 
     def unlabeled_ids(self) -> list[str]:
         return list(self.labeled[self.unlabeled_pool])
@@ -144,7 +154,7 @@ class ExperimentConfig:
                     raise ConfigError(f"the recorded configuration lacks '{f.name}'")
                 continue
             value, hint = values[f.name], hints[f.name]
-            if hint is Path:
+            if hint is Path or (hint == Path | None and value is not None):
                 value = Path(value)
             elif get_origin(hint) is tuple:
                 value = tuple(value)
@@ -373,6 +383,8 @@ def load(
     else:
         runs = REPO_ROOT / values["srt_dir"]
     values["data_path_tr"] = data_dir / values["data_path_tr"]
+    if values.get("data_path_unlabeled") is not None:
+        values["data_path_unlabeled"] = data_dir / values["data_path_unlabeled"]
     values["data_path_tr_cropped"] = data_dir / values["data_path_tr_cropped"]
     values["srt_dir"] = runs
     return ExperimentConfig(

@@ -2,7 +2,7 @@
 
     python scripts/new_dataset.py DATASET_DIR --name NAME [--labeled 1 2 8] [--combinations 5]
         [--validation 2] [--test N] [--seed 0] [--channel 0] [--target_spacing X Y]
-        [--max_crop 256] [--config_dir DIR] [--overwrite]
+        [--max_crop 256] [--unlabeled DIR] [--config_dir DIR] [--overwrite]
 
 Writes ``init_NAME.py`` and ``data_cfg_NAME.py`` (plain commented modules, edit them freely)
 into experiment_init/ (or --config_dir, else ``$LCL_CONFIG_DIR``; a folder other than
@@ -15,7 +15,8 @@ experiment_init/ is read with ``LCL_CONFIG_DIR=DIR``) and prints what it chose:
 - CRF Gaussian width: ACDC's 10 pixels at 1.36719 mm, the same millimetres at this resolution;
 - schedules: ACDC's (init_acdc.py);
 - splits: seeded and disjoint test, validation and labeled sets ``tr<k>_c<j>``; the unlabeled
-  pool is the remaining labeled cases plus every image without label (imagesTr/, imagesTs/).
+  pool is the remaining labeled cases plus every image without label (imagesTr/, imagesTs/,
+  and the folder of --unlabeled, which holds ``<case>_<CCCC>.nii.gz`` as imagesTr/ does).
 """
 
 from __future__ import annotations
@@ -105,8 +106,25 @@ def splits(labeled: list[str], unlabeled: list[str], sizes: list[int], combinati
             "test": test}
 
 
+def unlabeled_folder(folder: Path, data: NnunetDataset) -> list[str]:
+    """The cases of ``folder``'s images of the dataset's channel; refuses an empty folder and a
+    case the dataset holds too (it would be read from the dataset)."""
+    if not folder.is_dir():
+        raise ConfigError(f"--unlabeled {folder}: not a folder")
+    suffix = f"_{data.channel:04d}.nii.gz"
+    cases = sorted(p.name[: -len(suffix)] for p in folder.iterdir() if p.name.endswith(suffix))
+    if not cases:
+        raise DataError(f"{folder}: no image of channel {data.channel} (<case>{suffix}), as "
+                        "imagesTr/ names them")
+    clash = sorted(set(cases) & (set(data.labeled) | set(data.unlabeled)))
+    if clash:
+        raise DataError(f"{folder / (clash[0] + suffix)}: case {clash[0]} is in "
+                        f"{data.root.name} too; rename one")
+    return cases
+
+
 def init_text(name: str, data: NnunetDataset, target: tuple[float, float], crop: int,
-              why_crop: str) -> str:
+              why_crop: str, unlabeled_dir: Path | None = None) -> str:
     g_sxy = round(ACDC_G_SXY * ACDC_RESOLUTION / target[0], 2)
     comment = textwrap.fill(f"Target: the median in-plane spacing of the labeled volumes (or "
                             f"--target_spacing). Crop: {why_crop}.", 98,
@@ -151,7 +169,8 @@ data_layout = "{layout_name(data.channel)}"  # nnU-Net raw layout, channel {data
 data_path_tr = {str(data.root.resolve())!r}
 data_path_tr_cropped = "cropped"  # written by scripts/create_cropped_imgs.py
 srt_dir = "runs"  # output root (relative to the repository)
-'''
+''' + (f"data_path_unlabeled = {str(unlabeled_dir.resolve())!r}  # images without labels\n"
+       if unlabeled_dir is not None else "")
 
 
 def _table(name: str, table: dict[str, list[str]]) -> str:
@@ -191,6 +210,9 @@ def main() -> None:
     parser.add_argument("--target_spacing", type=float, nargs=2, default=None,
                         metavar=("X", "Y"), help="in-plane target spacing in mm")
     parser.add_argument("--max_crop", type=int, default=256, help="largest crop side (pixels)")
+    parser.add_argument("--unlabeled", type=Path, default=None, metavar="DIR",
+                        help="a folder of more images without labels for the pool "
+                             "(<case>_<CCCC>.nii.gz)")
     parser.add_argument("--config_dir", type=Path, default=None,
                         help="folder for the files (default $LCL_CONFIG_DIR, else "
                              "experiment_init/; read one elsewhere with LCL_CONFIG_DIR=DIR)")
@@ -215,7 +237,9 @@ def main() -> None:
     if n_test is None:
         n_test = max(1, min(len(labeled) // 2,
                             len(labeled) - args.validation - max(args.labeled)))
-    chosen = splits(labeled, list(data.unlabeled), args.labeled, args.combinations,
+    extra = [] if args.unlabeled is None else unlabeled_folder(args.unlabeled, data)
+    unlabeled = list(data.unlabeled) + extra
+    chosen = splits(labeled, unlabeled, args.labeled, args.combinations,
                     args.validation, n_test, args.seed)
     target, sides = geometry(data, labeled, tuple(args.target_spacing)
                              if args.target_spacing else None)
@@ -223,6 +247,8 @@ def main() -> None:
     why_crop = (f"the smallest multiple of 32 holding the centred foreground of every labeled "
                 f"volume (largest {max(sides)} px), capped at {args.max_crop}; cuts "
                 f"{cut:.0%} of the volumes")
+    if extra:
+        print(f"{args.unlabeled}: {len(extra)} more unlabeled cases for the pool")
     print(f"{data.root}: {len(labeled)} labeled and {len(data.unlabeled)} unlabeled cases, "
           f"channel {data.channel} ({data.channel_name}), structures "
           f"{', '.join(data.structures)}")
@@ -240,9 +266,9 @@ def main() -> None:
         if len(drawn) < args.combinations:
             print(f"note: tr{k} has {len(drawn)} distinct sets of its {args.combinations} "
                   f"({len(chosen['labeled'][ALL_KEY])} cases to draw from)")
-    write_text_atomic(outputs[0], init_text(args.name, data, target, crop, why_crop))
-    write_text_atomic(outputs[1], data_cfg_text(args.name, chosen, args.seed,
-                                                len(data.unlabeled)))
+    write_text_atomic(outputs[0], init_text(args.name, data, target, crop, why_crop,
+                                            args.unlabeled))
+    write_text_atomic(outputs[1], data_cfg_text(args.name, chosen, args.seed, len(unlabeled)))
     # Read back as the trainers read it, so that a file that would not load fails here.
     experiment_init.load(args.name, config_dir=folder)
     for path in outputs:

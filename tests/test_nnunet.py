@@ -196,6 +196,43 @@ def test_dataset_to_test_results_with_the_readme_commands(dataset, tmp_path):
     assert sorted(rescored["per_subject"]) == sorted(cfg.test)
 
 
+def test_a_folder_of_unlabeled_images_joins_the_pool(tmp_path):
+    """--unlabeled DIR: its cases join the pool, are read from DIR (each file's own image) and
+    cropped without labels; a case the dataset holds too, and a folder without images of the
+    channel, are refused."""
+    root = write_dataset(tmp_path / "Dataset002_Heart", n_labeled=6, n_unlabeled=0, n_test=0)
+    extra = tmp_path / "scans"
+    for i, case in ((7, "scan_a"), (8, "scan_b")):
+        image = make_demo_patient(i, 0)["image_ed"].astype(np.float32)
+        save(extra / f"{case}_0000.nii.gz", image + 1000.0 * i, np.eye(4))  # readable origin
+    config = tmp_path / "config"
+    env = dict(os.environ, LCL_CONFIG_DIR=str(config), LCL_DATA_ROOT=str(tmp_path / "data"))
+    common = [str(root), "--name", "heart2", "--labeled", "1", "--combinations", "1",
+              "--test", "1", "--config_dir", str(config)]
+    done = new_dataset([*common, "--unlabeled", str(extra)], env)
+    assert done.returncode == 0, done.stderr
+    assert "2 more unlabeled cases" in done.stdout
+    cfg = experiment_init.load("heart2", tmp_path / "data" / "heart2", config_dir=config)
+    assert cfg.data_path_unlabeled == extra.resolve()
+    assert {"scan_a", "scan_b"} <= set(cfg.pool_only_ids())  # in the pool, labels never needed
+    vol = read_raw_volume(cfg.data_layout, cfg.raw_folders(), "scan_b", with_label=False)
+    assert vol.image_path == extra / "scan_b_0000.nii.gz" and vol.image.min() >= 8000.0
+    labeled = read_raw_volume(cfg.data_layout, cfg.raw_folders(), cfg.test[0])
+    assert labeled.image_path.parent == root / "imagesTr" and labeled.label is not None
+    crop = subprocess.run([sys.executable, "scripts/create_cropped_imgs.py", "--dataset",
+                           "heart2"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert crop.returncode == 0, crop.stderr
+    assert (cfg.data_path_tr_cropped / "scan_a" / "img_cropped.nii.gz").is_file()
+
+    save(extra / "heart_002_0000.nii.gz", np.zeros((8, 8, 2), np.float32), np.eye(4))
+    clash = new_dataset([*common, "--unlabeled", str(extra), "--overwrite"], env)
+    assert clash.returncode == 2 and "heart_002_0000.nii.gz: case heart_002 is in" in clash.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = new_dataset([*common, "--unlabeled", str(empty), "--overwrite"], env)
+    assert none.returncode == 2 and "no image of channel 0" in none.stderr
+
+
 def test_the_config_folder_is_the_flag_then_lcl_config_dir_then_the_package(tmp_path,
                                                                            monkeypatch):
     monkeypatch.delenv("LCL_CONFIG_DIR", raising=False)

@@ -71,11 +71,11 @@ def create_cropped(
             continue
         unlabeled = lacks_label(cfg, sid)
         if unlabeled and sid not in pool_only:
-            label_path = raw_paths(cfg.data_layout, cfg.data_path_tr, sid)[1]
+            label_path = raw_paths(cfg.data_layout, cfg.raw_folders(), sid)[1]
             raise DataError(f"{label_path}: id {sid}: {missing_label(cfg, sid)}")
         if unlabeled and not overwrite and img_path.is_file():
             continue
-        vol = read_raw_volume(cfg.data_layout, cfg.data_path_tr, sid, with_label=not unlabeled)
+        vol = read_raw_volume(cfg.data_layout, cfg.raw_folders(), sid, with_label=not unlabeled)
         image_c, label_c, _ = to_target(
             vol.image, vol.label, vol.spacing[:2], cfg.target_resolution, cfg.crop_size
         )

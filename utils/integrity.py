@@ -53,7 +53,7 @@ def lacks_label(cfg: ExperimentConfig, subject_id: str) -> bool:
     """Whether the subject's raw image is there and its label file is not (False when the image
     or its folder is missing: reading it says what is wrong)."""
     try:
-        image_path, label_path = raw_paths(cfg.data_layout, cfg.data_path_tr, subject_id)
+        image_path, label_path = raw_paths(cfg.data_layout, cfg.raw_folders(), subject_id)
     except DataError:
         return False
     return image_path.is_file() and not label_path.is_file()
@@ -77,7 +77,7 @@ def check_subject(
     ``label_optional``: a missing label file is no problem (an unlabeled pool volume)."""
     unlabeled = lacks_label(cfg, subject_id)
     try:
-        vol = read_raw_volume(cfg.data_layout, cfg.data_path_tr, subject_id,
+        vol = read_raw_volume(cfg.data_layout, cfg.raw_folders(), subject_id,
                               with_label=not unlabeled)
     except DataError as err:
         msg = str(err)
@@ -86,7 +86,7 @@ def check_subject(
     problems = [Problem(subject_id, str(vol.image_path), what) for what in image_problems(vol)]
     if unlabeled:
         if not label_optional:
-            label_path = raw_paths(cfg.data_layout, cfg.data_path_tr, subject_id)[1]
+            label_path = raw_paths(cfg.data_layout, cfg.raw_folders(), subject_id)[1]
             problems.append(Problem(subject_id, str(label_path), missing_label(cfg, subject_id)))
         return problems
     labels = np.unique(vol.label)

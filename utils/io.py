@@ -324,13 +324,15 @@ def channel_file(folder: Path, case: str, channel: int) -> Path:
 
 def nnunet_paths(root: Path, case: str, channel: int = 0) -> tuple[Path, Path]:
     """nnU-Net v2 raw layout (utils/nnunet.py): the image of ``channel`` in imagesTr/ (or
-    imagesTs/ for an unlabeled case), the label ``labelsTr/<case>.nii.gz``. ``root`` may be the
-    dataset folder or its labelsTr/ (how ``scripts/evaluate.py --gt`` names the ground truth)."""
+    imagesTs/, or ``root`` itself, a flat folder of unlabeled images), the label
+    ``labelsTr/<case>.nii.gz``. ``root`` may be the dataset folder or its labelsTr/ (how
+    ``scripts/evaluate.py --gt`` names the ground truth)."""
     if root.name == "labelsTr":
         root = root.parent
     image = channel_file(root / "imagesTr", case, channel)
-    if not image.is_file() and channel_file(root / "imagesTs", case, channel).is_file():
-        image = channel_file(root / "imagesTs", case, channel)
+    for other in (root / "imagesTs", root):
+        if not image.is_file() and channel_file(other, case, channel).is_file():
+            image = channel_file(other, case, channel)
     return image, root / "labelsTr" / f"{case}.nii.gz"
 
 
@@ -388,15 +390,28 @@ def data_layout(name: str) -> DataLayout:
     return LAYOUTS[name]
 
 
-def raw_paths(layout: str, root: str | os.PathLike, subject_id: str) -> tuple[Path, Path]:
-    """(image, label) paths of one subject in a raw layout ("acdc", "decathlon", "mmwhs")."""
-    root = Path(root)
-    if not root.is_dir():
+def raw_paths(layout: str, root: str | os.PathLike | tuple[Path, ...],
+              subject_id: str) -> tuple[Path, Path]:
+    """(image, label) paths of one subject in a raw layout. ``root`` may be several folders
+    (`ExperimentConfig.raw_folders`: the dataset's, then its folder of unlabeled volumes): the
+    first that holds the subject's image, else the first folder's paths."""
+    roots = tuple(Path(r) for r in (root if isinstance(root, tuple) else (root,)))
+    if not roots[0].is_dir():
         raise DataError(
-            f"{root}: data folder not found; pass --data_root or set LCL_DATA_ROOT "
+            f"{roots[0]}: data folder not found; pass --data_root or set LCL_DATA_ROOT "
             "(see README, 'Where data and outputs live')"
         )
-    return data_layout(layout).paths(root, subject_id)
+    for extra in roots[1:]:
+        if not extra.is_dir():
+            raise DataError(f"{extra}: folder of unlabeled volumes not found; fix "
+                            "data_path_unlabeled in the dataset's init file")
+    spec = data_layout(layout)
+    first = spec.paths(roots[0], subject_id)
+    for extra in roots[1:]:
+        paths = spec.paths(extra, subject_id)
+        if not first[0].is_file() and paths[0].is_file():
+            return paths
+    return first
 
 
 def subject_id_in_name(layout: str, name: str) -> str | None:
@@ -422,7 +437,8 @@ def nifti_stem(path: Path) -> str | None:
 
 
 def read_raw_volume(
-    layout: str, root: str | os.PathLike, subject_id: str, with_label: bool = True
+    layout: str, root: str | os.PathLike | tuple[Path, ...], subject_id: str,
+    with_label: bool = True,
 ) -> Volume:
     """Read one subject in its raw layout, with the label mapped to class indices."""
     image_path, label_path = raw_paths(layout, root, subject_id)
