@@ -15,11 +15,8 @@ The best checkpoint is evaluated on the test set; the last line printed is
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from experiment_init import ExperimentConfig
 from models import cpu_training
 from models.unet import (
     JointUNet,
@@ -27,28 +24,20 @@ from models.unet import (
     repeat_running_updates,
     torch_batch_statistics,
 )
-from utils.crf import CRFParams
 from utils.dataset import load_pool, load_slices
-from utils.device import available_cpus
-from utils.errors import ConfigError, RunDirError, TrainingStopped, run_main
-from utils.flags import BASELINE, JOINT, parse_flags
+from utils.errors import ConfigError, TrainingStopped, run_main
+from utils.flags import JOINT, parse_flags
 from utils.joint_training import JointSettings, build_joint_data, joint_stepper
 from utils.run import load_checkpoint
 from utils.sampling import pair_layout
-from utils.self_training import Labelling, describe, self_training_rounds
-from utils.training import on_device, run_directory, segmentation_loss, start_run
-
-
-def find_baseline(cfg: ExperimentConfig, args) -> Path:
-    base = Path(args.pretr_dir) if args.pretr_dir else run_directory(cfg, args, BASELINE)
-    path = base / "checkpoints" / "best.pt"
-    if not path.is_file():
-        raise RunDirError(
-            f"{path}: baseline checkpoint not found; run train_model/tr_baseline.py with the same "
-            f"--dataset {cfg.dataset} --no_of_tr_imgs {args.no_of_tr_imgs} --comb_tr_imgs "
-            f"{args.comb_tr_imgs} --ver {args.ver} first, or pass --pretr_dir"
-        )
-    return path
+from utils.self_training import (
+    crf_params,
+    describe,
+    find_baseline,
+    labelling_from_flags,
+    self_training_rounds,
+)
+from utils.training import on_device, segmentation_loss, start_run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,11 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         raise ConfigError(f"{err} (its default is batch_size_ft of "
                           f"experiment_init/init_{cfg.dataset}.py)") from err
-    try:
-        crf = CRFParams(**cfg.crf_params)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"experiment_init/init_{cfg.dataset}.py: crf_params "
-                          f"{cfg.crf_params!r} cannot be used: {err}") from err
+    crf = crf_params(cfg)
     baseline_ckpt = find_baseline(cfg, args)
     baseline = load_checkpoint(baseline_ckpt)["model"]  # refused here if it is not plain data
     plan = (f"pool {len(cfg.unlabeled_ids())} volumes, {args.n_rounds} rounds x "
@@ -90,11 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = JointSettings.from_flags(args, cfg.num_classes, cfg.mtask_bs)
         run.resume(model, optimizer)
 
-        # Default: as many CRF processes as the run's CPU threads, so that the sweep's
-        # workers, each given a share of the CPUs, keep to their share.
-        workers = min(args.crf_workers or torch.get_num_threads(), available_cpus())
-        labelling = Labelling(crf, bool(args.crf), bool(args.test_aug_overlap),
-                              args.test_f1_threshold, workers)
+        labelling = labelling_from_flags(args, crf)
         for rnd in self_training_rounds(run, model, optimizer, baseline, pool, labelling,
                                         args.n_rounds, args.n_iter_per_round):
             data, complete = build_joint_data(lab_img, lab_lbl, rnd.pseudo.images.to(device),

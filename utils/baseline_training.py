@@ -62,6 +62,19 @@ def draw_baseline(slices: torch.Tensor, s: BaselineSettings, height: int, width:
                                               coupled_intensity=s.coupled_intensity))
 
 
+def baseline_batch(images: torch.Tensor, labels: torch.Tensor, s: BaselineSettings,
+                   draws: BaselineDraws) -> tuple[torch.Tensor, torch.Tensor]:
+    """The augmented batch of ``draws`` from images (N, 1, H, W) and labels (N, H, W): images
+    (batch, 1, H, W) and one-hot labels (batch, C, H, W), soft after deformation unless
+    ``s.en_1hot`` is off."""
+    idx = host_to_device(draws.slices, images.device)
+    x, y = apply_augment(images[idx], to_onehot(labels[idx], s.num_classes), draws.augment,
+                         rd_en=s.rd_en, ri_en=s.ri_en)
+    if not s.en_1hot:
+        y = F.one_hot(y.argmax(1), s.num_classes).permute(0, 3, 1, 2).float()
+    return x, y
+
+
 def baseline_losses(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -73,11 +86,7 @@ def baseline_losses(
 ) -> tuple[torch.Tensor]:
     """(segmentation loss,) of the batch of ``draws`` from images (N, 1, H, W) and labels
     (N, H, W): the network under ``precision``'s autocast, the loss in float32."""
-    idx = host_to_device(draws.slices, images.device)
-    x, y = apply_augment(images[idx], to_onehot(labels[idx], s.num_classes), draws.augment,
-                         rd_en=s.rd_en, ri_en=s.ri_en)
-    if not s.en_1hot:
-        y = F.one_hot(y.argmax(1), s.num_classes).permute(0, 3, 1, 2).float()
+    x, y = baseline_batch(images, labels, s, draws)
     with precision.autocast():
         logits = model(x.contiguous(memory_format=torch.channels_last))
     return (loss_fn(logits.float(), y),)
