@@ -370,14 +370,12 @@ def parse_flags(
     return resolved, cfg
 
 
-def route(argv: list[str]) -> dict[str, list[str]]:
-    """Split the pipeline script's flags between the steps (`Flag.routed`), order kept.
+def _flag_words(argv: list[str]):
+    """(the Flag or None, its words) of each flag of a command line, in order.
 
     ``--name=value`` is one word; ``--name value`` two when the flag takes a value. A flag no
-    step knows goes to both, whose parsers then report it (with a following word that does
-    not start with ``--`` as its value)."""
+    step knows is None, with a following word that does not start with ``--`` as its value."""
     known = {f.name: f for f in FLAGS}
-    out: dict[str, list[str]] = {step: [] for step in STEPS}
     i = 0
     while i < len(argv):
         word = argv[i]
@@ -390,11 +388,28 @@ def route(argv: list[str]) -> dict[str, list[str]]:
             if has_value:
                 words.append(follows)
         i += len(words)
+        yield flag, words
+
+
+def route(argv: list[str]) -> dict[str, list[str]]:
+    """Split the pipeline script's flags between the steps (`Flag.routed`), order kept.
+
+    A flag no step knows goes to both, whose parsers then report it."""
+    out: dict[str, list[str]] = {step: [] for step in STEPS}
+    for flag, words in _flag_words(argv):
         targets = STEPS if flag is None else flag.steps if flag.routed is None else flag.routed
         for step in targets:
             if step in out:
                 out[step] += words
     return out
+
+
+def for_step(argv: list[str], step: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """The words of ``argv`` that ``step``'s trainer accepts but for the flags named in
+    ``skip`` (a sweep's flags for each of its methods), order kept; a flag no step knows is
+    kept, for the parser to report."""
+    return [w for flag, words in _flag_words(argv)
+            if flag is None or (step in flag.steps and flag.name not in skip) for w in words]
 
 
 def main(argv: list[str]) -> int:
