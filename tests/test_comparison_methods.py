@@ -285,3 +285,41 @@ def test_mean_teacher_loop_keeps_the_teacher_the_ema_of_the_students_weights():
             assert torch.allclose(e, t, atol=1e-6)
             assert t.grad is None
     assert any(not torch.equal(t, p) for t, p in zip(teacher.parameters(), model.parameters()))
+
+
+def test_self_training_batch_is_labeled_then_pseudo_labeled_each_with_its_labels():
+    from utils.pseudo_label_training import draw_pseudo_label_batch, pseudo_label_losses
+
+    lab, unl = _pools()
+    pseudo = unl[0], torch.full_like(unl[1], 3)  # pseudo-labels: class 3 everywhere
+    s = _settings(4)
+    seen = {}
+
+    def loss_fn(logits, y):
+        seen["y"] = y
+        return logits.mean()
+
+    model = Oracle()
+    draws = draw_pseudo_label_batch(torch.arange(6), torch.arange(6), s, 32, 32,
+                                    torch.Generator().manual_seed(4))
+    pseudo_label_losses(model, lab, pseudo, s, draws, loss_fn, PRECISION)
+    x, y = model.inputs[0][:, 0], seen["y"].argmax(1)
+    assert x.shape[0] == 8
+    ok = _exact(x) & (x > 0)
+    assert torch.equal(y[ok], x[ok].round().long())  # each slice with its own labels
+    assert set(x[:4][ok[:4]].round().tolist()) <= {1.0, 2.0}  # labeled first
+    assert set(x[4:][ok[4:]].round().tolist()) == {3.0}  # then the pseudo-labeled
+
+
+def test_pseudo_dice_index_falls_back_to_the_slices_with_most_labels():
+    from utils.sampling import pseudo_dice_index
+
+    labels = torch.zeros(3, 4, 4, dtype=torch.long)
+    labels[1, 0, 0] = 1
+    labels[2, 0, 0], labels[2, 1, 1] = 1, 2
+    index, met = pseudo_dice_index(labels, C, 3)
+    assert index.tolist() == [2] and met
+    index, met = pseudo_dice_index(labels, C, 4)
+    assert index.tolist() == [2] and not met  # none has 4 labels: the most (3)
+    index, met = pseudo_dice_index(torch.zeros(2, 4, 4, dtype=torch.long), C, 3)
+    assert index.numel() == 0 and not met  # background only: nothing to learn from

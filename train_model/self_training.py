@@ -12,9 +12,10 @@ the first restore the best checkpoint, optimizer included (``--best_selection``)
 
 Batch (`utils.pseudo_label_training`): the joint step's ``mtask_bs`` labeled slices (20) plus
 as many pseudo-labeled slices, both drawn from the slices with at least
-``min_labels_dice_slice`` classes and augmented as the joint step's labeled batch (affine,
-random deformation, intensity per ``--ri_en``/``--intensity_with_deformation``); one Adam step
-on the segmentation loss (``--dsc_loss``) of all 2 x mtask_bs slices. The best checkpoint is
+``min_labels_dice_slice`` labels (pseudo-labels with none such: those with the most), each half
+augmented as the joint step's labeled batch (affine, random deformation, intensity per
+``--ri_en``/``--intensity_with_deformation``); one Adam step on the segmentation loss
+(``--dsc_loss``) of all 2 x mtask_bs slices. The best checkpoint is
 evaluated on the test set; the last line printed is ``run directory: <path>``.
 """
 
@@ -30,7 +31,7 @@ from utils.errors import TrainingStopped, run_main
 from utils.flags import SELF_TRAINING, parse_flags
 from utils.pseudo_label_training import pseudo_label_stepper
 from utils.run import load_checkpoint
-from utils.sampling import slices_with_min_labels
+from utils.sampling import pseudo_dice_index, slices_with_min_labels
 from utils.self_training import (
     crf_params,
     describe,
@@ -72,15 +73,16 @@ def main(argv: list[str] | None = None) -> None:
                                         labelling_from_flags(args, crf), args.n_rounds,
                                         args.n_iter_per_round):
             pseudo = (rnd.pseudo.images.to(device), rnd.pseudo.labels.to(device))
-            unl_index = slices_with_min_labels(pseudo[1], cfg.num_classes,
-                                               cfg.min_labels_dice_slice).cpu()
+            unl_index, met = pseudo_dice_index(pseudo[1], cfg.num_classes,
+                                               cfg.min_labels_dice_slice)
             if unl_index.numel() == 0:
                 raise TrainingStopped(
-                    f"round {rnd.index + 1}: no pseudo-labeled slice holds "
-                    f"{cfg.min_labels_dice_slice} classes; is the baseline {baseline_ckpt} "
-                    "trained (see its test_results)?")
-            print(describe(rnd, args.n_rounds, f"{unl_index.numel()} slices with at least "
-                           f"{cfg.min_labels_dice_slice} classes", bool(args.crf)), flush=True)
+                    f"round {rnd.index + 1}: the pseudo-labels hold no structure in any slice; "
+                    f"is the baseline {baseline_ckpt} trained (see its test_results)?")
+            print(describe(rnd, args.n_rounds, f"{unl_index.numel()} slices with " + (
+                f"at least {cfg.min_labels_dice_slice} labels" if met else
+                f"the most labels (none has {cfg.min_labels_dice_slice})"), bool(args.crf)),
+                flush=True)
 
             iteration = pseudo_label_stepper(model, optimizer, lab, pseudo, lab_index, unl_index,
                                              settings, loss_fn, run.generator, run.guard,

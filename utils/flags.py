@@ -158,7 +158,7 @@ FLAGS: tuple[Flag, ...] = (
     _joint("temp_fac", type=float, default=0.1, help="temperature of the loss"),
     _joint("bbox_dim", type=int, default=150,
            help="kept for command-line compatibility; the local loss uses whole slices"),
-    _rounds("pretr_n_iter", type=int, default=None,
+    _joint("pretr_n_iter", type=int, default=None,
            help="iterations of the baseline run to start from (checked against its config; "
            "default: the dataset's baseline n_iter)"),
     _rounds("pretr_dir", default=None,
