@@ -1,4 +1,4 @@
-"""The skeleton both trainers share: the start of a run (`start_run`: seed, device, input
+"""The skeleton every trainer shares (the two steps' and the comparison methods'): the start of a run (`start_run`: seed, device, input
 checks, run directory and its lock, resume, config.yaml, logs, keep-best, guard) and its
 periodic step (`Run.train`: validate, log, checkpoint around the method's own iteration), then
 the test of the best checkpoint (`Run.finish`).
