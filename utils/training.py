@@ -1,6 +1,7 @@
-"""The skeleton every trainer shares (the two steps' and the comparison methods'): the start of a run (`start_run`: seed, device, input
-checks, run directory and its lock, resume, config.yaml, logs, keep-best, guard) and its
-periodic step (`Run.train`: validate, log, checkpoint around the method's own iteration), then
+"""The skeleton every trainer shares (the two steps' and the comparison methods'): the start
+of a run (`start_run`: seed, device, input checks, run directory and its lock, resume,
+config.yaml, logs, keep-best, guard) and its periodic step (`Run.train`: validate, log,
+checkpoint around the method's own iteration), then
 the test of the best checkpoint (`Run.finish`).
 
 Errors end a run through `utils.errors.run_main` (one line, exit status 2; 75 after a
