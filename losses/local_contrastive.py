@@ -164,7 +164,7 @@ def local_contrastive_loss(
     emb: torch.Tensor,
     labels_onehot: torch.Tensor,
     pos_idx: torch.Tensor,
-    temperature: float = 0.1,
+    temperature: float | torch.Tensor = 0.1,
     inter_image: bool = True,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -176,7 +176,7 @@ def local_contrastive_loss(
             class and a class is present in an image if it owns at least one pixel.
         pos_idx: (2B, C-1, P, 2) integer (row, column) positions of the sampled positive
             pixels of class c+1 in each image, -1 where the class is absent.
-        temperature: tau of the cosine similarity (dimensionless).
+        temperature: tau of the cosine similarity (dimensionless), a float or a 0-dim tensor.
         inter_image: True for the inter-image variant (k = 2), False for intra-image (k = 1).
         reduction: "mean" (paper) or "original" (released code's arithmetic).
 

@@ -13,6 +13,8 @@ foreground instead.
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 import shutil
 from pathlib import Path

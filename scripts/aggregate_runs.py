@@ -13,6 +13,8 @@ that other methods have but a method lacks are listed below the table.
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 import csv
 import io

@@ -28,6 +28,8 @@ elsewhere to this machine. On CPU the other figures use the trainers' network:
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import time
 
 from utils.errors import ConfigError
@@ -47,12 +49,12 @@ from pathlib import Path
 import torch
 
 _T_TORCH = time.perf_counter()  # torch's own import, the floor of every process start
-import torch.nn.functional as F
 from torch import nn
 
 import experiment_init
 from losses.dice import soft_dice_loss
 from losses.local_contrastive import local_contrastive_loss, sample_positive_indices
+from losses.local_contrastive_loop import loop_local_contrastive_loss
 from models import cpu_training
 from models.unet import JointUNet, UNet
 from utils.augment import to_onehot
@@ -97,47 +99,6 @@ def synthetic_slices(n: int, size: tuple[int, int], num_classes: int,
     return images[:, None], labels
 
 
-def loop_local_loss(emb: torch.Tensor, onehot: torch.Tensor, pos_idx: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
-    """An honest loop reference of the inter-image local loss ('mean' reduction): loops over
-    pairs, classes and samples, tensors inside. The reference point of the speed-up figure."""
-    n2, _, _, _ = emb.shape
-    b, c_all, p = n2 // 2, onehot.shape[1], pos_idx.shape[2]
-    labels = onehot.argmax(1)
-    total = emb.new_zeros(())
-    for i in range(b):
-        a_img, b_img = i, b + i
-        means = {}
-        for img in (a_img, b_img):
-            for c in range(1, c_all):
-                mask = labels[img] == c
-                if mask.any():
-                    means[(img, c)] = emb[img][:, mask].mean(1)
-        pair = emb.new_zeros(())
-        for img, other in ((a_img, b_img), (b_img, a_img)):
-            cands = [m for (j, _), m in means.items() if j in (img, other)]
-            for c in range(1, c_all):
-                if (img, c) not in means:
-                    continue
-                for k in range(p):
-                    row, col = pos_idx[img, c - 1, k]
-                    x = emb[img][:, row, col]
-                    logits = torch.stack([F.cosine_similarity(x, m, dim=0) for m in cands])
-                    lse = torch.logsumexp(logits / temperature, 0)
-                    for target in ((img, c), (other, c)):
-                        if target in means:
-                            pos = F.cosine_similarity(x, means[target], dim=0) / temperature
-                            pair = pair + lse - pos
-        total = total + pair / (p * (c_all - 1) * 2)
-    return total / b
-
-
-# The peer the issue measured on a 2-core machine: this plain U-Net, 20 x 1 x 192 x 192,
-# channels_last, one optimizer step. Dividing by it turns a figure from this machine into the
-# peer machine's scale (the original TF code was timed on that machine).
-PEER_REFERENCE_STEP_S = 2.0
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for the GPU's queued work (device work is asynchronous); no-op on CPU."""
     if device.type == "cuda":
@@ -176,6 +137,12 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device,
           inner: int | None = None) -> float:
     """Median seconds per call of ``fn`` (see `sample_times`)."""
     return statistics.median(sample_times([fn], repeats, device, inner)[0])
+
+
+# This plain U-Net step (20 x 1 x 192 x 192, channels_last, one optimizer step) took 2.0 s on
+# the 2-core machine where the original TF code was timed: dividing by it turns a figure from
+# this machine into that machine's scale.
+PEER_REFERENCE_STEP_S = 2.0
 
 
 def reference_figures(cfg: experiment_init.ExperimentConfig, size: tuple[int, int], n: int,
@@ -282,6 +249,22 @@ def concurrent_figures(argv: list[str], n: int, seconds: float,
     report("concurrent_efficiency_default", sum(default) / single, "x")
 
 
+def beside_load_figures(argv: list[str], seconds: float,
+                        report: Callable[[str, float, str], None]) -> None:
+    """``beside_load_share``: the steps per second of one network-step process started with no
+    thread settings beside one single-threaded busy process (a Python loop), over the same
+    process alone; on C cores its fair share is (C - 1) / C of the alone rate at best."""
+    alone = concurrent_rates(argv, 1, None, seconds)[0]
+    report("alone_steps_per_s", alone, "1/s")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        beside = concurrent_rates(argv, 1, None, seconds)[0]
+    finally:
+        busy.kill()
+        busy.wait()
+    report("beside_load_share", beside / alone, "x")
+
+
 def commit_name(state: dict[str, object]) -> str:
     """The short hash of ``utils.provenance.git_state``, with "+" when the working tree
     differs from it (the figures then come from code of no commit), "?" outside git."""
@@ -307,8 +290,11 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=None, metavar="N",
                         help="time only N network-step processes run together (see "
                         "concurrent_figures) against one alone")
+    parser.add_argument("--beside_load", action="store_true",
+                        help="time only one network-step process beside one single-threaded "
+                        "busy process against it alone (see beside_load_figures)")
     parser.add_argument("--seconds", type=float, default=30.0,
-                        help="--concurrent: seconds each process steps")
+                        help="--concurrent, --beside_load: seconds each process steps")
     parser.add_argument("--steps_only", action="store_true",
                         help="stop after the step figures and peak memory")
     parser.add_argument("--compile", default=None, choices=("default", "reduce-overhead"),
@@ -358,11 +344,14 @@ def main() -> None:
         configure_backend(device, args.low_memory)
         network_rate(cfg, size, device, precision, args.rate_worker)
         return
-    if args.concurrent is not None:
-        own = ("--concurrent", "--seconds", "--threads")  # the workers get their own
-        keep = [a for i, a in enumerate(argv) if not a.startswith(own)
-                and (i == 0 or argv[i - 1] not in own)]
-        concurrent_figures(keep, args.concurrent, args.seconds, report)
+    if args.concurrent is not None or args.beside_load:
+        valued = ("--concurrent", "--seconds", "--threads")  # the workers get their own
+        keep = [a for i, a in enumerate(argv) if not a.startswith((*valued, "--beside_load"))
+                and (i == 0 or argv[i - 1] not in valued)]
+        if args.concurrent is not None:
+            concurrent_figures(keep, args.concurrent, args.seconds, report)
+        if args.beside_load:
+            beside_load_figures(keep, args.seconds, report)
         print_json(figures, info)
         return
     if args.reference:
@@ -462,12 +451,13 @@ def main() -> None:
         local_contrastive_loss(emb, onehot, pos, reduction="mean").backward()
 
     def loop() -> None:
-        loop_local_loss(emb, onehot, pos, 0.1).backward()
+        loop_local_contrastive_loss(emb, onehot, pos, 0.1).backward()
 
     t_vec = timed(vec, repeats, device)
     t_loop = timed(loop, max(1, repeats // 2), device, inner=1)
     torch.testing.assert_close(local_contrastive_loss(emb, onehot, pos, reduction="mean"),
-                               loop_local_loss(emb, onehot, pos, 0.1), rtol=1e-4, atol=1e-5)
+                               loop_local_contrastive_loss(emb, onehot, pos, 0.1), rtol=1e-4,
+                               atol=1e-5)
     for fig, value, unit in (("contrastive_loss", t_vec, "s"),
                              ("contrastive_loss_loop", t_loop, "s"),
                              ("contrastive_loss_speedup", t_loop / t_vec, "x"),

@@ -13,6 +13,8 @@ training or validation list) are checked when the configuration is loaded.
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 import sys
 

@@ -16,6 +16,8 @@ loss_<id>.png), e.g. for a paper or a README.
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 import base64
 import html

@@ -10,6 +10,8 @@ volume only the unlabeled pool needs may lack its label file and gets the image 
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 
 from tqdm import tqdm

@@ -21,6 +21,8 @@ their number (at most 100).
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 import sys
 from pathlib import Path

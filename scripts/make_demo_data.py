@@ -9,6 +9,8 @@ unless --overwrite is given. Works from any working directory.
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 import sys
 import time

@@ -20,6 +20,8 @@ experiment_init/ is read with ``LCL_CONFIG_DIR=DIR``) and prints what it chose:
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 import textwrap
 from pathlib import Path

@@ -11,6 +11,8 @@ the batch and the commit of each run; a figure a run did not measure is left emp
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 import json
 import sys

@@ -19,6 +19,8 @@ slice) is skipped with one line naming it and why; the exit status is the number
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 import sys
 from pathlib import Path

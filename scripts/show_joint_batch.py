@@ -16,6 +16,8 @@ best checkpoint and the dense CRF, as the trainer's first round does with the ba
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 from pathlib import Path
 

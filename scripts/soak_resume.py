@@ -23,6 +23,8 @@ status 1 on any difference or failed process.
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 import json
 import os

@@ -36,6 +36,8 @@ volumes, scripts/create_cropped_imgs.py) runs once here before any job starts.
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import argparse
 import os
 import re

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import shutil
 import signal
 from collections.abc import Callable

@@ -5,6 +5,13 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import torch
+from augment_composites import (
+    affine_augment,
+    augment_batch,
+    intensity_augment,
+    random_deformation,
+    set_intensity_augment,
+)
 from skimage.transform import resize
 
 from utils.augment import (
@@ -14,17 +21,13 @@ from utils.augment import (
     AFF_ROTATE,
     AFF_SCALE,
     N_AFFINE_CHOICES,
-    affine_augment,
+    DiceAugment,
     affine_matrices,
     apply_affine,
-    augment_batch,
     deformation_basis,
     dense_warp,
     draw_deformation,
-    intensity_augment,
-    random_deformation,
     sample_affine_params,
-    set_intensity_augment,
     to_onehot,
     upsample_displacements,
 )
@@ -478,9 +481,11 @@ def test_both_steps_draw_their_intensities_as_set(coupled: bool) -> None:
     from utils.joint_training import JointData, JointSettings, draw_joint
 
     gen = torch.Generator().manual_seed(1)
-    s = BaselineSettings(num_classes=3, batch_size=4, coupled_intensity=coupled)
+    s = BaselineSettings(num_classes=3, batch_size=4,
+                         augment=DiceAugment(coupled_intensity=coupled))
     base = [draw_baseline(torch.arange(5), s, 32, 32, gen).augment.intensity for _ in range(50)]
-    j = JointSettings(num_classes=3, n_seg=4, bt_size=2, coupled_intensity=coupled)
+    j = JointSettings(num_classes=3, n_seg=4, bt_size=2,
+                      augment=DiceAugment(coupled_intensity=coupled))
     index = torch.arange(4)
     data = JointData(torch.zeros(4, 1, 32, 32), torch.zeros(4, 32, 32, dtype=torch.long),
                      index, index, torch.zeros(4, 1, 32, 32),
@@ -505,8 +510,8 @@ def test_dice_batch_intensity_as_the_released_code_by_default(step) -> None:
     def ri_en(*flags: str) -> bool:
         args, cfg = parse_flags(step, ["--dataset", "demo", *flags])
         if step == "baseline":
-            return BaselineSettings.from_flags(args, cfg.num_classes, cfg.batch_size).ri_en
-        return JointSettings.from_flags(args, cfg.num_classes, cfg.mtask_bs).ri_en
+            return BaselineSettings.from_flags(args, cfg.num_classes, cfg.batch_size).augment.ri_en
+        return JointSettings.from_flags(args, cfg.num_classes, cfg.mtask_bs).augment.ri_en
 
     assert ri_en() is False
     assert ri_en("--rd_en", "0") is True

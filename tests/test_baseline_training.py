@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+import utils.augment as augment
 import utils.baseline_training as bt
-from utils.augment import draw_augment
+from utils.augment import DiceAugment, draw_augment
 from utils.mixed_precision import MixedPrecision
 
 C, N, HW = 3, 9, 32
@@ -40,8 +41,8 @@ def _run(monkeypatch, en_1hot: bool, ok: bool):
         seen["kw"] = kw
         return x, y * 0.6 + 0.4 / C  # soft labels, as after a deformation
 
-    monkeypatch.setattr(bt, "draw_augment", drawing)
-    monkeypatch.setattr(bt, "apply_augment", soft_identity)
+    monkeypatch.setattr(augment, "draw_augment", drawing)
+    monkeypatch.setattr(augment, "apply_augment", soft_identity)
     images = torch.arange(N, dtype=torch.float32).view(N, 1, 1, 1).expand(N, 1, HW, HW).clone()
     labels = (torch.arange(N) % C).view(N, 1, 1).expand(N, HW, HW).to(torch.uint8).clone()
     slices = torch.tensor([2, 5, 7])
@@ -52,8 +53,8 @@ def _run(monkeypatch, en_1hot: bool, ok: bool):
         seen["logits"], seen["y"] = logits.detach(), y
         return (logits * y).mean()
 
-    s = bt.BaselineSettings(num_classes=C, batch_size=16, rd_en=False, sigma=2.5, ri_en=True,
-                            en_1hot=en_1hot)
+    s = bt.BaselineSettings(num_classes=C, batch_size=16, augment=DiceAugment(
+        rd_en=False, sigma=2.5, ri_en=True, en_1hot=en_1hot))
     judge = SimpleNamespace(ok=lambda *_: ok)  # stands in for the run's NonFiniteGuard
     loss = bt.baseline_stepper(model, opt, images, labels, slices, s, loss_fn,
                                torch.Generator().manual_seed(0), judge,

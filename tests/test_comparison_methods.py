@@ -16,7 +16,7 @@ from losses.copy_paste import masked_cross_entropy, masked_dice_loss, mix_loss
 from models.ema import ema_update, freeze
 from models.unet import UNet
 from utils import bcp_training, mean_teacher
-from utils.augment import to_onehot
+from utils.augment import DiceAugment, to_onehot
 from utils.baseline_training import BaselineSettings
 from utils.bcp_training import BCPSettings, bcp_losses, draw_bcp, pretrain_losses
 from utils.copy_paste import box_mask, draw_box, largest_component_per_class, mix
@@ -174,7 +174,8 @@ class Oracle(nn.Module):
 
 
 def _settings(n: int) -> BaselineSettings:
-    return BaselineSettings(num_classes=C, batch_size=n, rd_en=False, ri_en=False)
+    return BaselineSettings(num_classes=C, batch_size=n,
+                            augment=DiceAugment(rd_en=False, ri_en=False))
 
 
 def _pools(h: int = 32):
@@ -244,9 +245,13 @@ def test_mean_teacher_consistency_uses_the_teacher_on_the_noisy_pool_half():
     s = MeanTeacherSettings(_settings(4), _settings(3), noise=0.1)
     student, teacher = Oracle(fixed=0), Oracle()
     draws = draw_mean_teacher(torch.arange(6), torch.arange(6), s, 32, 32,
-                              torch.Generator().manual_seed(3))
+                              torch.Generator().manual_seed(3), 0)
+    late = draw_mean_teacher(torch.arange(6), torch.arange(6), s, 32, 32, torch.Generator(), 700)
+    assert late.weight.item() == pytest.approx(s.weight(700))  # the schedule at its iteration
+    assert 0 < s.weight(700) < s.weight(30000) == pytest.approx(0.1)
+    draws = draws._replace(weight=torch.tensor(0.5))
     assert draws.noise.abs().max() <= 0.2 + 1e-7 and draws.noise.std() > 0.05
-    loss, loss_seg, loss_cons = mean_teacher_losses(student, teacher, lab, unl, s, draws, 0.5,
+    loss, loss_seg, loss_cons = mean_teacher_losses(student, teacher, lab, unl, s, draws,
                                                     lambda lo, y: lo.mean() * 0, PRECISION)
     x_all, x_t = student.inputs[0], teacher.inputs[0]
     assert x_all.shape[0] == 7 and x_t.shape[0] == 3

@@ -119,6 +119,7 @@ def test_pipeline_script_asks_the_parser_which_step_reads_each_flag(tmp_path):
 def test_each_augmentation_and_loss_flag_reaches_its_own_setting():
     """Every flag a training iteration reads, set away from its default, lands in the
     iteration's settings under its own name (a swapped pair would show)."""
+    from utils.augment import DiceAugment
     from utils.baseline_training import BaselineSettings
     from utils.joint_training import JointSettings
 
@@ -126,10 +127,10 @@ def test_each_augmentation_and_loss_flag_reaches_its_own_setting():
               "--sigma", "3.5", "--intensity_draws", "independent"]
     args, cfg = parse_flags(BASELINE, common)
     assert BaselineSettings.from_flags(args, cfg.num_classes, 7) == BaselineSettings(
-        num_classes=cfg.num_classes, batch_size=7, rd_en=False, sigma=3.5, ri_en=True,
-        en_1hot=False, coupled_intensity=False)
+        num_classes=cfg.num_classes, batch_size=7, augment=DiceAugment(
+            rd_en=False, sigma=3.5, ri_en=True, en_1hot=False, coupled_intensity=False))
     args, cfg = parse_flags(BASELINE, ["--dataset", "demo", "--rd_en", "1", "--ri_en", "0"])
-    got = BaselineSettings.from_flags(args, cfg.num_classes, 7)
+    got = BaselineSettings.from_flags(args, cfg.num_classes, 7).augment
     assert (got.rd_en, got.ri_en, got.en_1hot, got.sigma, got.coupled_intensity) == (
         True, False, True, 5.0, True)
 
@@ -138,12 +139,13 @@ def test_each_augmentation_and_loss_flag_reaches_its_own_setting():
                                     "--local_loss_exp_no", "0", "--loss_reduction", "mean"])
     assert JointSettings.from_flags(args, cfg.num_classes, 9) == JointSettings(
         num_classes=cfg.num_classes, n_seg=9, bt_size=6, no_of_pos_eles=4, temp_fac=0.25,
-        lamda_local=0.7, inter_image=False, loss_reduction="mean", rd_en=False, sigma=3.5,
-        ri_en=True, en_1hot=False, coupled_intensity=False)
+        lamda_local=0.7, inter_image=False, loss_reduction="mean", augment=DiceAugment(
+            rd_en=False, sigma=3.5, ri_en=True, en_1hot=False, coupled_intensity=False))
     args, cfg = parse_flags(JOINT, ["--dataset", "demo", "--rd_en", "1", "--ri_en", "0"])
     got = JointSettings.from_flags(args, cfg.num_classes, 9)
-    assert (got.rd_en, got.ri_en, got.inter_image, got.loss_reduction,
-            got.coupled_intensity) == (True, False, True, "original", True)
+    assert (got.augment.rd_en, got.augment.ri_en, got.inter_image, got.loss_reduction,
+            got.augment.coupled_intensity) == (True, False, True, "original", True)
+
 
 
 def test_the_comparison_methods_parse_their_own_flags_and_paper_defaults():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.augment import apply_augment, draw_set_intensity, to_onehot
+from utils.augment import DiceAugment, apply_augment, draw_set_intensity, to_onehot
 from utils.errors import DataError
 from utils.joint_training import (
     JointData,
@@ -158,8 +158,8 @@ def _set_maps(images: torch.Tensor, sources: list[tuple[str, int]], data: JointD
 @pytest.mark.parametrize("inter", [True, False])
 def test_joint_batch_wiring(inter):
     data, b, n_seg = _data(), 10, 8
-    s = JointSettings(num_classes=C, n_seg=n_seg, bt_size=b, inter_image=inter, rd_en=False,
-                      ri_en=False)
+    s = JointSettings(num_classes=C, n_seg=n_seg, bt_size=b, inter_image=inter,
+                      augment=DiceAugment(rd_en=False, ri_en=False))
     images, y, yc, pos_idx = joint_batch(data, s, torch.Generator().manual_seed(3))
     assert images.shape == (n_seg + 2 * b, 1, H, W) and y.shape == (n_seg, C, H, W)
     assert yc.shape == (2 * b, C, H, W) and pos_idx.shape[:2] == (2 * b, C - 1)
@@ -222,8 +222,8 @@ def test_dice_batch_follows_the_augmentation_flags(rd_en, ri_en, en_1hot):
     img, lbl = _wide_pool(6, seed=0)
     every = torch.arange(6)
     data = JointData(img, lbl, every, every, img.clone(), lbl.clone(), every)
-    s = JointSettings(num_classes=C, n_seg=4, bt_size=2, rd_en=rd_en, ri_en=ri_en,
-                      en_1hot=en_1hot)
+    s = JointSettings(num_classes=C, n_seg=4, bt_size=2,
+                      augment=DiceAugment(rd_en=rd_en, ri_en=ri_en, en_1hot=en_1hot))
     draws = draw_joint(data, s, torch.Generator().manual_seed(2))
     assert draws.augment.basis_h.shape == (32, 3) and draws.augment.basis_w.shape == (48, 3)
     images, y, _, _ = joint_batch_from(data, s, draws, pair_layout(2))

@@ -167,8 +167,8 @@ def test_an_edited_init_file_reaches_the_run(edited_config, tmp_path, monkeypatc
         best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
         assert best["optimizer"]["param_groups"][0]["lr"] == lr
     joint = _trainer("prop_method_joint_tr_rand_init")
-    with pytest.raises(ConfigError, match="--bt_size=3 must be an even number.*batch_size_ft of "
-                       "experiment_init/init_tiny.py"):
+    with pytest.raises(ConfigError, match=r"init_tiny.py: batch_size_ft = 3 \(the default of "
+                       r"--bt_size\) must be an even number"):
         joint.main(common)
     # --cuda_graph 1 off a GPU is refused before the joint run's directory is made.
     made = sorted((tmp_path / "runs").rglob("*"))

@@ -15,13 +15,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from augment_composites import affine_augment, augment_batch
 from conftest import nested_squares, write_nifti
 from medpy.metric import binary
 
 import utils.joint_training as joint_training
 from losses.dice import soft_dice_loss
 from losses.local_contrastive import local_contrastive_loss
-from utils.augment import affine_augment, augment_batch, to_onehot
+from utils.augment import to_onehot
 from utils.evaluation import EvalVolume, evaluate_test_set, predict_slices
 from utils.io import read_raw_volume
 from utils.mixed_precision import MixedPrecision

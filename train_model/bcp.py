@@ -19,6 +19,8 @@ augmented as the baseline's batch. As BCP's, stage 2's best checkpoint is the be
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import torch
 
 from models import cpu_training

@@ -18,6 +18,8 @@ checkpoints hold the teacher. The last line printed is ``run directory: <path>``
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import torch
 
 from models import cpu_training

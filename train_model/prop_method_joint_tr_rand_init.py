@@ -15,6 +15,8 @@ The best checkpoint is evaluated on the test set; the last line printed is
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import torch
 
 from models import cpu_training
@@ -25,13 +27,11 @@ from models.unet import (
     torch_batch_statistics,
 )
 from utils.dataset import load_pool, load_slices
-from utils.errors import ConfigError, TrainingStopped, run_main
+from utils.errors import TrainingStopped, run_main
 from utils.flags import JOINT, parse_flags
 from utils.joint_training import JointSettings, build_joint_data, joint_stepper
 from utils.run import load_checkpoint
-from utils.sampling import pair_layout
 from utils.self_training import (
-    crf_params,
     describe,
     find_baseline,
     labelling_from_flags,
@@ -42,12 +42,6 @@ from utils.training import on_device, segmentation_loss, start_run
 
 def main(argv: list[str] | None = None) -> None:
     args, cfg = parse_flags(JOINT, argv, __doc__.splitlines()[0])
-    try:
-        pair_layout(args.bt_size, args.local_loss_exp_no == 1)  # validates --bt_size first
-    except ValueError as err:
-        raise ConfigError(f"{err} (its default is batch_size_ft of "
-                          f"experiment_init/init_{cfg.dataset}.py)") from err
-    crf = crf_params(cfg)
     baseline_ckpt = find_baseline(cfg, args)
     baseline = load_checkpoint(baseline_ckpt)["model"]  # refused here if it is not plain data
     plan = (f"pool {len(cfg.unlabeled_ids())} volumes, {args.n_rounds} rounds x "
@@ -75,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = JointSettings.from_flags(args, cfg.num_classes, cfg.mtask_bs)
         run.resume(model, optimizer)
 
-        labelling = labelling_from_flags(args, crf)
+        labelling = labelling_from_flags(args, cfg)
         for rnd in self_training_rounds(run, model, optimizer, baseline, pool, labelling,
                                         args.n_rounds, args.n_iter_per_round):
             data, complete = build_joint_data(lab_img, lab_lbl, rnd.pseudo.images.to(device),

@@ -21,6 +21,8 @@ evaluated on the test set; the last line printed is ``run directory: <path>``.
 
 from __future__ import annotations
 
+import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
+
 import torch
 
 from models import cpu_training
@@ -33,7 +35,6 @@ from utils.pseudo_label_training import pseudo_label_stepper
 from utils.run import load_checkpoint
 from utils.sampling import pseudo_dice_index, slices_with_min_labels
 from utils.self_training import (
-    crf_params,
     describe,
     find_baseline,
     labelling_from_flags,
@@ -44,7 +45,6 @@ from utils.training import on_device, segmentation_loss, start_run
 
 def main(argv: list[str] | None = None) -> None:
     args, cfg = parse_flags(SELF_TRAINING, argv, __doc__.splitlines()[0])
-    crf = crf_params(cfg)
     baseline_ckpt = find_baseline(cfg, args)
     baseline = load_checkpoint(baseline_ckpt)["model"]
     plan = (f"pool {len(cfg.unlabeled_ids())} volumes, {args.n_rounds} rounds x "
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         run.resume(model, optimizer)
 
         for rnd in self_training_rounds(run, model, optimizer, baseline, pool,
-                                        labelling_from_flags(args, crf), args.n_rounds,
+                                        labelling_from_flags(args, cfg), args.n_rounds,
                                         args.n_iter_per_round):
             pseudo = (rnd.pseudo.images.to(device), rnd.pseudo.labels.to(device))
             unl_index, met = pseudo_dice_index(pseudo[1], cfg.num_classes,

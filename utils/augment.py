@@ -7,7 +7,8 @@ moved to the data device afterwards, so a run is reproducible from its seed what
 Each augmentation is two halves: ``draw_*`` makes every random choice on the host, as tensors of
 fixed shape (``AugmentDraws``), and ``apply_*`` / ``warp_*`` applies them with tensor operations
 whose shapes do not depend on the draws, so a CUDA graph can capture them
-(``utils.captured_step``). ``augment_batch`` is the two together.
+(``utils.captured_step``). ``draw_augment`` and ``apply_augment`` are the labeled batch's
+whole augmentation (METHOD §6): affine, then deformation, then intensity.
 
 Layouts:
     images:         (N, 1, H, W) float32, normalised intensities (roughly [0, 1]).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -219,9 +221,14 @@ def apply_affine(
 
 def draw_affine(n: int, height: int, width: int,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The random half of :func:`affine_augment`: (N, 2, 3) float32 matrices
-    (:func:`affine_matrices` of :func:`sample_affine_params`) and (N,) bool, the slices whose
-    choice is an identity (kept bit for bit). CPU tensors."""
+    """The random per-slice affine augmentation (METHOD §6 step 1): (N, 2, 3) float32
+    matrices (:func:`affine_matrices` of :func:`sample_affine_params`) and (N,) bool, the
+    slices whose choice is an identity (kept bit for bit). CPU tensors.
+
+    Each slice gets one of five choices uniformly: rotation U(-15, 15) degrees; scaling
+    U(0.95, 1.05) rounded to 2 decimals about the centre (same output size); left-right flip
+    with probability 1/2; rotation by k*45 degrees, k in {0..7}; nothing. A fixed number of
+    draws per slice."""
     choice, rot_deg, scale, flip, k45 = sample_affine_params(n, generator)
     theta = affine_matrices(choice, rot_deg, scale, flip, k45, height, width)
     identity = ((choice == AFF_NONE) | ((choice == AFF_FLIP) & ~flip)
@@ -231,8 +238,9 @@ def draw_affine(n: int, height: int, width: int,
 
 def warp_affine(images: torch.Tensor, labels_onehot: torch.Tensor, theta: torch.Tensor,
                 identity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensor half of :func:`affine_augment`: :func:`apply_affine` with ``theta`` (N, 2, 3),
-    except that identity slices (``identity`` (N,) bool) and empty slices keep their input."""
+    """Apply :func:`draw_affine`'s draws: :func:`apply_affine` with ``theta`` (N, 2, 3),
+    except that identity slices (``identity`` (N,) bool) and empty slices (max <= 0.001) keep
+    their input bit for bit. Same shapes and device as the input; labels stay one-hot."""
     n = images.shape[0]
     img, lab = apply_affine(images, labels_onehot, host_to_device(theta, images.device))
     # Identity outcomes keep the exact input (grid_sample at pixel centres is only exact up to
@@ -240,28 +248,6 @@ def warp_affine(images: torch.Tensor, labels_onehot: torch.Tensor, theta: torch.
     keep = (host_to_device(identity, images.device)
             | (images.amax(dim=(1, 2, 3)) <= EMPTY_SLICE_MAX)).view(n, 1, 1, 1)
     return torch.where(keep, images, img), torch.where(keep, labels_onehot, lab)
-
-
-def affine_augment(
-    images: torch.Tensor, labels_onehot: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random per-slice affine augmentation (METHOD §6 step 1).
-
-    Each slice gets one of five choices uniformly: rotation U(-15, 15) degrees; scaling
-    U(0.95, 1.05) rounded to 2 decimals about the centre (same output size); left-right flip
-    with probability 1/2; rotation by k*45 degrees, k in {0..7}; nothing. Slices whose max is
-    <= 0.001 are left untouched. Identity outcomes return the input slice bit for bit.
-
-    Args:
-        images: (N, 1, H, W) float.
-        labels_onehot: (N, C, H, W) float one-hot, channel 0 = background.
-        generator: CPU generator for all random draws (a fixed number per slice).
-
-    Returns:
-        (images, labels_onehot), same shapes and device; labels remain one-hot.
-    """
-    n, _, h, w = images.shape
-    return warp_affine(images, labels_onehot, *draw_affine(n, h, w, generator))
 
 
 # A constant of the crop size, asked for at every draw: computed once per size.
@@ -333,9 +319,13 @@ def dense_warp(
 
 def draw_deformation(n: int, sigma: float, generator: torch.Generator,
                      k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The random half of :func:`random_deformation`: (N, 2, 3, 3) float32 control-point
-    displacements in pixels (zero for the slices before k) and (N,) bool, the deformed slices
-    k... CPU tensors; k as in :func:`random_deformation`."""
+    """The random smooth deformation of the slices k.. of the batch (METHOD §6 step 2):
+    (N, 2, 3, 3) float32 control-point displacements in pixels, N(0, sigma^2) (zero for the
+    slices before k), and (N,) bool, the deformed slices k... CPU tensors.
+
+    k (in [0, N]) is drawn uniformly from {1, ..., 18} and clamped to N-1 (with N == 1 nothing
+    is deformed) unless given. :func:`warp_deformation` upsamples the two 3x3 grids to H x W;
+    the label becomes soft but still sums to 1 per pixel."""
     if k is None:
         if n <= 1:
             k = n
@@ -353,7 +343,7 @@ def draw_deformation(n: int, sigma: float, generator: torch.Generator,
 def warp_deformation(images: torch.Tensor, labels_onehot: torch.Tensor, control: torch.Tensor,
                      deformed: torch.Tensor, basis_h: torch.Tensor, basis_w: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensor half of :func:`random_deformation`: warp every slice by its ``control``
+    """Apply :func:`draw_deformation`'s draws: warp every slice by its ``control``
     (N, 2, 3, 3) upsampled with ``basis_h`` (H, 3) and ``basis_w`` (W, 3)
     (`deformation_basis`) and keep the result where ``deformed`` (N,) bool, the input
     elsewhere (every slice is warped so that the shapes do not depend on the draw)."""
@@ -366,36 +356,6 @@ def warp_deformation(images: torch.Tensor, labels_onehot: torch.Tensor, control:
     # memory order round differently: keep the (N, C, H, W) layout of the input.
     return (torch.where(keep, images, img_d).contiguous(),
             torch.where(keep, labels_onehot, lab_d).contiguous())
-
-
-def random_deformation(
-    images: torch.Tensor,
-    labels_onehot: torch.Tensor,
-    sigma: float,
-    generator: torch.Generator,
-    k: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random smooth deformation of the slices k.. of the batch (METHOD §6 step 2).
-
-    k is drawn uniformly from {1, ..., 18} and clamped to N-1 (with N == 1 nothing happens).
-    Each deformed slice gets two 3x3 grids of N(0, sigma^2) displacements in pixels,
-    upsampled to H x W by :func:`upsample_displacements` and applied by :func:`dense_warp`;
-    the label becomes soft but still sums to 1 per pixel.
-
-    Args:
-        images: (N, 1, H, W) float.
-        labels_onehot: (N, C, H, W) float, channel 0 = background.
-        sigma: standard deviation of the control-point displacements, in pixels.
-        generator: CPU generator for all random draws.
-        k: first deformed slice, in [0, N]; None draws it as described above.
-
-    Returns:
-        (images, labels_onehot) of the input shapes; slices before k are returned unchanged.
-    """
-    n, _, h, w = images.shape
-    control, deformed = draw_deformation(n, sigma, generator, k)
-    return warp_deformation(images, labels_onehot, control, deformed, deformation_basis(h),
-                            deformation_basis(w))
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
@@ -415,8 +375,10 @@ def adjust_contrast(images: torch.Tensor, factor: torch.Tensor | float) -> torch
 
 
 def draw_intensity(generator: torch.Generator, coupled: bool = True) -> torch.Tensor:
-    """The random half of :func:`intensity_augment`: (2,) float32, the contrast factor
-    U(0.8, 1.2) and the brightness shift U(-0.1, 0.1), in that order. ``coupled`` (the
+    """The random contrast / brightness of the labeled batch (METHOD §6 step 3, the
+    original's ``contrast_net``): (2,) float32, one contrast factor U(0.8, 1.2) for the whole
+    batch and one brightness shift U(-0.1, 0.1) (normalised intensity units), in that order
+    (two draws per call); :func:`apply_intensity` applies them. ``coupled`` (the
     original): both from one uniform u, 0.8 + 0.4u and -0.1 + 0.2u, as the released graph's
     two TF ops, seeded alike, drew the same u; else a draw each."""
     u, v = _two_uniforms(generator, coupled)
@@ -424,32 +386,16 @@ def draw_intensity(generator: torch.Generator, coupled: bool = True) -> torch.Te
 
 
 def apply_intensity(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-    """The tensor half of :func:`intensity_augment` with ``draws`` (2,) of
-    :func:`draw_intensity`."""
+    """(N, 1, H, W) images with ``draws`` (2,) of :func:`draw_intensity`: the contrast
+    factor applied about each image's mean to the first N // 2 slices, the shift added to the
+    rest. No clipping."""
     half = images.shape[0] // 2
     contrast, shift = host_to_device(draws, images.device).to(images.dtype)
     return torch.cat([adjust_contrast(images[:half], contrast), images[half:] + shift])
 
 
-def intensity_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random contrast / brightness of the labeled batch (METHOD §6 step 3).
-
-    As the original's ``contrast_net``: one contrast factor U(0.8, 1.2) for the whole batch,
-    applied about each image's mean to the first N // 2 slices, and one brightness shift
-    U(-0.1, 0.1) (normalised intensity units) added to the remaining slices. No clipping.
-
-    Args:
-        images: (N, 1, H, W) float.
-        generator: CPU generator for all random draws (two per call).
-
-    Returns:
-        (N, 1, H, W) augmented images.
-    """
-    return apply_intensity(images, draw_intensity(generator))
-
-
 class AugmentDraws(NamedTuple):
-    """Every random choice of one :func:`augment_batch` call of N slices (CPU tensors, or
+    """Every random choice of one labeled batch of N slices (CPU tensors, or
     their copies on the device): ``theta`` (N, 2, 3) and ``identity`` (N,) of
     :func:`draw_affine`, ``control`` (N, 2, 3, 3) and ``deformed`` (N,) of
     :func:`draw_deformation` (none deformed without deformation), ``intensity`` (2,) of
@@ -468,8 +414,9 @@ class AugmentDraws(NamedTuple):
 def draw_augment(n: int, height: int, width: int, generator: torch.Generator,
                  rd_en: bool = True, sigma: float = 5.0, ri_en: bool = True,
                  coupled_intensity: bool = True) -> AugmentDraws:
-    """The draws of :func:`augment_batch` for N slices of H x W, in its order
-    (``coupled_intensity``: see :func:`draw_intensity`)."""
+    """The draws of the labeled batch's augmentation for N slices of H x W: affine, then
+    deformation (``rd_en``, control points of std ``sigma`` pixels), then intensity
+    (``ri_en``; ``coupled_intensity``: see :func:`draw_intensity`), in that order."""
     theta, identity = draw_affine(n, height, width, generator)
     control, deformed = (draw_deformation(n, sigma, generator) if rd_en
                          else draw_deformation(n, sigma, generator, k=n))
@@ -481,7 +428,10 @@ def draw_augment(n: int, height: int, width: int, generator: torch.Generator,
 
 def apply_augment(images: torch.Tensor, labels_onehot: torch.Tensor, draws: AugmentDraws,
                   rd_en: bool = True, ri_en: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`augment_batch` with its random choices given (``draw_augment``)."""
+    """The labeled batch's augmentation (METHOD §6) with its random choices given
+    (``draw_augment``): affine, then deformation if ``rd_en``, then intensity if ``ri_en``.
+    (N, 1, H, W) images and (N, C, H, W) labels of the input shapes; soft labels if
+    ``rd_en``."""
     images, labels_onehot = warp_affine(images, labels_onehot, draws.theta, draws.identity)
     if rd_en:
         images, labels_onehot = warp_deformation(images, labels_onehot, draws.control,
@@ -491,37 +441,9 @@ def apply_augment(images: torch.Tensor, labels_onehot: torch.Tensor, draws: Augm
     return images, labels_onehot
 
 
-def augment_batch(
-    images: torch.Tensor,
-    labels_onehot: torch.Tensor,
-    generator: torch.Generator,
-    rd_en: bool = True,
-    sigma: float = 5.0,
-    ri_en: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full training augmentation of METHOD §6: affine, then deformation, then intensity.
-
-    Unlike the original code (whose ordering skipped the intensity step whenever deformation
-    was on) both the deformation and the intensity step run when enabled, as the paper says.
-
-    Args:
-        images: (N, 1, H, W) float.
-        labels_onehot: (N, C, H, W) float one-hot, channel 0 = background.
-        generator: CPU generator for all random draws.
-        rd_en: apply :func:`random_deformation`.
-        sigma: deformation control-point standard deviation in pixels.
-        ri_en: apply :func:`intensity_augment`.
-
-    Returns:
-        (images, labels_onehot) of the input shapes; labels are soft if rd_en.
-    """
-    n, _, h, w = images.shape
-    draws = draw_augment(n, h, w, generator, rd_en, sigma, ri_en)
-    return apply_augment(images, labels_onehot, draws, rd_en, ri_en)
-
-
 def draw_set_intensity(generator: torch.Generator, coupled: bool = True) -> torch.Tensor:
-    """The random half of :func:`set_intensity_augment`: (2,) float32, the brightness shift
+    """The intensity augmentation of one contrastive set (METHOD §7.3, the original's
+    ``brit_cont_net``), its random half: (2,) float32, the brightness shift
     U(-0.3, 0.3) and the contrast factor U(0.7, 1.3), in that order. ``coupled`` (the
     original): both from one uniform u, -0.3 + 0.6u and 0.7 + 0.6u (so the factor is 1 + the
     shift), as the released ``brit_cont_net``'s two TF ops drew the same u; else a draw each."""
@@ -530,33 +452,47 @@ def draw_set_intensity(generator: torch.Generator, coupled: bool = True) -> torc
 
 
 def apply_set_intensity(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-    """The tensor half of :func:`set_intensity_augment` with ``draws`` (2,) of
-    :func:`draw_set_intensity`."""
+    """(N, 1, H, W) images of one set with ``draws`` (2,) of :func:`draw_set_intensity`: the
+    shift added to the whole set, then the contrast factor about each image's mean
+    (``adjust_contrast``), then clipping to [0, 1.5]. No spatial change, so two sets built
+    from one slice stay pixel-aligned."""
     shift, contrast = host_to_device(draws, images.device).to(images.dtype)
     return adjust_contrast(images + shift, contrast).clamp(0.0, 1.5)
 
 
-def set_intensity_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Intensity augmentation of one contrastive set (METHOD §7.3, the original's
-    ``brit_cont_net``).
+@dataclass(frozen=True)
+class DiceAugment:
+    """How either step augments its labeled (Dice) batch, from the trainers' ``--rd_en``,
+    ``--sigma`` (pixels), ``--ri_en`` with ``--intensity_with_deformation``, ``--en_1hot`` and
+    ``--intensity_draws``."""
 
-    One brightness shift U(-0.3, 0.3) for the whole set, then one contrast factor U(0.7, 1.3)
-    about each image's mean (``adjust_contrast``), then clipping to [0, 1.5] (normalised
-    intensity units). No spatial change, so two sets built from one slice stay pixel-aligned.
+    rd_en: bool = True
+    sigma: float = 5.0
+    ri_en: bool = True
+    en_1hot: bool = True
+    coupled_intensity: bool = True  # --intensity_draws original
 
-    Args:
-        images: (N, 1, H, W) float, the images of one set.
-        generator: CPU generator for all random draws (two per call).
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace) -> DiceAugment:
+        """The settings of parsed flags (`utils.flags.parse_flags`). The released code's batch
+        took the deformed slices and dropped their intensity-augmented copy, so by default the
+        intensity step runs only when the deformation is off."""
+        return cls(rd_en=bool(args.rd_en), sigma=args.sigma,
+                   ri_en=bool(args.ri_en) and (not args.rd_en
+                                               or bool(args.intensity_with_deformation)),
+                   en_1hot=bool(args.en_1hot), coupled_intensity=args.intensity_draws == "original")
 
-    Returns:
-        (N, 1, H, W) images with values in [0, 1.5].
-    """
-    return apply_set_intensity(images, draw_set_intensity(generator))
+    def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> AugmentDraws:
+        """The random half for N slices of H x W (:func:`draw_augment`), on the host."""
+        return draw_augment(n, height, width, generator, rd_en=self.rd_en, sigma=self.sigma,
+                            ri_en=self.ri_en, coupled_intensity=self.coupled_intensity)
 
-
-def dice_intensity(args: argparse.Namespace) -> bool:
-    """Whether the labeled (Dice) batch gets the intensity augmentation, from the trainers'
-    ``--ri_en``, ``--rd_en`` and ``--intensity_with_deformation``: the released code's batch
-    took the deformed slices and dropped their intensity-augmented copy, so by default the
-    intensity step runs only when the deformation is off."""
-    return bool(args.ri_en) and (not args.rd_en or bool(args.intensity_with_deformation))
+    def apply(self, images: torch.Tensor, labels_onehot: torch.Tensor, draws: AugmentDraws
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 1, H, W) images and (N, C, H, W) labels augmented by ``draws``
+        (:func:`apply_augment`); the labels made one-hot again after the deformation's soft
+        warp unless ``en_1hot``."""
+        x, y = apply_augment(images, labels_onehot, draws, rd_en=self.rd_en, ri_en=self.ri_en)
+        if not self.en_1hot:
+            y = F.one_hot(y.argmax(1), y.shape[1]).permute(0, 3, 1, 2).to(y.dtype)
+        return x, y

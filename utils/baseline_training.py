@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from utils.augment import AugmentDraws, apply_augment, dice_intensity, draw_augment, to_onehot
+from utils.augment import AugmentDraws, DiceAugment, to_onehot
 from utils.captured_step import stepper
 from utils.device import host_to_device
 from utils.mixed_precision import MixedPrecision
@@ -29,19 +28,14 @@ class BaselineSettings:
 
     num_classes: int
     batch_size: int = 20
-    rd_en: bool = True
-    sigma: float = 5.0
-    ri_en: bool = True
-    en_1hot: bool = True
-    coupled_intensity: bool = True  # --intensity_draws original
+    augment: DiceAugment = DiceAugment()
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace, num_classes: int,
                    batch_size: int) -> BaselineSettings:
         """The settings of the baseline trainer's parsed flags (`utils.flags.parse_flags`)."""
-        return cls(num_classes=num_classes, batch_size=batch_size, rd_en=bool(args.rd_en),
-                   sigma=args.sigma, ri_en=dice_intensity(args), en_1hot=bool(args.en_1hot),
-                   coupled_intensity=args.intensity_draws == "original")
+        return cls(num_classes=num_classes, batch_size=batch_size,
+                   augment=DiceAugment.from_flags(args))
 
 
 class BaselineDraws(NamedTuple):
@@ -57,22 +51,16 @@ def draw_baseline(slices: torch.Tensor, s: BaselineSettings, height: int, width:
     """The random half of an iteration: ``s.batch_size`` of ``slices`` (CPU indexes into the
     pool) and their augmentation for H x W slices, on the host."""
     picked = draw(slices, s.batch_size, generator, "labeled slice")
-    return BaselineDraws(picked, draw_augment(s.batch_size, height, width, generator,
-                                              rd_en=s.rd_en, sigma=s.sigma, ri_en=s.ri_en,
-                                              coupled_intensity=s.coupled_intensity))
+    return BaselineDraws(picked, s.augment.draw(s.batch_size, height, width, generator))
 
 
 def baseline_batch(images: torch.Tensor, labels: torch.Tensor, s: BaselineSettings,
                    draws: BaselineDraws) -> tuple[torch.Tensor, torch.Tensor]:
     """The augmented batch of ``draws`` from images (N, 1, H, W) and labels (N, H, W): images
     (batch, 1, H, W) and one-hot labels (batch, C, H, W), soft after deformation unless
-    ``s.en_1hot`` is off."""
+    ``s.augment.en_1hot`` is off."""
     idx = host_to_device(draws.slices, images.device)
-    x, y = apply_augment(images[idx], to_onehot(labels[idx], s.num_classes), draws.augment,
-                         rd_en=s.rd_en, ri_en=s.ri_en)
-    if not s.en_1hot:
-        y = F.one_hot(y.argmax(1), s.num_classes).permute(0, 3, 1, 2).float()
-    return x, y
+    return s.augment.apply(images[idx], to_onehot(labels[idx], s.num_classes), draws.augment)
 
 
 def baseline_losses(
@@ -112,7 +100,7 @@ def baseline_stepper(
     ``cuda_graph`` and ``compile_network`` as in ``utils.joint_training.joint_stepper``."""
     network = torch.compile(model) if compile_network else model
     step = stepper(
-        lambda g: draw_baseline(slices, s, *images.shape[-2:], g),
+        lambda g, it: draw_baseline(slices, s, *images.shape[-2:], g),
         lambda draws: baseline_losses(network, images, labels, s, draws, loss_fn, precision),
         model, optimizer, generator, guard, precision, cuda_graph)
     return lambda it: step(it)[0]

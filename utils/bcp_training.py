@@ -144,5 +144,5 @@ def bcp_stepper(
     else:
         def losses(d: BCPDraws) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return bcp_losses(model, teacher, lab, unl, s, d, precision)
-    return stepper(lambda g: draw_bcp(lab_index, unl_index, s, h, w, g), losses, model,
+    return stepper(lambda g, it: draw_bcp(lab_index, unl_index, s, h, w, g), losses, model,
                    optimizer, generator, guard, precision)

@@ -146,7 +146,7 @@ class Guard(Protocol):
 
 
 def stepper(
-    draw: Callable[[torch.Generator], Any],
+    draw: Callable[[torch.Generator, int], Any],
     losses_fn: Callable[[Any], tuple[torch.Tensor, ...]],
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -155,8 +155,9 @@ def stepper(
     precision: MixedPrecision,
     cuda_graph: bool = False,
 ) -> Callable[[int], tuple[torch.Tensor, ...]]:
-    """A trainer's iteration ``step(it) -> losses`` (detached): ``draw(generator)`` on the
-    host, then ``losses_fn(draws)``, whose first loss is differentiated.
+    """A trainer's iteration ``step(it) -> losses`` (detached): ``draw(generator, it)`` on the
+    host (the iteration's random choices and any scheduled values), then ``losses_fn(draws)``,
+    whose first loss is differentiated.
 
     Without ``cuda_graph``, the original's eager step: the update (``precision.step``) unless
     ``guard.ok`` refuses the loss. With it, a `CapturedStep` (a CUDA graph on a GPU, the same
@@ -165,7 +166,7 @@ def stepper(
     """
     if not cuda_graph:
         def eager(it: int) -> tuple[torch.Tensor, ...]:
-            draws = draw(generator)
+            draws = draw(generator, it)
             model.train()
             losses = losses_fn(draws)
             if guard.ok(losses[0], it):
@@ -173,12 +174,12 @@ def stepper(
             return tuple(t.detach() for t in losses)
 
         return eager
-    example = draw(torch.Generator().manual_seed(0))  # only its shapes matter
+    example = draw(torch.Generator().manual_seed(0), 0)  # only its shapes matter
     device = next(model.parameters()).device
     captured = CapturedStep(losses_fn, model, optimizer, example, graph=device.type == "cuda")
 
     def step(it: int) -> tuple[torch.Tensor, ...]:
-        losses = captured(draw(generator))
+        losses = captured(draw(generator, it))
         guard.later(losses[0], it)  # no wait for this step: the host draws the next meanwhile
         return losses
 

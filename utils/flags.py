@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from experiment_init import ExperimentConfig, datasets, load
+from utils.crf import CRFParams
 from utils.errors import ConfigError
 
 BASELINE = "baseline"
@@ -273,6 +274,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n_iter": (lambda v: v >= 1, "at least 1"),
     "n_iter_per_round": (lambda v: v >= 1, "at least 1"),
     "n_rounds": (lambda v: v >= 1, "at least 1"),
+    "bt_size": (lambda v: v >= 2 and v % 2 == 0, "an even number >= 2 (pairs of pairs)"),
     "ver": (lambda v: v >= 0, "at least 0"),
     "seed": (lambda v: 0 <= v < 2**32, "in 0..2**32-1 (numpy's range)"),
     "sigma": (lambda v: 0 <= v < math.inf, "a number >= 0"),
@@ -345,7 +347,8 @@ def parse_flags(
 ) -> tuple[argparse.Namespace, ExperimentConfig]:
     """Parse one step's command line, read its dataset's configuration, resolve the flags
     whose default is an init-file setting (`INIT_FILE_DEFAULTS`) and check the values
-    (`VALUE_RULES`)."""
+    (`VALUE_RULES`, and the CRF parameters of a step with rounds), all before any run directory
+    exists."""
     args = parser(step, description).parse_args(argv)
     check_tag(args.tag)
     cfg = load(args.dataset, args.data_root, args.out_dir)
@@ -367,6 +370,12 @@ def parse_flags(
             setattr(resolved, flag, value(cfg, resolved))
             from_init[flag] = rule
     check_values(resolved, from_init, cfg.dataset)
+    if step in ROUNDS:
+        try:
+            CRFParams(**cfg.crf_params)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"experiment_init/init_{cfg.dataset}.py: crf_params "
+                              f"{cfg.crf_params!r} cannot be used: {err}") from err
     return resolved, cfg
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from losses.local_contrastive import (
     draw_positive_uniforms,
@@ -23,9 +22,7 @@ from losses.local_contrastive import (
 )
 from utils.augment import (
     AugmentDraws,
-    apply_augment,
-    dice_intensity,
-    draw_augment,
+    DiceAugment,
     draw_set_intensity,
     to_onehot,
 )
@@ -82,7 +79,8 @@ def build_joint_data(
 
 @dataclass(frozen=True)
 class JointSettings:
-    """The flags one iteration needs (names as on the command line)."""
+    """The flags one iteration needs: a field named as a flag takes its value (`from_flags`),
+    so a new hyperparameter is its flag in ``utils.flags`` and its field here."""
 
     num_classes: int
     n_seg: int = 20  # mtask_bs
@@ -92,29 +90,28 @@ class JointSettings:
     lamda_local: float = 0.1
     inter_image: bool = True  # --local_loss_exp_no 1
     loss_reduction: str = "original"
-    rd_en: bool = True
-    sigma: float = 5.0
-    ri_en: bool = True
-    en_1hot: bool = True
-    coupled_intensity: bool = True  # --intensity_draws original
+    augment: DiceAugment = DiceAugment()  # the Dice slices' (and the sets' coupled draws)
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace, num_classes: int, n_seg: int) -> JointSettings:
-        """The settings of the joint trainer's parsed flags (`utils.flags.parse_flags`)."""
-        return cls(num_classes=num_classes, n_seg=n_seg, bt_size=args.bt_size,
-                   no_of_pos_eles=args.no_of_pos_eles, temp_fac=args.temp_fac,
-                   lamda_local=args.lamda_local, inter_image=args.local_loss_exp_no == 1,
-                   loss_reduction=args.loss_reduction, rd_en=bool(args.rd_en),
-                   sigma=args.sigma, ri_en=dice_intensity(args), en_1hot=bool(args.en_1hot),
-                   coupled_intensity=args.intensity_draws == "original")
+        """The settings of the joint trainer's parsed flags (`utils.flags.parse_flags`): each
+        field named as a flag takes its value; the others come from the dataset, from a flag
+        of another name (``inter_image``: ``--local_loss_exp_no 1``) or are a type of their
+        own (``augment``)."""
+        derived = {"num_classes": num_classes, "n_seg": n_seg,
+                   "inter_image": args.local_loss_exp_no == 1,
+                   "augment": DiceAugment.from_flags(args)}
+        named = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in derived}
+        return cls(**named, **derived)
 
 
 class JointDraws(NamedTuple):
-    """Every random choice of one joint iteration, in the order they are drawn (CPU tensors,
-    or their copies on the device): the slice numbers ``dice`` (n_seg,), ``lab`` (B/2,) and
-    ``unl`` (B/2,) of ``pick_joint_slices``; the Dice slices' ``augment`` draws; ``sets``
-    (2, 2), the intensity draws of contrastive set 1 and set 2; ``positive`` (2B, C-1, P)
-    float64, the uniforms of the positive pixels."""
+    """Every input of one joint iteration that changes between iterations, random choices in
+    the order they are drawn (CPU tensors, or their copies on the device): the slice numbers
+    ``dice`` (n_seg,), ``lab`` (B/2,) and ``unl`` (B/2,) of ``pick_joint_slices``; the Dice
+    slices' ``augment`` draws; ``sets`` (2, 2), the intensity draws of contrastive set 1 and
+    set 2; ``positive`` (2B, C-1, P) float64, the uniforms of the positive pixels;
+    ``weights`` (2,) float32, the iteration's λ and τ (`loss_weights`)."""
 
     dice: torch.Tensor
     lab: torch.Tensor
@@ -122,21 +119,32 @@ class JointDraws(NamedTuple):
     augment: AugmentDraws
     sets: torch.Tensor
     positive: torch.Tensor
+    weights: torch.Tensor
 
 
-def draw_joint(data: JointData, s: JointSettings, generator: torch.Generator) -> JointDraws:
-    """The random half of :func:`joint_batch`, on the host."""
+def loss_weights(s: JointSettings, iteration: int) -> torch.Tensor:
+    """(2,) float32: iteration ``iteration``'s weight λ of the local loss and its temperature
+    τ, constant in the paper (``--lamda_local``, ``--temp_fac``). A schedule is a change here,
+    e.g. ``s.lamda_local * min(1.0, iteration / 1000)``; the values reach a captured step
+    (``--cuda_graph 1``) as inputs, so the graph need not be captured again."""
+    return torch.tensor([s.lamda_local, s.temp_fac], dtype=torch.float32)
+
+
+def draw_joint(data: JointData, s: JointSettings, generator: torch.Generator,
+               iteration: int = 0) -> JointDraws:
+    """The per-iteration half of :func:`joint_batch` for iteration ``iteration``, on the
+    host."""
     dice_i, lab_i, unl_i = pick_joint_slices(
         data.lab_img.shape[0], data.dice_index, data.lab_index, data.unl_index, s.n_seg,
         s.bt_size, generator)
     h, w = data.lab_img.shape[-2:]
-    augment = draw_augment(s.n_seg, h, w, generator, s.rd_en, s.sigma, s.ri_en,
-                           s.coupled_intensity)
-    sets = torch.stack([draw_set_intensity(generator, s.coupled_intensity),
-                        draw_set_intensity(generator, s.coupled_intensity)])
+    augment = s.augment.draw(s.n_seg, h, w, generator)
+    coupled = s.augment.coupled_intensity
+    sets = torch.stack([draw_set_intensity(generator, coupled),
+                        draw_set_intensity(generator, coupled)])
     positive = draw_positive_uniforms(2 * s.bt_size, s.num_classes - 1, s.no_of_pos_eles,
                                       generator)
-    return JointDraws(dice_i, lab_i, unl_i, augment, sets, positive)
+    return JointDraws(dice_i, lab_i, unl_i, augment, sets, positive, loss_weights(s, iteration))
 
 
 def joint_batch_from(
@@ -147,10 +155,8 @@ def joint_batch_from(
     dev = data.lab_img.device
     dice_i, lab_i, unl_i = (host_to_device(t, dev) for t in (draws.dice, draws.lab, draws.unl))
     # The original augments the Dice slices whatever --data_aug says (it only names the output).
-    x, y = apply_augment(data.lab_img[dice_i], to_onehot(data.lab_lbl[dice_i], s.num_classes),
-                         draws.augment, rd_en=s.rd_en, ri_en=s.ri_en)
-    if not s.en_1hot:
-        y = F.one_hot(y.argmax(1), s.num_classes).permute(0, 3, 1, 2).float()
+    x, y = s.augment.apply(data.lab_img[dice_i], to_onehot(data.lab_lbl[dice_i], s.num_classes),
+                           draws.augment)
     xc, yc = contrastive_sets(torch.cat([data.lab_img[lab_i], data.unl_img[unl_i]]),
                               torch.cat([data.lab_lbl[lab_i], data.unl_lbl[unl_i]]),
                               *layout, s.num_classes, draws.sets)
@@ -182,15 +188,16 @@ def joint_losses(
     dice_loss,
     precision: MixedPrecision,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Dice + λ·local loss, Dice loss, local contrastive loss) of the batch of ``draws``:
-    the network under ``precision``'s autocast, both losses in float32."""
+    """(Dice + λ·local loss, Dice loss, local contrastive loss) of the batch of ``draws``,
+    with their λ and τ: the network under ``precision``'s autocast, both losses in float32."""
     images, y, yc, pos_idx = joint_batch_from(data, s, draws, layout)
     with precision.autocast():
         logits, emb = model(images, s.n_seg)
+    lamda, tau = host_to_device(draws.weights, images.device)
     loss_seg = dice_loss(logits.float(), y)
-    loss_lcl = local_contrastive_loss(emb.float(), yc, pos_idx, temperature=s.temp_fac,
+    loss_lcl = local_contrastive_loss(emb.float(), yc, pos_idx, temperature=tau,
                                       inter_image=s.inter_image, reduction=s.loss_reduction)
-    return loss_seg + s.lamda_local * loss_lcl, loss_seg, loss_lcl
+    return loss_seg + lamda * loss_lcl, loss_seg, loss_lcl
 
 
 def joint_stepper(
@@ -214,6 +221,6 @@ def joint_stepper(
     network = torch.compile(model) if compile_network else model
     layout = tuple(t.to(data.lab_img.device) for t in pair_layout(s.bt_size, s.inter_image))
     return stepper(
-        lambda g: draw_joint(data, s, g),
+        lambda g, it: draw_joint(data, s, g, it),
         lambda draws: joint_losses(network, data, s, draws, layout, dice_loss, precision),
         model, optimizer, generator, guard, precision, cuda_graph)

@@ -48,22 +48,25 @@ class MeanTeacherSettings:
 class MeanTeacherDraws(NamedTuple):
     """Every random choice of one iteration, in the order drawn: the ``labeled`` and the
     ``unlabeled`` halves' slices and augmentation, then the teacher's input ``noise``
-    (unlabeled_bs, 1, H, W)."""
+    (unlabeled_bs, 1, H, W); and the iteration's consistency ``weight`` (0-d float32, the
+    schedule's value, no draw)."""
 
     labeled: BaselineDraws
     unlabeled: BaselineDraws
     noise: torch.Tensor
+    weight: torch.Tensor
 
 
 def draw_mean_teacher(lab_index: torch.Tensor, unl_index: torch.Tensor,
                       s: MeanTeacherSettings, height: int, width: int,
-                      generator: torch.Generator) -> MeanTeacherDraws:
-    """The random half of an iteration, on the host (``lab_index``, ``unl_index``: CPU slice
+                      generator: torch.Generator, iteration: int) -> MeanTeacherDraws:
+    """The host half of iteration ``iteration`` (``lab_index``, ``unl_index``: CPU slice
     numbers of the labeled slices and of the pool)."""
     labeled = draw_baseline(lab_index, s.labeled, height, width, generator)
     unlabeled = draw_baseline(unl_index, s.unlabeled, height, width, generator)
     noise = torch.randn((s.unlabeled.batch_size, 1, height, width), generator=generator) * s.noise
-    return MeanTeacherDraws(labeled, unlabeled, noise.clamp(-2 * s.noise, 2 * s.noise))
+    return MeanTeacherDraws(labeled, unlabeled, noise.clamp(-2 * s.noise, 2 * s.noise),
+                            torch.tensor(s.weight(iteration), dtype=torch.float32))
 
 
 def mean_teacher_losses(
@@ -73,13 +76,13 @@ def mean_teacher_losses(
     unl: tuple[torch.Tensor, torch.Tensor],
     s: MeanTeacherSettings,
     draws: MeanTeacherDraws,
-    weight: float,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     precision: MixedPrecision,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, segmentation loss, consistency loss) of the batch of ``draws``, with consistency
-    weight ``weight``: ``lab`` are the labeled (images (N, 1, H, W), labels (N, H, W)),
-    ``unl`` the pool's (images (M, 1, H, W), blank labels (M, H, W)), on the device."""
+    """(loss, segmentation loss, consistency loss) of the batch of ``draws``, the consistency
+    loss weighted by ``draws.weight``: ``lab`` are the labeled (images (N, 1, H, W), labels
+    (N, H, W)), ``unl`` the pool's (images (M, 1, H, W), blank labels (M, H, W)), on the
+    device."""
     x_l, y_l = baseline_batch(*lab, s.labeled, draws.labeled)
     x_u, _ = baseline_batch(*unl, s.unlabeled, draws.unlabeled)
     n_l = x_l.shape[0]
@@ -90,6 +93,7 @@ def mean_teacher_losses(
         logits = student(torch.cat([x_l, x_u]).contiguous(memory_format=torch.channels_last))
     loss_seg = loss_fn(logits[:n_l].float(), y_l)
     loss_cons = softmax_mse_loss(logits[n_l:], teacher_logits)
+    weight = host_to_device(draws.weight, loss_cons.device)
     return loss_seg + weight * loss_cons, loss_seg, loss_cons
 
 
@@ -110,12 +114,7 @@ def mean_teacher_stepper(
     is only read. Slices are drawn from all of ``lab`` and of ``unl``."""
     lab_index, unl_index = torch.arange(lab[0].shape[0]), torch.arange(unl[0].shape[0])
     h, w = lab[0].shape[-2:]
-
-    def step(it: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        weight = s.weight(it)
-        return stepper(lambda g: draw_mean_teacher(lab_index, unl_index, s, h, w, g),
-                       lambda d: mean_teacher_losses(student, teacher, lab, unl, s, d, weight,
-                                                     loss_fn, precision),
-                       student, optimizer, generator, guard, precision)(it)
-
-    return step
+    return stepper(lambda g, it: draw_mean_teacher(lab_index, unl_index, s, h, w, g, it),
+                   lambda d: mean_teacher_losses(student, teacher, lab, unl, s, d, loss_fn,
+                                                 precision),
+                   student, optimizer, generator, guard, precision)

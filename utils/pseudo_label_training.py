@@ -76,7 +76,7 @@ def pseudo_label_stepper(
     """The trainer's iteration ``step(it) -> loss`` of one round (``utils.captured_step.stepper``,
     eager): draw, augment, one step unless the loss is not finite."""
     h, w = lab[0].shape[-2:]
-    step = stepper(lambda g: draw_pseudo_label_batch(lab_index, unl_index, s, h, w, g),
+    step = stepper(lambda g, it: draw_pseudo_label_batch(lab_index, unl_index, s, h, w, g),
                    lambda d: pseudo_label_losses(model, lab, pseudo, s, d, loss_fn, precision),
                    model, optimizer, generator, guard, precision)
     return lambda it: step(it)[0]

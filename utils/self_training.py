@@ -22,7 +22,7 @@ from models import cpu_training
 from models.unet import UNet
 from utils.crf import CRFParams
 from utils.device import available_cpus, release_freed_memory
-from utils.errors import ConfigError, RunDirError
+from utils.errors import RunDirError
 from utils.figures import write_pseudo_label_figure
 from utils.flags import BASELINE
 from utils.pseudo_labels import SURE_SOFTMAX, PseudoLabelRound, make_pseudo_labels
@@ -45,23 +45,14 @@ class Labelling:
     crf_workers: int = 1
 
 
-def crf_params(cfg: ExperimentConfig) -> CRFParams:
-    """The dataset's CRF parameters (``crf_params`` of its init file), refused with a
-    ConfigError naming the file when they cannot be used."""
-    try:
-        return CRFParams(**cfg.crf_params)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"experiment_init/init_{cfg.dataset}.py: crf_params "
-                          f"{cfg.crf_params!r} cannot be used: {err}") from err
-
-
-def labelling_from_flags(args: argparse.Namespace, crf: CRFParams) -> Labelling:
-    """The `Labelling` of a rounds trainer's flags, made once the run has set its CPU threads.
-    Default: as many CRF processes as the run's CPU threads, so that the sweep's workers, each
-    given a share of the CPUs, keep to their share."""
+def labelling_from_flags(args: argparse.Namespace, cfg: ExperimentConfig) -> Labelling:
+    """The `Labelling` of a rounds trainer's flags and its dataset's CRF parameters (checked by
+    `utils.flags.parse_flags`), made once the run has set its CPU threads. Default: as many CRF
+    processes as the run's CPU threads, so that the sweep's workers, each given a share of the
+    CPUs, keep to their share."""
     workers = min(args.crf_workers or torch.get_num_threads(), available_cpus())
-    return Labelling(crf, bool(args.crf), bool(args.test_aug_overlap), args.test_f1_threshold,
-                     workers)
+    return Labelling(CRFParams(**cfg.crf_params), bool(args.crf), bool(args.test_aug_overlap),
+                     args.test_f1_threshold, workers)
 
 
 def find_baseline(cfg: ExperimentConfig, args: argparse.Namespace) -> Path:

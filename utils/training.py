@@ -316,12 +316,11 @@ class Run:
             module.load_state_dict(s["companions"][name])
         optimizer.load_state_dict(s["optimizer"])
         self.keeper.best_score, self.keeper.best_iteration = s["best_score"], s["best_iteration"]
-        self.keeper.bar = s.get("best_bar", s["best_score"])  # older last.pt: never lowered
-        if "best" in s:  # absent from checkpoints written before it was added
-            self.keeper.restore(s["best"])
+        self.keeper.bar = s["best_bar"]
+        self.keeper.restore(s["best"])
         self.guard.total, self.guard.consecutive = s["bad_total"], s["bad_consecutive"]
         restore_rng_state(s["rng"], self.generator)
-        self.precision.load_state_dict(s.get("grad_scaler", {}))
+        self.precision.load_state_dict(s["grad_scaler"])
         self.saved_iteration = int(s["iteration"])
         self.start_iteration = self.saved_iteration + 1
         print(f"resuming {self.run_dir} at iteration {self.start_iteration}", flush=True)
