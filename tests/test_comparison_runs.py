@@ -20,14 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--dataset", "demo", "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c1", "--ver", "7",
           "--no_progress"]
 # Small batches and few iterations; every method checkpoints inside its run.
+# Eight iterations each (last 7), checkpoints every 3 and at the end of a round / stage.
 METHODS = {
-    "self_training": ["--n_rounds", "2", "--n_iter_per_round", "6", "--ckpt_every", "4"],
-    "mean_teacher": ["--n_iter", "12", "--ckpt_every", "4", "--labeled_bs", "4",
-                     "--unlabeled_bs", "4", "--consistency_start", "2",
-                     "--consistency_rampup", "8"],
-    "bcp": ["--pre_iter", "4", "--n_iter", "8", "--ckpt_every", "3", "--labeled_bs", "4",
+    "self_training": ["--n_rounds", "2", "--n_iter_per_round", "4", "--ckpt_every", "3"],
+    "mean_teacher": ["--n_iter", "8", "--ckpt_every", "3", "--labeled_bs", "4",
+                     "--unlabeled_bs", "4", "--consistency_start", "1",
+                     "--consistency_rampup", "6"],
+    "bcp": ["--pre_iter", "3", "--n_iter", "5", "--ckpt_every", "3", "--labeled_bs", "4",
             "--unlabeled_bs", "4"],
 }
+LAST = 7
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -74,9 +76,8 @@ def test_a_method_run_writes_the_outputs_contract(method, whole, load_script):
     assert set(summary["per_structure"]) == {"rv", "myo", "lv"}
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    n = {"self_training": 12, "mean_teacher": 12, "bcp": 12}[method]
-    assert last["iteration"] == n - 1
-    assert (run_dir / "log.csv").read_text().strip().splitlines()[-1].startswith(f"{n - 1},")
+    assert last["iteration"] == LAST
+    assert (run_dir / "log.csv").read_text().strip().splitlines()[-1].startswith(f"{LAST},")
     if method != "self_training":  # the EMA teacher travels with every periodic checkpoint
         teacher = last["companions"]["teacher"]
         assert teacher.keys() == last["model"].keys()
@@ -99,7 +100,7 @@ def test_a_method_run_writes_the_outputs_contract(method, whole, load_script):
 def test_mean_teacher_at_decay_0_is_the_student(demo_env, tmp_path):
     """With --ema_decay 0 each EMA update copies the student: a teacher left out of the loop
     (or trained by its own gradients) would differ."""
-    cmd = [sys.executable, "train_model/mean_teacher.py", *COMMON, "--n_iter", "3",
+    cmd = [sys.executable, "train_model/mean_teacher.py", *COMMON, "--n_iter", "2",
            "--labeled_bs", "2", "--unlabeled_bs", "2", "--ema_decay", "0",
            "--out_dir", str(tmp_path)]
     last = torch.load(_run_dir(_run(cmd, demo_env)) / "checkpoints" / "last.pt",
@@ -109,9 +110,10 @@ def test_mean_teacher_at_decay_0_is_the_student(demo_env, tmp_path):
             assert torch.equal(value, last["companions"]["teacher"][key]), key
 
 
-# When to kill: a periodic checkpoint inside the second round / after the first stage.
+# When to kill: a periodic checkpoint inside the second round (iteration 5) / inside stage 2
+# (5: stage 1 is 0-2) / after the first one (mean teacher: 2 or 5).
 KILL_AFTER = {"self_training": lambda s: s.get("round") == 1,
-              "mean_teacher": lambda s: s["iteration"] >= 3,
+              "mean_teacher": lambda s: s["iteration"] >= 2,
               "bcp": lambda s: s["iteration"] >= 5}
 
 
@@ -135,13 +137,13 @@ def test_a_killed_method_run_resumes_bit_for_bit(method, whole, baseline, demo_e
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(last, weights_only=True)["iteration"]
-    assert killed_at < 11, "the run finished before it could be killed"
+    assert killed_at < LAST, "the run finished before it could be killed"
     again = _run([*cmd, "--resume"], demo_env)
     assert again.returncode == 0, again.stderr
     assert f"at iteration {killed_at + 1}" in again.stdout
     a = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(last, weights_only=True)
-    assert a["iteration"] == b["iteration"] == 11
+    assert a["iteration"] == b["iteration"] == LAST
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     for key, value in a.get("companions", {}).get("teacher", {}).items():
