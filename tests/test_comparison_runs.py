@@ -52,20 +52,31 @@ def baseline(demo_env, tmp_path_factory) -> Path:
                          demo_env))
 
 
-def _cmd(method: str, out: Path, baseline: Path) -> list[str]:
+def _cmd(method: str, out: Path, baseline: Path | None) -> list[str]:
     extra = ["--pretr_dir", str(baseline)] if method == "self_training" else []
     return [sys.executable, f"train_model/{method}.py", *COMMON, *METHODS[method], *extra,
             "--out_dir", str(out)]
 
 
+class WholeRuns(dict):
+    """method -> (output root, run directory) of its uninterrupted run, run when first asked
+    for (so that a selection of the tests runs only its methods)."""
+
+    def __init__(self, demo_env, tmp_path_factory, baseline_of) -> None:
+        super().__init__()
+        self.env, self.tmp, self.baseline_of = demo_env, tmp_path_factory, baseline_of
+
+    def __missing__(self, method: str) -> tuple[Path, Path]:
+        out = self.tmp.mktemp(f"whole_{method}")
+        self[method] = out, _run_dir(_run(_cmd(method, out, self.baseline_of(method)), self.env))
+        return self[method]
+
+
 @pytest.fixture(scope="module")
-def whole(demo_env, tmp_path_factory, baseline) -> dict[str, tuple[Path, Path]]:
-    """method -> (output root, run directory) of its uninterrupted run."""
-    runs = {}
-    for method in METHODS:
-        out = tmp_path_factory.mktemp(f"whole_{method}")
-        runs[method] = out, _run_dir(_run(_cmd(method, out, baseline), demo_env))
-    return runs
+def whole(demo_env, tmp_path_factory, request) -> WholeRuns:
+    return WholeRuns(demo_env, tmp_path_factory,
+                     lambda m: request.getfixturevalue("baseline") if m == "self_training"
+                     else None)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -118,10 +129,10 @@ KILL_AFTER = {"self_training": lambda s: s.get("round") == 1,
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_a_killed_method_run_resumes_bit_for_bit(method, whole, baseline, demo_env, tmp_path):
+def test_a_killed_method_run_resumes_bit_for_bit(method, whole, demo_env, tmp_path):
     root, run_dir = whole[method]
     out = tmp_path / "killed"
-    cmd = _cmd(method, out, baseline)
+    cmd = _cmd(method, out, whole.baseline_of(method))
     proc = subprocess.Popen(cmd, cwd=REPO, env={**demo_env, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = out / run_dir.relative_to(root) / "checkpoints" / "last.pt"
