@@ -272,6 +272,29 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.seg_head(self.features(x))
 
+    def load_encoder_decoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Start from a baseline as the original does: copy the trainable ``encoder.`` and
+        ``decoder.`` parameters (conv weights and biases, batch-norm weight and bias) of a
+        (UNet) state_dict. The encoder/decoder batch-norm running statistics start fresh
+        (`reset_batch_statistics`), and the heads are left as they are.
+
+        Raises:
+            KeyError: if any encoder/decoder parameter of this model is missing from
+                ``state_dict``.
+        """
+        own = {k: p for k, p in self.named_parameters() if k.startswith(("encoder.", "decoder."))}
+        missing = sorted(set(own) - set(state_dict))
+        if missing:
+            raise KeyError(
+                f"state_dict lacks {len(missing)} encoder/decoder parameters, e.g. {missing[:5]}"
+            )
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(state_dict[k])
+        for m in [*self.encoder.modules(), *self.decoder.modules()]:
+            if isinstance(m, nn.BatchNorm2d):
+                reset_batch_statistics(m)
+
 
 class JointUNet(UNet):
     """U-Net with both heads for joint segmentation + local contrastive training.
@@ -310,29 +333,6 @@ class JointUNet(UNet):
             raise ValueError(f"n_seg={n_seg} out of range for batch of {x.shape[0]}")
         f = self.features(x)
         return self.seg_head(f, n_seg), self.proj_head(f[n_seg:])
-
-    def load_encoder_decoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Start from a baseline as the original does: copy the trainable ``encoder.`` and
-        ``decoder.`` parameters (conv weights and biases, batch-norm weight and bias) of a
-        (UNet) state_dict. The encoder/decoder batch-norm running statistics start fresh
-        (`reset_batch_statistics`), and the heads are left as they are.
-
-        Raises:
-            KeyError: if any encoder/decoder parameter of this model is missing from
-                ``state_dict``.
-        """
-        own = {k: p for k, p in self.named_parameters() if k.startswith(("encoder.", "decoder."))}
-        missing = sorted(set(own) - set(state_dict))
-        if missing:
-            raise KeyError(
-                f"state_dict lacks {len(missing)} encoder/decoder parameters, e.g. {missing[:5]}"
-            )
-        with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(state_dict[k])
-        for m in [*self.encoder.modules(), *self.decoder.modules()]:
-            if isinstance(m, nn.BatchNorm2d):
-                reset_batch_statistics(m)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -83,9 +83,15 @@ def natural_key(text: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
+# The comparison methods' trainers (train_model/<name>.py), each a method of its own name.
+COMPARISONS = ("self_training", "mean_teacher", "bcp")
+
+
 def method_of(trainer: str, flags: dict) -> str:
-    """'baseline', 'joint <loss_reduction>', or 'TAG (<that>)' for a tagged run."""
-    base = BASELINE if trainer == "tr_baseline" else f"joint {flags.get('loss_reduction')}"
+    """'baseline', 'joint <loss_reduction>', a comparison method's name (`COMPARISONS`), or
+    'TAG (<that>)' for a tagged run."""
+    base = (BASELINE if trainer == "tr_baseline" else trainer if trainer in COMPARISONS
+            else f"joint {flags.get('loss_reduction')}")
     tag = flags.get("tag")
     return f"{tag} ({base})" if tag else base
 
@@ -167,7 +173,7 @@ def collect(root: Path) -> tuple[list[Run], list[Problem]]:
 
 
 def method_order(method: str) -> tuple:
-    fixed = [BASELINE, "joint original", "joint mean"]
+    fixed = [BASELINE, "joint original", "joint mean", *COMPARISONS]
     return (0, fixed.index(method), "") if method in fixed else (1, 0, method)
 
 

@@ -1,17 +1,25 @@
-"""Run a dataset's grid of experiments (labeled-set size x combination x seed x variant) through
-pseudo_lbl_rand_init.sh, as a SLURM job array or with local workers.
+"""Run a dataset's grid of experiments (labeled-set size x combination x seed x variant x
+method) through pseudo_lbl_rand_init.sh and the comparison methods' trainers, as a SLURM job
+array or with local workers.
 
     python scripts/sweep.py --dataset acdc [--tr tr1 tr2 tr8] [--comb all | c1 c2 ...]
-        [--seeds 0 1 2] [--variant NAME="--flag value ..."]... --backend slurm|local
+        [--seeds 0 1 2] [--variant NAME="--flag value ..."]...
+        [--methods proposed self_training mean_teacher bcp] --backend slurm|local
         [--workers N] [--slurm "sbatch options"] [--max_running K] [--sweep_dir DIR]
         [--dry_run] [-- flags for both trainers]
+
+``--methods`` (default ``proposed``): ``proposed`` is the pipeline script (baseline, then the
+joint step); ``self_training`` runs the baseline trainer (``--resume``: the proposed line's
+baseline when it has finished) and then train_model/self_training.py on it; ``mean_teacher``
+and ``bcp`` run their own trainer. Flags after ``--`` go to every trainer that takes them,
+``--n_iter`` (the baseline's, as in the pipeline script) to the baseline only.
 
 The grid is every ``<tr>_<comb>`` labeled set of ``experiment_init/data_cfg_<dataset>.py`` that
 has a validation list; asking for one that does not exist is an error listing those that do.
 Seed S runs with ``--ver S``. A variant adds its flags and ``--tag NAME`` to the default
 lines. The sweep folder (default ``<runs root>/sweeps/<dataset>_<time>``) receives:
 
-- ``jobs.txt``: one complete shell command per line (baseline then joint step), each with
+- ``jobs.txt``: one complete shell command per line (proposed: baseline then joint step), each with
   ``--resume``, so rerunning a line, or a requeued task, continues instead of starting over;
 - ``logs/<line>.log`` (output of line <line>, appended across attempts) and
   ``status/<line>.rc`` (its exit status, written when it ends);
@@ -46,6 +54,7 @@ from pathlib import Path
 
 import experiment_init
 from utils.errors import ConfigError, run_main
+from utils.flags import BASELINE, METHODS, for_step, route
 from utils.io import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +63,11 @@ PIPELINE = REPO / "pseudo_lbl_rand_init.sh"
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Flags the sweep sets itself on every line.
 OWN_FLAGS = ("ver", "seed", "resume", "tag")
+# The proposed method (pipeline script) and the comparison methods (train_model/<name>.py).
+PROPOSED = "proposed"
+ALL_METHODS = (PROPOSED, *METHODS)
+# The comparison methods that start from the baseline of their unit.
+FROM_BASELINE = ("self_training",)
 
 
 def valid_grid(labeled: dict[str, list[str]],
@@ -119,16 +133,19 @@ def check_free_flags(tokens: Sequence[str], where: str) -> None:
 
 @dataclass(frozen=True)
 class Job:
-    """One line of jobs.txt: both steps of one (tr, comb, seed, variant)."""
+    """One line of jobs.txt: one method (the proposed one: both steps) of one (tr, comb, seed,
+    variant)."""
 
     tr: str
     comb: str
     seed: int
     variant: str | None
     command: str
+    method: str = PROPOSED
 
     def label(self) -> str:
-        return f"{self.tr}/{self.comb} seed {self.seed} {self.variant or 'default'}"
+        where = f"{self.tr}/{self.comb} seed {self.seed} {self.variant or 'default'}"
+        return where if self.method == PROPOSED else f"{where} {self.method}"
 
 
 @dataclass
@@ -138,27 +155,52 @@ class SweepSpec:
     seeds: list[int]
     variants: list[tuple[str, list[str]]] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: [PROPOSED])
+
+
+def method_command(method: str, python: str, trainer_argv: list[str], flags: list[str],
+                   lock: list[str]) -> str:
+    """The shell command of a comparison method's line: its trainer with the flags it takes
+    (after the baseline's trainer for a method that starts from it), ``lock`` (a flock
+    prefix, or none) around each trainer that may share a run directory's baseline."""
+    own = for_step(flags, method, skip=("n_iter",))
+    trainer = [python, str(REPO / "train_model" / f"{method}.py"), *trainer_argv, *own]
+    if method not in FROM_BASELINE:
+        return shlex.join(trainer)
+    baseline = [python, str(REPO / "train_model" / "tr_baseline.py"), *trainer_argv,
+                *route(flags)[BASELINE]]
+    return f"{shlex.join(lock + baseline)} && {shlex.join(trainer)}"
 
 
 def make_jobs(spec: SweepSpec, python: str, lock_dir: Path) -> list[Job]:
-    """Every line of the sweep, in order tr, comb, seed, variant (the default first).
+    """Every line of the sweep, in order tr, comb, seed, variant (the default first), method.
 
     Lines of one (tr, comb, seed) share its baseline run directory unless a tag separates
-    them, so with variants each line holds a lock of that unit (flock) for its whole run.
+    them, so with variants, or with more than one method that trains the baseline, each such
+    line holds a lock of that unit (flock) while it may train the baseline.
     """
     jobs = []
+    sharing = sum(m == PROPOSED or m in FROM_BASELINE for m in spec.methods)
     for tr, comb in spec.cells:
         for seed in spec.seeds:
             for name, extra in [(None, []), *spec.variants]:
-                argv = [str(PIPELINE), tr, comb, spec.dataset, "--ver", str(seed), "--resume",
-                        "--no_progress", *spec.flags, *extra]
-                if name is not None:
-                    argv += ["--tag", name]
-                prefix = ["bash"]
-                if spec.variants:
-                    prefix = ["flock", str(lock_dir / f"{tr}_{comb}_v{seed}.lock"), "bash"]
-                command = f"PYTHON={shlex.quote(python)} {shlex.join(prefix + argv)}"
-                jobs.append(Job(tr, comb, seed, name, command))
+                tag = [] if name is None else ["--tag", name]
+                lock = []
+                if spec.variants or sharing > 1:
+                    lock = ["flock", str(lock_dir / f"{tr}_{comb}_v{seed}.lock")]
+                for method in spec.methods:
+                    if method == PROPOSED:
+                        argv = [str(PIPELINE), tr, comb, spec.dataset, "--ver", str(seed),
+                                "--resume", "--no_progress", *spec.flags, *extra, *tag]
+                        command = (f"PYTHON={shlex.quote(python)} "
+                                   f"{shlex.join([*lock, 'bash', *argv])}")
+                    else:
+                        trainer_argv = [f"--dataset={spec.dataset}", f"--no_of_tr_imgs={tr}",
+                                        f"--comb_tr_imgs={comb}", "--ver", str(seed),
+                                        "--resume", "--no_progress"]
+                        command = method_command(method, python, trainer_argv,
+                                                 [*spec.flags, *extra, *tag], lock)
+                    jobs.append(Job(tr, comb, seed, name, command, method))
     return jobs
 
 
@@ -321,6 +363,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="seeds; seed S runs with --ver S")
     p.add_argument("--variant", action="append", default=[], metavar='NAME="--flag value ..."',
                    help="extra lines with these flags and --tag NAME (repeatable)")
+    p.add_argument("--methods", nargs="+", default=[PROPOSED], choices=ALL_METHODS,
+                   help="methods of each cell: proposed (the pipeline script, default) and the "
+                   "comparison methods")
     p.add_argument("--backend", required=True, choices=("slurm", "local"))
     p.add_argument("--workers", type=int, default=None,
                    help="local: concurrent runs (default: one per visible GPU, else 1)")
@@ -354,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     names = [n for n, _ in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"--variant names must differ: {' '.join(names)}")
-    spec = SweepSpec(args.dataset, cells, list(dict.fromkeys(args.seeds)), variants, flags)
+    spec = SweepSpec(args.dataset, cells, list(dict.fromkeys(args.seeds)), variants, flags,
+                     list(dict.fromkeys(args.methods)))
 
     sweep_dir = (args.sweep_dir or cfg.srt_dir / "sweeps"
                  / f"{args.dataset}_{datetime.now():%Y%m%d_%H%M%S}").resolve()
@@ -364,8 +410,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_text_atomic(sweep_dir / "jobs.txt", "".join(j.command + "\n" for j in jobs))
     for stale in (sweep_dir / "status").glob("*.rc"):  # statuses of a previous jobs.txt
         stale.unlink()
+    methods = f" x {len(spec.methods)} methods" if len(spec.methods) > 1 else ""
     print(f"{len(jobs)} runs ({len(cells)} cells x {len(spec.seeds)} seeds x "
-          f"{1 + len(variants)} variants): {sweep_dir / 'jobs.txt'}", flush=True)
+          f"{1 + len(variants)} variants{methods}): {sweep_dir / 'jobs.txt'}", flush=True)
 
     if args.backend == "slurm":
         script = sweep_dir / "sweep.sbatch"

@@ -238,3 +238,17 @@ def test_duplicate_runs_are_listed_and_left_out(runs_root, agg):
     assert "copy/run1" in listed["b/run1"] and "b/run1" in listed["copy/run1"]
     assert all(w.startswith("duplicate") for k, w in listed.items() if k.endswith("run1"))
     assert not any("missing: joint original tr1" in w for w in listed.values())  # not missing
+
+
+def test_each_comparison_method_is_a_row_of_its_own_paired_with_the_baseline(tmp_path, agg):
+    for i, (comb, dice) in enumerate((("c1", 0.6), ("c2", 0.5))):
+        make_run(tmp_path / f"b{i}", BASE, "tr1", comb, ver=0, mean_dice=dice)
+        make_run(tmp_path / f"j{i}", JOINT, "tr1", comb, ver=0, mean_dice=dice + 0.2)
+        for k, method in enumerate(("self_training", "mean_teacher", "bcp")):
+            make_run(tmp_path / f"{method}{i}", method, "tr1", comb, ver=0,
+                     mean_dice=dice + 0.01 * (k + 1))
+    rows = agg.build_rows(agg.collect(tmp_path)[0])
+    assert [r.method for r in rows] == ["baseline", "joint original", "self_training",
+                                        "mean_teacher", "bcp"]
+    by = {r.method: r for r in rows}
+    assert by["mean_teacher"].diff == pytest.approx(0.02) and by["mean_teacher"].n_pairs == 2

@@ -22,7 +22,7 @@ def test_each_step_parses_its_own_flags_only():
     assert parser(JOINT).parse_args(["--lamda_local", "0.3"]).lamda_local == 0.3
     with pytest.raises(SystemExit):
         parser(BASELINE).parse_args(["--lamda_local", "0.3"])
-    both = {f.name for f in FLAGS if set(f.steps) == {BASELINE, JOINT}}
+    both = {f.name for f in FLAGS if {BASELINE, JOINT} <= set(f.steps)}
     assert {"max_bad_steps", "n_iter", "ckpt_every", "resume"} <= both
     assert vars(parser(BASELINE).parse_args([])).keys() == both
 
@@ -145,3 +145,40 @@ def test_each_augmentation_and_loss_flag_reaches_its_own_setting():
     got = JointSettings.from_flags(args, cfg.num_classes, 9)
     assert (got.augment.rd_en, got.augment.ri_en, got.inter_image, got.loss_reduction,
             got.augment.coupled_intensity) == (True, False, True, "original", True)
+
+
+
+def test_the_comparison_methods_parse_their_own_flags_and_paper_defaults():
+    from utils.flags import BCP, MEAN_TEACHER, SELF_TRAINING
+
+    assert parser(MEAN_TEACHER).parse_args(["--ema_decay", "0.5"]).ema_decay == 0.5
+    assert parser(SELF_TRAINING).parse_args(["--crf", "0"]).crf == 0
+    for step, flag in ((BASELINE, "--ema_decay"), (JOINT, "--u_weight"),
+                       (MEAN_TEACHER, "--lamda_local"), (SELF_TRAINING, "--lamda_local"),
+                       (SELF_TRAINING, "--ema_decay"), (BCP, "--dsc_loss"),
+                       (BCP, "--consistency"), (MEAN_TEACHER, "--cuda_graph")):
+        with pytest.raises(SystemExit):
+            parser(step).parse_args([flag, "1"])
+    cfg = experiment_init.load("demo")
+    args, _ = parse_flags(MEAN_TEACHER, ["--dataset", "demo"])
+    whole = cfg.n_iter + cfg.n_rounds * cfg.n_iter_per_round  # the baseline's + the joint's
+    assert (args.n_iter, args.consistency_rampup, args.consistency_start) == (
+        whole, whole, whole // 30)
+    assert (args.labeled_bs, args.unlabeled_bs, args.ema_decay, args.consistency,
+            args.teacher_noise) == (12, 12, 0.99, 0.1, 0.1)
+    args, _ = parse_flags(MEAN_TEACHER, ["--dataset", "demo", "--n_iter", "300"])
+    assert (args.consistency_rampup, args.consistency_start) == (300, 10)
+    args, _ = parse_flags(BCP, ["--dataset", "demo"])
+    assert (args.pre_iter, args.n_iter, args.u_weight, args.mask_ratio) == (
+        cfg.n_iter, cfg.n_rounds * cfg.n_iter_per_round, 0.5, 2 / 3)
+    args, _ = parse_flags(SELF_TRAINING, ["--dataset", "demo", "--n_iter", "7", "--n_rounds", "2"])
+    assert args.n_iter_per_round == 3  # the whole run, as the joint step's
+    with pytest.raises(ConfigError, match="--ema_decay=1.5"):
+        parse_flags(MEAN_TEACHER, ["--dataset", "demo", "--ema_decay", "1.5"])
+    # the pipeline script never gets a comparison method's own flags
+    assert route(["--ema_decay", "0.5", "--crf", "0"]) == {BASELINE: [], JOINT: ["--crf", "0"]}
+
+
+def test_every_flag_says_what_it_does():
+    assert all(f.options.get("help") for f in FLAGS), [f.name for f in FLAGS
+                                                       if not f.options.get("help")]

@@ -34,12 +34,13 @@ def test_lower_layers_import_no_trainer_machinery() -> None:
     """Configs, losses, models and the numeric utilities never import the run skeleton or the
     step modules (they are imported by them)."""
     upper = {"utils.training", "utils.self_training", "utils.joint_training",
-             "utils.baseline_training"}
+             "utils.baseline_training", "utils.pseudo_label_training", "utils.mean_teacher",
+             "utils.bcp_training"}
     lower = [REPO / "experiment_init" / "__init__.py", *sorted((REPO / "losses").glob("*.py")),
              *sorted((REPO / "models").glob("*.py"))] + [
         REPO / "utils" / f"{name}.py" for name in
         ("errors", "io", "augment", "sampling", "crf", "device", "mixed_precision",
-         "captured_step", "evaluation", "preprocess", "dataset", "run_dir")]
+         "captured_step", "evaluation", "preprocess", "dataset", "run_dir", "copy_paste")]
     for path in lower:
         assert not _imports(path) & upper, (path.relative_to(REPO), _imports(path) & upper)
     # The step modules (one iteration each) sit below the run that calls them.
@@ -60,7 +61,8 @@ def test_the_cpu_forwards_are_installed_where_each_network_is_built() -> None:
     builds a network for the CPU installs it in its own code (a dropped line would leave the
     CPU path slower and larger without any test noticing the numbers)."""
     for rel in ("train_model/tr_baseline.py", "train_model/prop_method_joint_tr_rand_init.py",
-                "utils/self_training.py", "scripts/predict.py"):
+                "train_model/self_training.py", "train_model/mean_teacher.py",
+                "train_model/bcp.py", "utils/self_training.py", "scripts/predict.py"):
         calls = [node for node in ast.walk(ast.parse((REPO / rel).read_text()))
                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                  and node.func.attr == "install"

@@ -82,6 +82,30 @@ def test_variants_add_tagged_lines_that_share_a_lock_per_unit(tmp_path, sweep):
         assert f"#SBATCH {option}\n" in sbatch
 
 
+def test_methods_add_a_line_each_sharing_the_baseline(tmp_path, capsys, sweep):
+    sweep.main(["--dataset", "demo", "--tr", "tr1", "--comb", "c1", "--seeds", "0", "1",
+                "--methods", "proposed", "self_training", "mean_teacher", "bcp",
+                "--backend", "local", "--dry_run", "--sweep_dir", str(tmp_path / "s"), "--",
+                "--n_iter", "20", "--lamda_local", "0.2", "--ema_decay", "0.9", "--crf", "0"])
+    text = (tmp_path / "s" / "jobs.txt").read_text().splitlines()
+    assert len(text) == 8 and "8 runs (1 cells x 2 seeds x 1 variants x 4 methods)" in \
+        capsys.readouterr().out
+    proposed, self_training, mean_teacher, bcp = text[:4]
+    lock = str(tmp_path / "s" / "locks" / "tr1_c1_v0.lock")
+    assert proposed.split()[1:4] == ["flock", lock, "bash"]  # two lines train the baseline
+    baseline, trainer = self_training.split(" && ")
+    assert baseline.split()[:2] == ["flock", lock]
+    assert baseline.split()[3].endswith("train_model/tr_baseline.py")
+    assert baseline.endswith("--resume --no_progress --n_iter 20")  # the baseline's flags
+    assert trainer.split()[1].endswith("train_model/self_training.py")
+    assert trainer.endswith("--ver 0 --resume --no_progress --crf 0")  # its own flags only
+    for line, name in ((mean_teacher, "mean_teacher"), (bcp, "bcp")):
+        argv = line.split()
+        assert argv[1].endswith(f"train_model/{name}.py") and "flock" not in argv
+        assert argv[-4:] == ["--resume", "--no_progress", "--ema_decay", "0.9"]
+    assert "--ver 1" in text[4] and "--ver 1" in text[7]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--", "--ver", "3"], "--ver is set by the sweep"),
     (["--variant", "x=--seed 2"], "--variant x: --seed is set by the sweep"),

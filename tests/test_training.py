@@ -742,7 +742,7 @@ def _bare_run(tmp_path: Path, val_step_update: int, ckpt_every: int, start_itera
                               flush=lambda: None, close=lambda: None)
     run.stop = SimpleNamespace(received=None, restore=lambda: None)
     run.start_iteration, run.saved_iteration = start_iteration, start_iteration - 1
-    run.state = None
+    run.state, run.companions = None, {}
     return run
 
 

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import utils.wait_policy  # noqa: F401  (before torch: OpenMP reads it once)
 
-from pathlib import Path
-
 import torch
 
-from experiment_init import ExperimentConfig
 from losses.segmentation_loss import segmentation_loss
 from models import cpu_training
 from models.unet import (
@@ -30,28 +27,18 @@ from models.unet import (
     repeat_running_updates,
     torch_batch_statistics,
 )
-from utils.crf import CRFParams
 from utils.dataset import load_pool, load_slices
-from utils.device import available_cpus
-from utils.errors import RunDirError, TrainingStopped, run_main
-from utils.flags import BASELINE, JOINT, parse_flags
+from utils.errors import TrainingStopped, run_main
+from utils.flags import JOINT, parse_flags
 from utils.joint_training import JointSettings, build_joint_data, joint_stepper
 from utils.run import load_checkpoint
-from utils.run_dir import run_directory
-from utils.self_training import Labelling, describe, self_training_rounds
+from utils.self_training import (
+    describe,
+    find_baseline,
+    labelling_from_flags,
+    self_training_rounds,
+)
 from utils.training import on_device, start_run
-
-
-def find_baseline(cfg: ExperimentConfig, args) -> Path:
-    base = Path(args.pretr_dir) if args.pretr_dir else run_directory(cfg, args, BASELINE)
-    path = base / "checkpoints" / "best.pt"
-    if not path.is_file():
-        raise RunDirError(
-            f"{path}: baseline checkpoint not found; run train_model/tr_baseline.py with the same "
-            f"--dataset {cfg.dataset} --no_of_tr_imgs {args.no_of_tr_imgs} --comb_tr_imgs "
-            f"{args.comb_tr_imgs} --ver {args.ver} first, or pass --pretr_dir"
-        )
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,11 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = JointSettings.from_flags(args, cfg.num_classes, cfg.mtask_bs)
         run.resume(model, optimizer)
 
-        # Default: as many CRF processes as the run's CPU threads, so that the sweep's
-        # workers, each given a share of the CPUs, keep to their share.
-        workers = min(args.crf_workers or torch.get_num_threads(), available_cpus())
-        labelling = Labelling(CRFParams(**cfg.crf_params), bool(args.crf),
-                              bool(args.test_aug_overlap), args.test_f1_threshold, workers)
+        labelling = labelling_from_flags(args, cfg)
         for rnd in self_training_rounds(run, model, optimizer, baseline, pool, labelling,
                                         args.n_rounds, args.n_iter_per_round):
             data, complete = build_joint_data(lab_img, lab_lbl, rnd.pseudo.images.to(device),

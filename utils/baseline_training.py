@@ -53,6 +53,15 @@ def draw_baseline(slices: torch.Tensor, s: BaselineSettings, height: int, width:
     return BaselineDraws(picked, s.augment.draw(s.batch_size, height, width, generator))
 
 
+def baseline_batch(images: torch.Tensor, labels: torch.Tensor, s: BaselineSettings,
+                   draws: BaselineDraws) -> tuple[torch.Tensor, torch.Tensor]:
+    """The augmented batch of ``draws`` from images (N, 1, H, W) and labels (N, H, W): images
+    (batch, 1, H, W) and one-hot labels (batch, C, H, W), soft after deformation unless
+    ``s.augment.en_1hot`` is off."""
+    idx = host_to_device(draws.slices, images.device)
+    return s.augment.apply(images[idx], to_onehot(labels[idx], s.num_classes), draws.augment)
+
+
 def baseline_losses(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -64,8 +73,7 @@ def baseline_losses(
 ) -> tuple[torch.Tensor]:
     """(segmentation loss,) of the batch of ``draws`` from images (N, 1, H, W) and labels
     (N, H, W): the network under ``precision``'s autocast, the loss in float32."""
-    idx = host_to_device(draws.slices, images.device)
-    x, y = s.augment.apply(images[idx], to_onehot(labels[idx], s.num_classes), draws.augment)
+    x, y = baseline_batch(images, labels, s, draws)
     with precision.autocast():
         logits = model(x.contiguous(memory_format=torch.channels_last))
     return (loss_fn(logits.float(), y),)

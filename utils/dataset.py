@@ -145,3 +145,13 @@ def load_eval_volumes(cfg: ExperimentConfig, subject_ids: list[str]) -> list[Eva
                             cfg.crop_size)
         for sid in subject_ids
     ]
+
+
+def unlabeled_slices(
+    pool: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slice of a `load_pool` pool, in id order, as images (M, 1, CX, CY) float32 and
+    blank labels (M, CX, CY) uint8 (all background): what a method that learns from unlabeled
+    slices is given; the pool's ground truth is left out."""
+    images = torch.cat([img for img, _ in pool.values()])
+    return images, torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.uint8)

@@ -10,12 +10,13 @@ from typing import Any
 
 from experiment_init import ExperimentConfig
 from utils.errors import RunDirError, RunFinished
-from utils.flags import BASELINE, JOINT, RESUME_FREE_FLAGS
+from utils.flags import BASELINE, BCP, JOINT, MEAN_TEACHER, RESUME_FREE_FLAGS, SELF_TRAINING
 from utils.run import load_latest_checkpoint
 from utils.run_lock import LOCK_NAME
 
 # The script of each step, as config.yaml names it.
-TRAINERS = {BASELINE: "tr_baseline", JOINT: "prop_method_joint_tr_rand_init"}
+TRAINERS = {BASELINE: "tr_baseline", JOINT: "prop_method_joint_tr_rand_init",
+            SELF_TRAINING: "self_training", MEAN_TEACHER: "mean_teacher", BCP: "bcp"}
 
 
 def run_name(args: argparse.Namespace) -> str:

@@ -51,6 +51,21 @@ def contrastive_index(labels: torch.Tensor, num_classes: int) -> tuple[torch.Ten
     return torch.nonzero(n_present == best).flatten(), False
 
 
+def pseudo_dice_index(labels: torch.Tensor, num_classes: int,
+                      min_labels: int) -> tuple[torch.Tensor, bool]:
+    """Pseudo-labeled slices for a segmentation loss: those with at least ``min_labels``
+    distinct labels (the rule of the labeled Dice batch), else, as `contrastive_index` falls
+    back, those with the most (at least two); the flag says whether the rule was met."""
+    index = slices_with_min_labels(labels, num_classes, min_labels)
+    if index.numel():
+        return index, True
+    n_present = labels_present(labels, num_classes).sum(1)
+    best = int(n_present.max()) if n_present.numel() else 0
+    if best < 2:
+        return index, False
+    return torch.nonzero(n_present == best).flatten(), False
+
+
 # The original draws 15 x mtask_bs labeled slices per iteration (``shuffle_minibatch``) and
 # takes the Dice and the contrastive slices from that one draw.
 LABELED_DRAW_FACTOR = 15

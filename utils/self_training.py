@@ -9,19 +9,25 @@ checkpoint holds.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from experiment_init import ExperimentConfig
 from models import cpu_training
 from models.unet import UNet
 from utils.crf import CRFParams
-from utils.device import release_freed_memory
+from utils.device import available_cpus, release_freed_memory
+from utils.errors import RunDirError
 from utils.figures import write_pseudo_label_figure
+from utils.flags import BASELINE
 from utils.pseudo_labels import SURE_SOFTMAX, PseudoLabelRound, make_pseudo_labels
 from utils.run import load_checkpoint
+from utils.run_dir import run_directory
 from utils.training import Run, on_device
 
 # A pool of volumes: id -> (images (Z, 1, H, W) cropped slices, ground truth (Z, H, W) or None).
@@ -38,6 +44,30 @@ class Labelling:
     test_aug_overlap: bool = False
     overlap_threshold: float = 0.9
     crf_workers: int = 1
+
+
+def labelling_from_flags(args: argparse.Namespace, cfg: ExperimentConfig) -> Labelling:
+    """The `Labelling` of a rounds trainer's flags and its dataset's CRF parameters (checked by
+    `utils.flags.parse_flags`), made once the run has set its CPU threads. Default: as many CRF
+    processes as the run's CPU threads, so that the sweep's workers, each given a share of the
+    CPUs, keep to their share."""
+    workers = min(args.crf_workers or torch.get_num_threads(), available_cpus())
+    return Labelling(CRFParams(**cfg.crf_params), bool(args.crf), bool(args.test_aug_overlap),
+                     args.test_f1_threshold, workers)
+
+
+def find_baseline(cfg: ExperimentConfig, args: argparse.Namespace) -> Path:
+    """The best checkpoint of the baseline a rounds trainer starts from: ``--pretr_dir``'s, else
+    that of the baseline run of the same dataset/tag/tr/comb/ver/seed."""
+    base = Path(args.pretr_dir) if args.pretr_dir else run_directory(cfg, args, BASELINE)
+    path = base / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise RunDirError(
+            f"{path}: baseline checkpoint not found; run train_model/tr_baseline.py with the same "
+            f"--dataset {cfg.dataset} --no_of_tr_imgs {args.no_of_tr_imgs} --comb_tr_imgs "
+            f"{args.comb_tr_imgs} --ver {args.ver} first, or pass --pretr_dir"
+        )
+    return path
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""The skeleton both trainers share: the start of a run (`start_run`: seed, device, input
-checks, run directory and its lock, resume, config.yaml, logs, keep-best, guard) and its
-periodic step (`Run.train`: validate, log, checkpoint around the method's own iteration), then
+"""The skeleton every trainer shares (the two steps' and the comparison methods'): the start
+of a run (`start_run`: seed, device, input checks, run directory and its lock, resume,
+config.yaml, logs, keep-best, guard) and its periodic step (`Run.train`: validate, log,
+checkpoint around the method's own iteration), then
 the test of the best checkpoint (`Run.finish`).
 
 Errors end a run through `utils.errors.run_main` (one line, exit status 2; 75 after a
@@ -30,7 +31,7 @@ from utils.device import (
     set_cpu_threads,
 )
 from utils.evaluation import EvalVolume, evaluate_test_set, validation_score
-from utils.flags import JOINT
+from utils.flags import BASELINE
 from utils.mixed_precision import MixedPrecision, mixed_precision
 from utils.preemption import Preempted, StopRequests
 from utils.provenance import now, session
@@ -140,6 +141,7 @@ class Run:
         self.lock = lock
         self.start_iteration = 0
         self.saved_iteration = -1  # the iteration checkpoints/last.pt holds
+        self.companions: dict[str, torch.nn.Module] = {}  # see `resume`
         self.started = time.time()
         self.keeper = BestKeeper(run_dir, load_eval_volumes(cfg, ids["val_ids"]),
                                  cfg.num_classes, device)
@@ -159,13 +161,21 @@ class Run:
         self.stop.restore()
         self.lock.release()
 
-    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               **companions: torch.nn.Module) -> int:
         """Load an interrupted run's last.pt into ``model``, ``optimizer``, the keeper, the
-        guard and every random state; returns the first iteration to run (0 when fresh)."""
+        guard and every random state; returns the first iteration to run (0 when fresh).
+
+        ``companions``: networks trained beside ``model`` but not by the optimizer (a mean
+        teacher), by name; from here on each periodic checkpoint holds their state_dicts under
+        ``companions`` and a resume loads them back."""
+        self.companions = companions
         if self.state is None:
             return self.start_iteration
         s = self.state
         model.load_state_dict(s["model"])
+        for name, module in companions.items():
+            module.load_state_dict(s["companions"][name])
         optimizer.load_state_dict(s["optimizer"])
         self.keeper.best_score, self.keeper.best_iteration = s["best_score"], s["best_iteration"]
         self.keeper.bar = s["best_bar"]
@@ -239,6 +249,8 @@ class Run:
             "log_rows": self.log.rows,
             "rng": rng_state(self.generator),
             "grad_scaler": self.precision.state_dict(),
+            **({"companions": {name: m.state_dict() for name, m in self.companions.items()}}
+               if self.companions else {}),
             **(extra or {}),
         })
         self.saved_iteration = iteration
@@ -284,7 +296,7 @@ class Run:
 def start_run(
     args: argparse.Namespace, cfg: ExperimentConfig, step: str, plan: str, **recorded: Any
 ) -> Run:
-    """The start both trainers share, after their flags are parsed (`utils.flags.parse_flags`).
+    """The start every trainer shares, after its flags are parsed (`utils.flags.parse_flags`).
 
     Seeds every random source, picks the device, checks every input volume, takes the run
     directory's lock and opens the directory (or finds the interrupted run's state for
@@ -296,7 +308,7 @@ def start_run(
     """
     ids = {"labeled_ids": cfg.labeled_ids(args.no_of_tr_imgs, args.comb_tr_imgs),
            "val_ids": cfg.val_ids(args.no_of_tr_imgs, args.comb_tr_imgs)}
-    if step == JOINT:
+    if step != BASELINE:  # every other step learns from the unlabeled pool
         ids["pool_ids"] = cfg.unlabeled_ids()
     ids["test_ids"] = cfg.test
     seed = args.seed if args.seed is not None else args.ver
