@@ -141,13 +141,8 @@ def test_force_unlock_reaches_both_steps():
 
 # ------------------------------------------------------ when a lock counts as stale, and whose
 def test_process_start_is_the_start_time_even_for_a_name_with_parentheses(tmp_path):
-    """Field 22 of /proc/<pid>/stat: a child started now started (boot time + ticks) within a
-    few seconds of now, whatever its name holds; it does not move as the process grows."""
-    import time
-
-    boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                if line.startswith("btime "))
-    tick = os.sysconf("SC_CLK_TCK")
+    """Field 22 of /proc/<pid>/stat: a child started now started after this process, whatever
+    its name holds, and that does not move as the child grows."""
     odd = tmp_path / "x) 1 2 (3"
     odd.symlink_to(sys.executable)
     child = subprocess.Popen([str(odd), "-c", "import sys; b = bytearray(80_000_000); "
@@ -155,7 +150,7 @@ def test_process_start_is_the_start_time_even_for_a_name_with_parentheses(tmp_pa
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         before = process_start(child.pid)
-        assert abs(boot + before / tick - time.time()) < 5
+        assert before > process_start(os.getpid()) > 0
         child.stdout.readline()  # now 80 MB bigger
         assert process_start(child.pid) == before
         assert Path(f"/proc/{child.pid}/comm").read_text().startswith("x) 1 2 (3")
