@@ -340,8 +340,10 @@ def test_local_backend_gives_run_local_this_process_cpus_and_a_worker_per_gpu(
                      ("preprocess", "demo", str(tmp_path / "d")), ("run", 2, 2, ["4", "6", "9"], 6)]
 
 
-def test_local_threads_are_a_share_at_least_one_and_failures_come_in_line_order(tmp_path,
-                                                                                sweep):
+def test_local_threads_are_a_share_at_least_one_and_failures_come_in_line_order(
+        tmp_path, monkeypatch, sweep):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # this process's: not the workers'
+    monkeypatch.setenv("MKL_NUM_THREADS", "7")
     sweep_dir = tmp_path / "s"
     for sub in ("logs", "status"):
         (sweep_dir / sub).mkdir(parents=True)
