@@ -215,3 +215,23 @@ def test_a_lock_being_written_is_read_once_it_is_complete(tmp_path):
         assert read_holder(path) == {"pid": 3, "host": "h"}
     finally:
         timer.join()
+
+
+def test_a_stale_lock_another_process_took_first_is_not_announced_as_taken(tmp_path,
+                                                                          monkeypatch, capsys):
+    """Two processes find the same stale lock: the one that loses the rename says nothing of a
+    takeover and is refused by the winner's lock."""
+    from utils import run_lock
+
+    path = _write_lock(tmp_path, pid=_dead_pid())
+
+    def lost(lock_path, holder):  # the other process renamed it first and wrote its own
+        _write_lock(tmp_path, pid=os.getpid(), process_start=process_start(os.getpid()),
+                    token="winner")
+        return False
+
+    monkeypatch.setattr(run_lock, "remove_if_held_by", lost)
+    with pytest.raises(RunDirError, match=f"in use by pid {os.getpid()}"):
+        lock_run_dir(tmp_path)
+    assert "taking it over" not in capsys.readouterr().err
+    assert json.loads(path.read_text())["token"] == "winner"
