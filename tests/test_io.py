@@ -277,3 +277,10 @@ def test_acdc_falls_back_to_frame01_when_the_ed_frame_file_is_missing(acdc_root)
     vol = read_raw_volume("acdc", acdc_root, "002")
     assert vol.image_path.name == "patient002_frame01.nii.gz"
     np.testing.assert_array_equal(vol.label, label)
+
+
+def test_a_file_given_as_the_data_folder_is_named_as_not_a_folder(tmp_path):
+    (tmp_path / "raw").write_text("not a folder")
+    for layout in ("acdc", "decathlon", "mmwhs"):
+        with pytest.raises(DataError, match=f"{tmp_path / 'raw'}: data folder not found"):
+            read_raw_volume(layout, tmp_path / "raw", "001")
