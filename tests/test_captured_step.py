@@ -304,6 +304,8 @@ def test_each_step_draws_from_the_run_and_reports_its_loss_once(cuda_graph):
     assert torch.equal(weights[0], weights[1]) == (not cuda_graph)  # refused: not updated
     assert not torch.equal(weights[1], weights[2])
     assert not hasattr(optimizer, "found_inf")  # a later plain step must not read it
+    group = optimizer.param_groups[0]
+    assert (group["fused"], group["capturable"]) == ((True, True) if cuda_graph else (None, False))
 
 
 def test_make_capturable_moves_an_older_checkpoints_step_counts_to_tensors():
