@@ -251,3 +251,96 @@ def test_a_schedule_of_lambda_reaches_each_iteration_also_in_a_captured_step(mon
     assert seen[-4:] == [0, 1, 2, 3]
     for it, (total, seg, local) in enumerate(losses):
         assert local > 0.01 and total == pytest.approx(seg + 0.5 * it * local, rel=1e-6)
+
+
+# ------------------------------------------- what a step runs and replays, on the CPU path
+class _Guard:
+    """A guard that records its calls and refuses the losses of the iterations in ``refuse``."""
+
+    def __init__(self, refuse=()):
+        self.refuse, self.ok_calls, self.later_calls = set(refuse), [], []
+
+    def ok(self, loss, iteration):
+        self.ok_calls.append((float(loss.detach()), iteration))
+        return iteration not in self.refuse
+
+    def later(self, loss, iteration):
+        self.later_calls.append((float(loss.detach()), iteration))
+
+
+def _tiny(cuda_graph: bool, guard, seen: list):
+    """A stepper over a conv + batch-norm network whose draws are images from the run's
+    generator (recorded in ``seen``)."""
+    from utils.captured_step import stepper
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def draw(g, it):
+        images = torch.rand(2, 1, 6, 6, generator=g)
+        seen.append(images)
+        return (images,)
+
+    def losses_fn(draws):
+        out = model(draws[0])
+        return out.square().mean(), out.mean()
+
+    step = stepper(draw, losses_fn, model, optimizer, torch.Generator().manual_seed(5), guard,
+                   MixedPrecision("cpu", None), cuda_graph)
+    return step, model, optimizer
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_step_after_evaluation_trains_with_batch_statistics(cuda_graph):
+    step, model, _ = _tiny(cuda_graph, _Guard(), [])
+    model.eval()  # as validation leaves it
+    step(0)
+    assert model.training
+    assert not torch.equal(model[1].running_mean, torch.zeros(2))  # batch statistics moved
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_each_step_draws_from_the_run_and_reports_its_loss_once(cuda_graph):
+    """The run's generator gives the same draws either way (the captured step's example comes
+    from a generator of its own); a step's losses come back detached, the first judged for
+    its own iteration: before the update (eager, a refused one skips it) or after (captured)."""
+    guard, seen = _Guard(refuse={1}), []
+    step, model, optimizer = _tiny(cuda_graph, guard, seen)
+    if cuda_graph:
+        seen.clear()  # the example's draw
+    weights = []
+    losses = []
+    for it in range(3):
+        losses.append(step(it))
+        weights.append(model[0].weight.detach().clone())
+    g = torch.Generator().manual_seed(5)
+    assert all(torch.equal(a, torch.rand(2, 1, 6, 6, generator=g)) for a in seen)
+    assert len(seen) == 3
+    assert all(len(x) == 2 and not any(t.requires_grad for t in x) for x in losses)
+    calls = guard.later_calls if cuda_graph else guard.ok_calls
+    assert calls == [(float(x[0]), it) for it, x in enumerate(losses)]
+    assert (guard.ok_calls if cuda_graph else guard.later_calls) == []
+    assert torch.equal(weights[0], weights[1]) == (not cuda_graph)  # refused: not updated
+    assert not torch.equal(weights[1], weights[2])
+    assert not hasattr(optimizer, "found_inf")  # a later plain step must not read it
+    group = optimizer.param_groups[0]
+    assert (group["fused"], group["capturable"]) == ((True, True) if cuda_graph else (None, False))
+
+
+def test_make_capturable_moves_an_older_checkpoints_step_counts_to_tensors():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    for state in optimizer.state.values():
+        state["step"] = 3  # a plain number, as older checkpoints hold it
+    make_capturable(optimizer)
+    for state in optimizer.state.values():
+        assert isinstance(state["step"], torch.Tensor) and state["step"].dtype == torch.float32
+        assert state["step"].item() == 3
+
+
+def test_a_graph_with_fp16_is_refused_with_compile_too():
+    with pytest.raises(ConfigError, match="--amp fp16"):
+        check_step_flags(torch.device("cuda"), "fp16", cuda_graph=True, compile_network=True)

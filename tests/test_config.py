@@ -133,3 +133,87 @@ def test_overlaps_of_the_published_kind_are_allowed():
     assert set(cfg.labeled["tr1_c1"]) <= set(cfg.labeled["tr2_c1"]) <= set(cfg.unlabeled_ids())
     acdc = experiment_init.load("acdc")
     assert set(acdc.val_ids("trall", None)) & set(acdc.labeled_ids("trall", None))
+
+
+# ------------------------------------ every value of the files, read back where it is used
+def test_the_init_files_folders_and_output_root_take_effect(edited_config, monkeypatch,
+                                                           tmp_path):
+    monkeypatch.delenv("LCL_DATA_ROOT", raising=False)
+    monkeypatch.delenv("LCL_RUNS_ROOT", raising=False)
+    folder = edited_config(data_path_tr='data_path_tr = "raw_n4"',
+                           data_path_tr_cropped='data_path_tr_cropped = "cropped_v2"',
+                           srt_dir='srt_dir = "runs_elsewhere"')
+    cfg = experiment_init.load("demo", config_dir=folder)
+    assert cfg.data_path_tr == REPO_ROOT / "data" / "demo" / "raw_n4"
+    assert cfg.data_path_tr_cropped == REPO_ROOT / "data" / "demo" / "cropped_v2"
+    assert cfg.srt_dir == REPO_ROOT / "runs_elsewhere"
+    edited_config(data_path_tr=f'data_path_tr = "{tmp_path / "abs"}"')
+    cfg = experiment_init.load("demo", data_root=tmp_path / "d", config_dir=folder)
+    assert cfg.data_path_tr == tmp_path / "abs"  # an absolute path is used as it is
+    assert cfg.data_path_tr_cropped == tmp_path / "d" / "cropped_v2"
+
+
+def test_a_recorded_configuration_reads_back_as_it_was(edited_config, tmp_path):
+    """What config.yaml records (to_dict, YAML) reads back equal, with its paths and tuples; a
+    name this version does not know is ignored, a missing one with a default takes it."""
+    import yaml
+
+    folder = edited_config(img_size_x="img_size_x = 32", target_resolution="target_resolution "
+                           "= (3.0, 1.5)", data_path_tr=f'data_path_tr = "{tmp_path / "x"}"')
+    cfg = experiment_init.load("demo", config_dir=folder)
+    values = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+    back = experiment_init.ExperimentConfig.from_dict({**values, "from_the_future": 1})
+    assert back == cfg
+    assert back.data_path_tr == tmp_path / "x" and back.data_path_tr.is_absolute()
+    assert back.target_resolution == (3.0, 1.5) and back.struct_name == ("rv", "myo", "lv")
+    del values["demo_seed"], values["demo_n_patients"]
+    older = experiment_init.ExperimentConfig.from_dict(values)
+    assert older.demo_seed is None and older.demo_n_patients is None
+    del values["lr"]
+    with pytest.raises(ConfigError, match="the recorded configuration lacks 'lr'"):
+        experiment_init.ExperimentConfig.from_dict(values)
+
+
+def test_each_split_list_plays_its_own_role(edited_config):
+    """A labeled set trains on its labeled list and validates on its validation list; the pool
+    and the upper bound are the keys named; a key without validation list is no labeled set;
+    the label of a pool-only id is needed by nothing, a test id's by the test."""
+    folder = edited_config()
+    (folder / "data_cfg_demo.py").write_text(
+        'labeled = {"tr1_c1": ["001"], "tr1_c2": ["002"], "pool": ["001", "003", "004"], '
+        '"all": ["001", "002"], "trx": ["005"]}\n'
+        'validation = {"tr1_c1": ["006"], "tr1_c2": ["007"], "all": ["008"]}\n'
+        'test = ["009"]\nunlabeled_pool = "pool"\nupper_bound = "all"\n')
+    cfg = experiment_init.load("demo", config_dir=folder)
+    assert cfg.labeled_ids("tr1_c2", "cX") == ["002"] and cfg.val_ids("tr1_c2", "c1") == ["007"]
+    assert cfg.labeled_ids("all", None) == ["001", "002"] and cfg.val_ids("all", None) == ["008"]
+    with pytest.raises(ConfigError, match="--no_of_tr_imgs=trx"):
+        cfg.labeled_ids("trx", None)
+    assert cfg.unlabeled_ids() == ["001", "003", "004"] and cfg.upper_bound == "all"
+    assert cfg.label_uses("001") == ["labeled['tr1_c1']", "labeled['all']"]
+    assert cfg.label_uses("003") == [] and cfg.label_uses("009") == ["test"]
+    assert cfg.label_uses("008") == ["validation['all']"]
+    assert cfg.pool_only_ids() == ["003", "004"]
+
+
+def test_an_init_file_may_import_and_leave_optional_settings_unset(edited_config):
+    folder = edited_config(lr="import math\nlr = math.exp(-7)",
+                           demo_n_patients="demo_n_patients = None",
+                           demo_seed="demo_seed = None")
+    cfg = experiment_init.load("demo", config_dir=folder)
+    assert cfg.lr == pytest.approx(0.000911882) and isinstance(cfg.lr, float)
+    assert cfg.demo_n_patients is None and cfg.demo_seed is None
+    folder = edited_config(demo_n_patients="", demo_seed="")
+    cfg = experiment_init.load("demo", config_dir=folder)
+    assert cfg.demo_n_patients is None and cfg.demo_seed is None
+    edited_config(demo_seed="demo_seed = 3")  # the one without the other
+    with pytest.raises(ConfigError, match="set both or neither"):
+        experiment_init.load("demo", config_dir=folder)
+
+
+def test_lcl_config_dir_names_the_folder_unless_one_is_given(edited_config, monkeypatch):
+    folder = edited_config("tiny", img_size_y="img_size_y = 96")
+    monkeypatch.setenv("LCL_CONFIG_DIR", str(folder))
+    assert experiment_init.datasets() == ("tiny",)
+    assert experiment_init.load("tiny").crop_size == (64, 96)
+    assert "demo" in experiment_init.datasets(experiment_init.CONFIG_DIR)

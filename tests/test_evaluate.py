@@ -144,3 +144,127 @@ def test_summary_std_and_labels_against_numpy():
     assert {"mean_dice", "per_structure", "per_subject", "per_subject_mean_dice",
             "n_subjects"} <= set(s)
     assert summarize({"a": per_subject["a"]}, ("s1", "s2"))["mean_dice_std"] is None
+
+
+# ------------------------------------------ in-process: pairing, the ground truth, the outputs
+def _label(acdc_root: Path, sid: str) -> tuple[np.ndarray, np.ndarray]:
+    """(label map, affine) of an ACDC fixture patient's ground truth."""
+    gt = nib.load(str(acdc_paths(acdc_root, sid)[1]))
+    return np.asarray(gt.dataobj), gt.affine
+
+
+def test_predictions_pair_by_the_layouts_subject_id(tmp_path, load_script):
+    """Each naming (predict.py's <name>_seg, a run's pred_seg_id_<id>, a bare id), in
+    sub-folders too, in sorted order: the first file of a subject wins, a later one is named."""
+    evaluate = load_script("evaluate")
+    pred = tmp_path / "pred"
+    for name in ("001.nii.gz", "patient001_frame01_seg.nii.gz", "sub/pred_seg_id_002.nii.gz",
+                 "prostate_11_seg.nii.gz", "notes.nii.gz", "readme.txt"):
+        (pred / name).parent.mkdir(parents=True, exist_ok=True)
+        (pred / name).write_text("x")
+    pairs, problems = evaluate.paired_predictions(pred, "acdc")
+    assert pairs == {"001": pred / "001.nii.gz", "002": pred / "sub" / "pred_seg_id_002.nii.gz"}
+    assert problems == [
+        f"{pred / 'notes.nii.gz'}: names no subject of the acdc layout",
+        f"{pred / 'patient001_frame01_seg.nii.gz'}: subject 001 has a prediction already, "
+        f"{pred / '001.nii.gz'}",
+        f"{pred / 'prostate_11_seg.nii.gz'}: names no subject of the acdc layout"]
+    pairs, _ = evaluate.paired_predictions(pred, "decathlon")
+    assert pairs["011"] == pred / "prostate_11_seg.nii.gz" and "001" in pairs
+
+
+def test_scores_use_each_subjects_own_ground_truth_and_spacing(acdc_root, tmp_path,
+                                                               load_script):
+    """001's prediction is its ground truth moved one voxel in x (1.5 mm); 002's is exactly
+    its own. A prediction holding class 4 of a 4-class dataset is refused, class 3 is not."""
+    import experiment_init
+
+    evaluate = load_script("evaluate")
+    cfg = experiment_init.load("demo")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    lab1, aff1 = _label(acdc_root, "001")
+    lab2, aff2 = _label(acdc_root, "002")
+    nib.save(nib.Nifti1Image(np.roll(lab1, 1, axis=0), aff1), str(pred / "001.nii.gz"))
+    nib.save(nib.Nifti1Image(lab2, aff2), str(pred / "002.nii.gz"))
+    per_subject, problems = evaluate.score(
+        {"002": pred / "002.nii.gz", "001": pred / "001.nii.gz"}, cfg, acdc_root)
+    assert problems == [] and list(per_subject) == ["002", "001"]
+    assert [m["dice"] for m in per_subject["002"]] == [1.0, 1.0, 1.0]
+    assert [m["hd95"] for m in per_subject["002"]] == [0.0, 0.0, 0.0]
+    assert all(0.5 < m["dice"] < 1.0 for m in per_subject["001"])
+    assert [m["hd95"] for m in per_subject["001"]] == pytest.approx([1.5, 1.5, 1.5])
+    for value, refused in ((4, True), (3, False)):
+        data = lab2.astype(np.int16)
+        data[0, 0, 0] = value
+        nib.save(nib.Nifti1Image(data, aff2), str(pred / "002.nii.gz"))
+        per_subject, problems = evaluate.score({"002": pred / "002.nii.gz"}, cfg, acdc_root)
+        assert (problems == [f"{pred / '002.nii.gz'}: label values outside 0..3 (num_classes "
+                             "of demo)"]) == refused
+        assert (per_subject == {}) == refused
+
+
+def _scored_run(tmp_path: Path, acdc_root: Path) -> Path:
+    """A run directory as evaluate.py --run_dir reads it: its record says it tested 002 only
+    (its configuration lists 001 too) on data that has moved since; test_results/ holds
+    predictions of 001 and 002 (both exact); best.pt is of iteration 7, last.pt of 9."""
+    import dataclasses
+
+    import yaml
+
+    import experiment_init
+    from utils.run import save_checkpoint
+
+    cfg = dataclasses.replace(experiment_init.load("demo"), test=["001", "002"],
+                              data_path_tr=tmp_path / "moved_away")
+    run = tmp_path / "run"
+    record = {"trainer": "tr_baseline", "config": cfg.to_dict(), "test_ids": ["002"]}
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(record))
+    for sid in ("001", "002"):
+        lab, aff = _label(acdc_root, sid)
+        (run / "test_results" / sid).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(lab, aff),
+                 str(run / "test_results" / sid / f"pred_seg_id_{sid}.nii.gz"))
+    for name, iteration in (("best", 7), ("last", 9)):
+        save_checkpoint(run / "checkpoints" / f"{name}.pt",
+                        {"iteration": iteration, "val_dice": iteration / 10})
+    return run
+
+
+def test_run_dir_rescoring_reads_the_recorded_ids_the_moved_data_and_best_pt(
+        acdc_root, tmp_path, monkeypatch, load_script):
+    evaluate = load_script("evaluate")
+    run = _scored_run(tmp_path, acdc_root)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--run_dir", str(run), "--gt",
+                                      str(acdc_root)])
+    with pytest.raises(SystemExit) as done:
+        evaluate.main()
+    assert done.value.code == 0
+    summary = summary_of(run / "rescored")
+    assert summary["test_ids"] == ["002"] and summary["mean_dice"] == 1.0
+    assert summary["selected_on"] == {"set": "validation", "iteration": 7, "val_dice": 0.7}
+    assert not (run / "test_results" / "summary.json").exists()
+
+
+def test_prediction_folder_results_go_beside_it_and_every_problem_counts(
+        acdc_root, tmp_path, monkeypatch, load_script, capsys):
+    evaluate = load_script("evaluate")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    lab, aff = _label(acdc_root, "002")
+    nib.save(nib.Nifti1Image(lab, aff), str(pred / "patient002_frame03_seg.nii.gz"))
+    nib.save(nib.Nifti1Image(lab, aff), str(pred / "notes.nii.gz"))  # names no subject
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--pred", str(pred), "--gt",
+                                      str(acdc_root), "--dataset", "demo"])
+    with pytest.raises(SystemExit) as done:
+        evaluate.main()
+    assert done.value.code == 1
+    assert "1 subjects: mean Dice 1.0000" in capsys.readouterr().out
+    summary = summary_of(pred)
+    assert summary["test_ids"] == ["002"] and summary["selected_on"] is None
+    out = tmp_path / "elsewhere"
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--out", str(out)])
+    with pytest.raises(SystemExit):
+        evaluate.main()
+    assert summary_of(out) == summary

@@ -162,3 +162,44 @@ def test_check_dataset_script_reports_and_fails(tmp_path):
     assert "005" in bad.stdout and "cannot read NIfTI" in bad.stdout
     assert f"013  {image}  image intensity is 0 everywhere" in bad.stdout
     assert "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------ each check refuses at its own boundary
+def _volume(image: np.ndarray, spacing=(1.5, 1.5, 8.0)):
+    from utils.io import Volume
+
+    return Volume("x", image, None, spacing, np.eye(4), nib.Nifti1Header(), Path("x.nii.gz"),
+                  None)
+
+
+def test_image_problems_at_each_boundary():
+    from utils.integrity import image_problems
+
+    image, _ = blob_volume()
+    assert image_problems(_volume(image)) == []
+    assert image_problems(_volume(image, (0.05, 1.5, 30.0))) == []
+    for spacing in ((1.5, 1.5, 45.0), (0.01, 1.5, 8.0)):
+        assert image_problems(_volume(image, spacing)) == [
+            f"implausible voxel spacing {spacing} mm; fix the header"]
+    inf = image.copy()
+    inf[2, 3, 1] = np.inf
+    assert image_problems(_volume(inf)) == ["image holds NaN or infinite values; re-convert it"]
+    flat = np.full((40, 36, 1), 7.0, np.float32)
+    assert [p.split(" ")[:3] for p in image_problems(_volume(flat))] == [
+        ["image", "intensity", "is"], ["volume", "of", "one"]]
+
+
+def test_a_label_value_equal_to_num_classes_is_outside(cfg, acdc_root):
+    _, label = blob_volume(seed=2)
+    label[0, 0, 0] = 4
+    write_nifti(_frame(acdc_root, "002", gt=True), label.astype(np.uint8))
+    (problem,) = check_subject(cfg, "002")
+    assert "label values [4] outside 0..3" in problem.what
+
+
+def test_configured_ids_include_test_only_ids_and_unlabeled_ok_is_per_id(cfg, acdc_root):
+    assert configured_ids(replace(cfg, test=["007"])) == ["001", "002", "007"]
+    _frame(acdc_root, "001", gt=True).unlink()
+    _frame(acdc_root, "002", gt=True).unlink()
+    with pytest.raises(DataError, match="id 001: label file not found"):
+        require_valid(cfg, ["002", "001"], unlabeled_ok={"002"})

@@ -214,3 +214,73 @@ def test_a_new_layout_is_one_registry_entry(tmp_path, monkeypatch, edited_config
         experiment_init.load("demo", config_dir=folder)
     with pytest.raises(ValueError, match=r"unknown data layout 'flat'.*LAYOUTS"):
         io.subject_id_in_name("flat", "img_12")
+
+
+# ---------------------------------------------------- what a reader must refuse, not accept
+def test_a_label_a_fraction_of_a_voxel_off_its_image_is_refused(tmp_path):
+    """Tolerance: 1 % of the smallest voxel size (1.5 mm here, not the 8 mm slices)."""
+    image, label = blob_volume()
+    img = write_nifti(tmp_path / "img.nii.gz", image)
+    for shift, refused in ((0.05, True), (0.01, False)):
+        affine = nib.load(str(img)).affine.copy()
+        affine[0, 3] += shift
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), str(tmp_path / "lab.nii.gz"))
+        if refused:
+            with pytest.raises(DataError, match="label affine differs from the image's by up "
+                               "to 0.05 mm"):
+                read_volume("x", img, tmp_path / "lab.nii.gz", "acdc")
+        else:
+            np.testing.assert_array_equal(
+                read_volume("x", img, tmp_path / "lab.nii.gz", "acdc").label, label)
+
+
+def test_the_reader_refuses_a_zero_spacing_that_nibabel_reads_as_one(tmp_path):
+    image, _ = blob_volume()
+    hdr = nib.Nifti1Header()
+    hdr.set_sform(np.diag([1.5, 0.0, 8.0, 1.0]), code=1)
+    hdr["pixdim"][1:4] = (1.5, 0.0, 8.0)
+    nib.save(nib.Nifti1Image(image, None, header=hdr), str(tmp_path / "img.nii.gz"))
+    with pytest.raises(DataError, match=r"voxel spacing \(1.5, 0.0, 8.0\) is not positive"):
+        read_volume("x", tmp_path / "img.nii.gz", None, "acdc")
+
+
+def test_a_4d_image_without_the_layouts_channel_is_refused(tmp_path, monkeypatch):
+    from utils import io
+
+    monkeypatch.setitem(io.LAYOUTS, "second", io.DataLayout(io.acdc_paths, r"(\d+)", channel=1))
+    image, _ = blob_volume()
+    path = write_nifti(tmp_path / "one_channel.nii.gz", image[..., None])
+    with pytest.raises(DataError, match="4D image has 1 channels, channel 1 is needed"):
+        read_volume("x", path, None, "second")
+    path = write_nifti(tmp_path / "two.nii.gz", np.stack([image, image + 1], -1))
+    np.testing.assert_allclose(read_volume("x", path, None, "second").image, image + 1)
+
+
+def test_nnunet_channel_layout_names(tmp_path):
+    from utils.io import data_layout, nnunet_channel
+
+    assert [nnunet_channel(n) for n in ("nnunet", "nnunet_ch2", "nnunet_ch12", "nnunet_ch",
+                                        "nnunet_ch1x", "acdc")] == [0, 2, 12, None, None, None]
+    with pytest.raises(ValueError, match="unknown data layout 'nnunet_ch1x'"):
+        data_layout("nnunet_ch1x")
+    assert data_layout("nnunet_ch3").paths(tmp_path, "c")[0] == \
+        tmp_path / "imagesTr" / "c_0003.nii.gz"
+
+
+def test_acdc_falls_back_to_frame01_when_the_ed_frame_file_is_missing(acdc_root):
+    (acdc_root / "patient002" / "Info.cfg").write_text("ED: 5\nES: 12\n")
+    with pytest.raises(DataError, match="no ED frame file patient002_frame05.nii.gz"):
+        read_raw_volume("acdc", acdc_root, "002")
+    image, label = blob_volume(seed=9)
+    write_nifti(acdc_root / "patient002" / "patient002_frame01.nii.gz", image)
+    write_nifti(acdc_root / "patient002" / "patient002_frame01_gt.nii.gz", label.astype(np.uint8))
+    vol = read_raw_volume("acdc", acdc_root, "002")
+    assert vol.image_path.name == "patient002_frame01.nii.gz"
+    np.testing.assert_array_equal(vol.label, label)
+
+
+def test_a_file_given_as_the_data_folder_is_named_as_not_a_folder(tmp_path):
+    (tmp_path / "raw").write_text("not a folder")
+    for layout in ("acdc", "decathlon", "mmwhs"):
+        with pytest.raises(DataError, match=f"{tmp_path / 'raw'}: data folder not found"):
+            read_raw_volume(layout, tmp_path / "raw", "001")

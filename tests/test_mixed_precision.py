@@ -162,3 +162,69 @@ def mixed_precision_refusal() -> str | None:
     except ConfigError as err:
         return str(err)
     return None
+
+
+# ------------------------------------------------ what runs in which precision, what it reads
+def test_autocast_is_the_chosen_dtype_on_the_chosen_device_without_a_cast_cache():
+    import warnings
+
+    linear = torch.nn.Linear(2, 2)
+    for dtype in (torch.bfloat16, torch.float16, None):
+        with MixedPrecision("cpu", dtype).autocast():
+            assert linear(torch.ones(1, 2)).dtype == (dtype or torch.float32)
+            assert dtype is None or not torch.is_autocast_cache_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: the context is built, not entered
+        ctx = MixedPrecision("cuda", torch.float16).autocast()
+    assert (ctx.device, ctx.fast_dtype, ctx._cache_enabled) == ("cuda", torch.float16, False)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_each_step_updates_with_its_own_loss_gradient_only(scaled):
+    """Gradients of an earlier step are not carried into the next (SGD, lr 1: the update is
+    the gradient itself)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    precision = MixedPrecision("cpu", torch.float16 if scaled else None,
+                               torch.amp.GradScaler("cpu", init_scale=4.0) if scaled else None)
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    precision.step(model(x).sum() * 5, optimizer)
+    before = model.weight.detach().clone()
+    precision.step(model(x).sum(), optimizer)
+    torch.testing.assert_close(before - model.weight.detach(), x, rtol=0, atol=0)
+
+
+def test_a_gpu_gets_the_precision_asked_for(monkeypatch):
+    import warnings
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    p = mixed_precision("bf16", cuda)
+    assert (p.device_type, p.dtype, p.scaler) == ("cuda", torch.bfloat16, None)
+    assert mixed_precision("off", cuda).device_type == "cuda"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a GradScaler for CUDA built without CUDA
+        p = mixed_precision("fp16", cuda)
+    assert p.dtype is torch.float16 and isinstance(p.scaler, torch.amp.GradScaler)
+    assert p.scaler._device == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Old GPU")
+    with pytest.raises(ConfigError, match="Old GPU does not support bf16; use --amp fp16"):
+        mixed_precision("bf16", cuda)
+
+
+def test_cpuinfo_without_flags_is_a_cpu_without_features(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: some CPU\n")
+    assert cpu_flags(info) == set()
+
+
+def test_a_scaler_state_loads_and_an_empty_one_changes_nothing():
+    precision = MixedPrecision("cpu", torch.float16, torch.amp.GradScaler("cpu", init_scale=8.0))
+    precision.load_state_dict({})
+    assert precision.state_dict()["scale"] == 8.0
+    other = MixedPrecision("cpu", torch.float16, torch.amp.GradScaler("cpu", init_scale=64.0))
+    precision.load_state_dict(other.state_dict())
+    assert precision.state_dict()["scale"] == 64.0
+    MixedPrecision("cpu", None).load_state_dict(other.state_dict())  # float32: nothing to load

@@ -137,3 +137,101 @@ def test_an_unreadable_lock_names_no_holder_and_needs_force_unlock(tmp_path):
 
 def test_force_unlock_reaches_both_steps():
     assert route(["--force_unlock"]) == {BASELINE: ["--force_unlock"], JOINT: ["--force_unlock"]}
+
+
+# ------------------------------------------------------ when a lock counts as stale, and whose
+def test_process_start_is_the_start_time_even_for_a_name_with_parentheses(tmp_path):
+    """Field 22 of /proc/<pid>/stat: a child started now started after this process, whatever
+    its name holds, and that does not move as the child grows."""
+    odd = tmp_path / "x) 1 2 (3"
+    odd.symlink_to(sys.executable)
+    child = subprocess.Popen([str(odd), "-c", "import sys; b = bytearray(80_000_000); "
+                              "print(flush=True); sys.stdin.readline()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        before = process_start(child.pid)
+        assert before > process_start(os.getpid()) > 0
+        child.stdout.readline()  # now 80 MB bigger
+        assert process_start(child.pid) == before
+        assert Path(f"/proc/{child.pid}/comm").read_text().startswith("x) 1 2 (3")
+    finally:
+        child.communicate("\n", timeout=30)
+    assert process_start(child.pid) is None  # gone
+
+
+def test_a_live_holder_without_a_recorded_start_holds_the_lock(tmp_path, monkeypatch):
+    """A lock from where /proc did not say (process_start null) is stale only if its pid is
+    dead; a pid of another user (kill: permission denied) is alive."""
+    from utils import run_lock
+
+    _write_lock(tmp_path, pid=os.getpid(), process_start=None)
+    with pytest.raises(RunDirError, match=f"in use by pid {os.getpid()}"):
+        lock_run_dir(tmp_path)
+
+    def denied(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(run_lock.os, "kill", denied)
+    _write_lock(tmp_path, pid=_dead_pid(), process_start=None)
+    with pytest.raises(RunDirError, match="in use by pid"):
+        lock_run_dir(tmp_path)
+
+
+def test_another_hosts_lock_without_slurm_job_is_not_taken_over(tmp_path):
+    _write_lock(tmp_path, host="node07", slurm_job=None)
+    with pytest.raises(RunDirError, match="on host node07 .*--force_unlock if it is gone"):
+        lock_run_dir(tmp_path, environ={})
+
+
+def test_a_lock_is_removed_only_if_still_its_holders(tmp_path):
+    from utils.run_lock import remove_if_held_by
+
+    path = _write_lock(tmp_path, pid=5, token="new")
+    assert not remove_if_held_by(path, {**json.loads(path.read_text()), "token": "old"})
+    assert json.loads(path.read_text())["token"] == "new"
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]  # nothing left aside
+    assert remove_if_held_by(path, json.loads(path.read_text())) and not path.exists()
+
+
+def test_release_leaves_a_lock_taken_over_by_the_same_pid(tmp_path, capsys):
+    lock = lock_run_dir(tmp_path)
+    record = json.loads((tmp_path / LOCK_NAME).read_text())
+    _write_lock(tmp_path, **{**record, "token": "another"})
+    lock.release()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == "another"
+    assert "the lock was taken over by pid" in capsys.readouterr().err
+
+
+def test_a_lock_being_written_is_read_once_it_is_complete(tmp_path):
+    import threading
+
+    from utils.run_lock import read_holder
+
+    path = tmp_path / LOCK_NAME
+    path.write_text("")
+    timer = threading.Timer(0.2, lambda: path.write_text(json.dumps({"pid": 3, "host": "h"})))
+    timer.start()
+    try:
+        assert read_holder(path) == {"pid": 3, "host": "h"}
+    finally:
+        timer.join()
+
+
+def test_a_stale_lock_another_process_took_first_is_not_announced_as_taken(tmp_path,
+                                                                          monkeypatch, capsys):
+    """Two processes find the same stale lock: the one that loses the rename says nothing of a
+    takeover and is refused by the winner's lock."""
+    from utils import run_lock
+
+    path = _write_lock(tmp_path, pid=_dead_pid())
+
+    def lost(lock_path, holder):  # the other process renamed it first and wrote its own
+        _write_lock(tmp_path, pid=os.getpid(), process_start=process_start(os.getpid()),
+                    token="winner")
+        return False
+
+    monkeypatch.setattr(run_lock, "remove_if_held_by", lost)
+    with pytest.raises(RunDirError, match=f"in use by pid {os.getpid()}"):
+        lock_run_dir(tmp_path)
+    assert "taking it over" not in capsys.readouterr().err
+    assert json.loads(path.read_text())["token"] == "winner"

@@ -111,6 +111,9 @@ def test_methods_add_a_line_each_sharing_the_baseline(tmp_path, capsys, sweep):
     (["--variant", "x=--seed 2"], "--variant x: --seed is set by the sweep"),
     (["--variant", "bad name=--crf 0"], "NAME made of"),
     (["--variant", "a=--crf 0", "--variant", "a=--crf 1"], "names must differ"),
+    (["--", "--resume"], "--resume is set by the sweep"),
+    (["--", "--ver=3"], "--ver is set by the sweep"),
+    (["--variant", "x=--tag=y"], "--variant x: --tag is set by the sweep"),
 ])
 def test_bad_requests_are_errors(tmp_path, argv, message, sweep):
     with pytest.raises(ConfigError, match=message):
@@ -320,3 +323,93 @@ def test_a_cancelled_task_stays_cancelled(tmp_path, demo_env, slurm_cluster):
     assert "not requeued after SIGTERM" in log, log[-3000:]
     assert not (sweep_dir / "status" / "1.rc").exists()
     assert not (run_dir / "test_results").exists()
+
+
+# ------------------------------------------- each line's flags, and what the runs are given
+def test_each_line_is_its_seed_then_the_common_flags_then_its_variant(tmp_path, sweep):
+    """A repeated seed runs once; a line's flags are the sweep's own, those after --, then its
+    variant's (so a variant's value wins) and its tag; the lines of one (tr, comb, seed) share
+    a lock, other seeds have their own; without --sweep_dir the sweep goes under --out_dir."""
+    out = tmp_path / "runs"
+    sweep.main(["--dataset", "demo", "--tr", "tr1", "--comb", "c2", "--seeds", "3", "3", "5",
+                "--backend", "local", "--dry_run", "--variant", "v=--lamda_local 0.5",
+                "--", "--n_iter", "20", "--out_dir", str(out)])
+    (sweep_dir,) = (out / "sweeps").iterdir()
+    assert sweep_dir.name.startswith("demo_")
+    lines = _lines(sweep_dir)
+    locks = sweep_dir / "locks"
+    common = ["--resume", "--no_progress", "--n_iter", "20", "--out_dir", str(out)]
+    expected = []
+    for seed in ("3", "5"):
+        head = [f"PYTHON={sys.executable}", "flock", str(locks / f"tr1_c2_v{seed}.lock"), "bash",
+                str(REPO / "pseudo_lbl_rand_init.sh"), "tr1", "c2", "demo", "--ver", seed]
+        expected += [head + common, head + common + ["--lamda_local", "0.5", "--tag", "v"]]
+    assert lines == expected
+
+
+def test_local_backend_gives_run_local_this_process_cpus_and_a_worker_per_gpu(
+        tmp_path, monkeypatch, sweep):
+    calls = []
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: {0, 2, 4, 6, 8, 10})
+    monkeypatch.setattr(sweep, "visible_gpus", lambda: ["4", "6", "9"])
+    monkeypatch.setattr(sweep, "preprocess", lambda *a: calls.append(("preprocess", *a)))
+    monkeypatch.setattr(sweep, "run_local",
+                        lambda jobs, d, workers, gpus, cpus: calls.append(
+                            ("run", len(jobs), workers, gpus, cpus)) or [])
+    argv = ["--dataset", "demo", "--tr", "tr1", "--comb", "c1", "c3", "--backend", "local",
+            "--sweep_dir", str(tmp_path / "s"), "--", "--data_root", str(tmp_path / "d")]
+    sweep.main(argv)
+    sweep.main(argv[:-3] + ["--workers", "2", *argv[-3:]])
+    assert calls == [("preprocess", "demo", str(tmp_path / "d")), ("run", 2, 3, ["4", "6", "9"], 6),
+                     ("preprocess", "demo", str(tmp_path / "d")), ("run", 2, 2, ["4", "6", "9"], 6)]
+
+
+def test_local_threads_are_a_share_at_least_one_and_failures_come_in_line_order(
+        tmp_path, monkeypatch, sweep):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # this process's: not the workers'
+    monkeypatch.setenv("MKL_NUM_THREADS", "7")
+    sweep_dir = tmp_path / "s"
+    for sub in ("logs", "status"):
+        (sweep_dir / sub).mkdir(parents=True)
+    show = 'echo "$OMP_NUM_THREADS $MKL_NUM_THREADS"'
+    jobs = [sweep.Job("tr1", "c1", 0, None, f"{show}; sleep 0.4; exit 4"),
+            sweep.Job("tr1", "c2", 0, None, f"{show}; exit 5")]
+    failed = sweep.run_local(jobs, sweep_dir, workers=2, gpus=[], cpus=3)
+    assert [(number, job.comb, rc) for number, job, rc in failed] == [(1, "c1", 4), (2, "c2", 5)]
+    for n in (1, 2):
+        assert (sweep_dir / "logs" / f"{n}.log").read_text() == "1 1\n"
+
+
+@pytest.mark.parametrize("cpus_per_task, threads", [("3", "3"), (None, "16")])
+def test_array_task_threads_are_its_cpus_per_task(tmp_path, sweep, cpus_per_task, threads):
+    sweep_dir = tmp_path / "s"
+    (sweep_dir / "status").mkdir(parents=True)
+    (sweep_dir / "jobs.txt").write_text('echo "threads $OMP_NUM_THREADS"\n')
+    script = sweep_dir / "sweep.sbatch"
+    script.write_text(sweep.sbatch_script(sweep_dir, 1, None, "demo"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env.update(SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_JOB_ID="5", SLURM_CPUS_ON_NODE="16")
+    if cpus_per_task:
+        env["SLURM_CPUS_PER_TASK"] = cpus_per_task
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0 and f"threads {threads}\n" in proc.stdout
+
+
+def test_slurm_backend_preprocesses_and_submits_with_the_users_options(tmp_path, monkeypatch,
+                                                                        capsys, sweep):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/args\n'
+                                 'echo "4242;cluster_a"\n')
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    done = []
+    monkeypatch.setattr(sweep, "preprocess", lambda *a: done.append(a))
+    sweep.main(["--dataset", "demo", "--tr", "tr1", "--comb", "c1", "--backend", "slurm",
+                "--slurm", "--time=1:00:00 --qos=low", "--sweep_dir", str(tmp_path / "s"),
+                "--", "--data_root", str(tmp_path / "d")])
+    assert done == [("demo", str(tmp_path / "d"))]
+    assert (tmp_path / "args").read_text().splitlines() == [
+        "--parsable", "--time=1:00:00", "--qos=low", str(tmp_path / "s" / "sweep.sbatch")]
+    assert "submitted job array 4242 (1 tasks)" in capsys.readouterr().out

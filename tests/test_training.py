@@ -670,6 +670,54 @@ def test_a_resumed_self_training_skips_finished_rounds_and_keeps_the_checkpoints
     assert seen["figures"] == ["round3.png"]
 
 
+def test_a_round_resumed_trains_on_its_checkpoints_volumes_labels_and_counts(tmp_path,
+                                                                           monkeypatch):
+    """last.pt of round 2 kept p3 then p2 (p1 dropped): the resumed round trains on their
+    slices in that order with last.pt's labels, and its checkpoints hold the same; round 3 is
+    labelled afresh and logged with its own counts, without the CRF's starting labels."""
+    from utils import self_training
+    from utils.crf import CRFParams
+
+    pool = {sid: (torch.full((z, 1, 8, 8), float(i)), None)
+            for i, (sid, z) in enumerate((("p1", 2), ("p2", 3), ("p3", 1)))}
+    labels = (torch.arange(4, dtype=torch.uint8).view(4, 1, 1) + 7).expand(4, 8, 8).clone()
+    saved = PseudoLabelRound(torch.zeros(4, 1, 8, 8), labels, ["p3", "p2"], dropped=["p1"],
+                             dice_before_crf=0.25, dice_after_crf=0.75, unsure_foreground=0.125)
+    run, seen = _fake_run(tmp_path, N_ITER + 1,
+                          {"round": 1, "pseudo": self_training.as_data(saved)})
+    model = torch.nn.Linear(2, 2)
+    labelled = []
+
+    def label_pool(network, pool_, labelling, run_):
+        labelled.append(network)
+        return PseudoLabelRound(pool_["p1"][0], torch.full((2, 8, 8), 5, dtype=torch.uint8),
+                                ["p1"], dropped=["p2", "p3"], unsure_foreground=0.0,
+                                before_crf=torch.zeros(2, 8, 8, dtype=torch.uint8))
+
+    monkeypatch.setattr(self_training, "label_pool", label_pool)
+    monkeypatch.setattr(self_training, "restore_best", lambda run_, model_, opt: model_)
+    monkeypatch.setattr(self_training, "write_pseudo_label_figure", lambda *a: None)
+    rounds = self_training.self_training_rounds(
+        run, model, torch.optim.Adam(model.parameters()), {}, pool,
+        self_training.Labelling(CRFParams(**experiment_init.load("demo").crf_params)), 3, N_ITER)
+    rnd = next(rounds)
+    assert (rnd.index, rnd.iterations, labelled, seen["logs"]) == (1, range(N_ITER, 2 * N_ITER),
+                                                                   [], [])
+    assert torch.equal(rnd.pseudo.images, torch.cat([pool["p3"][0], pool["p2"][0]]))
+    assert torch.equal(rnd.pseudo.labels, labels)
+    assert (rnd.pseudo.kept, rnd.pseudo.dropped) == (["p3", "p2"], ["p1"])
+    assert rnd.checkpoint["round"] == 1
+    assert rnd.checkpoint["pseudo"]["dropped"] == ["p1"]
+    assert torch.equal(rnd.checkpoint["pseudo"]["labels"], labels)
+    rnd = next(rounds)
+    assert (rnd.index, labelled) == (2, [model]) and rnd.pseudo.kept == ["p1"]
+    assert rnd.checkpoint["pseudo"]["before_crf"] is None
+    assert "images" not in rnd.checkpoint["pseudo"]
+    assert seen["logs"] == [(2 * N_ITER, {"round": 3, "pseudo_kept": 1,
+                                          "pseudo_unsure_foreground": 0.0})]
+    assert next(rounds, None) is None
+
+
 def test_label_pool_passes_the_labelling_settings(tmp_path, monkeypatch):
     from utils import self_training
     from utils.crf import CRFParams
