@@ -84,10 +84,11 @@ def test_joint_run_after_baseline(baseline_dir, env):
     assert text.count("src=\"data:image/png;base64,") == 7 and "<h2>Largest losses</h2>" in text
 
 
-def test_joint_without_baseline_names_the_expected_checkpoint(env):
+def test_joint_without_baseline_names_the_expected_checkpoint(env, tmp_path):
+    # An output root of its own: other tests of the session may have run tr1/c2 already.
     proc = run(["train_model/prop_method_joint_tr_rand_init.py", "--dataset", "demo",
-                "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c2", "--no_progress"], env,
-               check=False)
+                "--no_of_tr_imgs", "tr1", "--comb_tr_imgs", "c2", "--no_progress",
+                "--out_dir", str(tmp_path)], env, check=False)
     assert proc.returncode == 2
     assert "baseline/tr1_c2_v0/checkpoints/best.pt: baseline checkpoint not found" in proc.stderr
     assert "Traceback" not in proc.stderr
